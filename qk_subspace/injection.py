@@ -1,0 +1,335 @@
+"""The only module that writes model weights: exact in-place injection of QK circuits.
+
+Every change to a parameter in qk_subspace goes through :class:`ParameterEdit`, a context manager
+that snapshots the parameters it touches, writes the new values, and restores the snapshots bit
+for bit on exit (normal exit, exceptions and ``KeyboardInterrupt`` alike). Other modules (OV
+injection, gauge transforms) compute new values and hand them to ``ParameterEdit``; none writes
+parameters itself.
+
+QK injection (:func:`inject_qk`). For one head with ``W_Q, W_K`` of shape ``[d_model, d_head]``
+and a target ``T`` (``[d_head, d_head]``), the exact method sets
+
+    W_Q_new = W_Q + W_K (W_K^T W_K)^{-1} (T - W_Q^T W_K)^T
+
+so that ``W_Q_new^T W_K = T`` and the component of ``W_Q`` outside ``span(W_K)`` is unchanged
+(the correction lies in ``span(W_K)``). It is computed in float64 with ``torch.linalg.solve``
+(no explicit inverse) and cast back to the model's dtype. The ``"pinv"`` method,
+``W_Q_new = W_K (W_K^T W_K)^{-1} T^T``, satisfies the same identity but drops the part of
+``W_Q`` outside ``span(W_K)``. ``W_Q^T W_K`` does not see that part, but the attention
+scores ``x W_Q W_K^T x'^T`` do, so ``pinv`` changes the model even at K = all (the seed report's
+warning); so it is kept only for contrast.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable, Iterable, Mapping
+from types import TracebackType
+from typing import Literal
+
+import torch
+from torch import nn
+from transformer_lens import HookedTransformer
+
+from .circuits import head_labels, parse_heads, qk_matrices
+
+__all__ = [
+    "ParameterEdit",
+    "QKEdit",
+    "inject_qk",
+    "qk_injection_weights",
+    "COND_WARN",
+    "COND_SINGULAR",
+]
+
+#: Heads whose ``W_K^T W_K`` has a condition number above this get a warning: in a float32 model
+#: the injected ``W_Q`` then meets its target only to about ``cond * 1e-7`` relative error.
+COND_WARN = 1e8
+#: Above this condition number ``W_K^T W_K`` is treated as singular (float64 cannot solve it).
+COND_SINGULAR = 1e14
+
+_STACK_ATTR = "_qk_subspace_edit_stack"
+_VERSION_ATTR = "_qk_subspace_weights_version"
+
+PlanLike = Mapping[str, torch.Tensor] | Callable[[], Mapping[str, torch.Tensor]]
+
+
+def weights_version(model: nn.Module) -> int:
+    """A counter bumped on every write and restore made by qk_subspace (for cache invalidation)."""
+    return int(getattr(model, _VERSION_ATTR, 0))
+
+
+def active_edits(model: nn.Module) -> list[ParameterEdit]:
+    """The qk_subspace edits currently active on ``model``, outermost first."""
+    return list(getattr(model, _STACK_ATTR, []))
+
+
+class ParameterEdit:
+    """Context manager that writes new parameter values and restores the originals bit for bit.
+
+    Args:
+        model: the module whose parameters are edited.
+        plan: ``{parameter name: new value}`` (names as in ``model.named_parameters()``), or a
+            zero-argument callable returning it, evaluated on ``__enter__`` so that nested edits
+            see the weights of the edits around them.
+        name: a label used in error messages.
+
+    Nested edits compose (the inner one is applied on top of the outer one) and must exit in
+    reverse order of entry; exiting out of order raises ``RuntimeError`` and leaves the weights
+    as they are. An edit object can be entered only once at a time.
+    """
+
+    def __init__(self, model: nn.Module, plan: PlanLike, name: str = "edit") -> None:
+        self.model = model
+        self._plan = plan
+        self.name = name
+        self._saved: list[tuple[nn.Parameter, torch.Tensor]] | None = None
+
+    # ------------------------------------------------------------- internals
+    def _compute_plan(self) -> Mapping[str, torch.Tensor]:
+        return self._plan() if callable(self._plan) else self._plan
+
+    def _resolve(self, plan: Mapping[str, torch.Tensor]) -> list[tuple[nn.Parameter, torch.Tensor]]:
+        params = dict(self.model.named_parameters())
+        resolved = []
+        for pname, value in plan.items():
+            if pname not in params:
+                raise KeyError(f"{self.name}: the model has no parameter named {pname!r}")
+            p = params[pname]
+            if tuple(value.shape) != tuple(p.shape):
+                raise ValueError(
+                    f"{self.name}: new value for {pname} has shape {tuple(value.shape)}, "
+                    f"the parameter has {tuple(p.shape)}"
+                )
+            if not torch.isfinite(value).all():
+                raise ValueError(f"{self.name}: new value for {pname} contains NaN or Inf")
+            resolved.append((p, value.detach().to(device=p.device, dtype=p.dtype)))
+        return resolved
+
+    @staticmethod
+    def _write(param: nn.Parameter, value: torch.Tensor) -> None:
+        with torch.no_grad():
+            param.copy_(value)
+
+    def _bump(self) -> None:
+        setattr(self.model, _VERSION_ATTR, weights_version(self.model) + 1)
+
+    def _restore(self) -> None:
+        assert self._saved is not None
+        # Restore every parameter even if one copy fails half-way (e.g. an interrupt): each
+        # copy is retried once, and the first error is re-raised at the end.
+        error: BaseException | None = None
+        for p, old in reversed(self._saved):
+            try:
+                self._write(p, old)
+            except BaseException as exc:  # noqa: BLE001 - must finish restoring
+                error = error or exc
+                self._write(p, old)
+        self._bump()
+        self._saved = None
+        if error is not None:
+            raise error
+
+    # ----------------------------------------------------------- protocol
+    def __enter__(self) -> ParameterEdit:
+        if self._saved is not None:
+            raise RuntimeError(f"{self.name}: this edit is already active; create a new one to nest")
+        resolved = self._resolve(self._compute_plan())
+        self._saved = [(p, p.detach().clone()) for p, _ in resolved]
+        try:
+            for p, value in resolved:
+                self._write(p, value)
+        except BaseException:
+            self._restore()
+            raise
+        self._bump()
+        stack = getattr(self.model, _STACK_ATTR, None)
+        if stack is None:
+            stack = []
+            setattr(self.model, _STACK_ATTR, stack)
+        stack.append(self)
+        self._after_enter()
+        return self
+
+    def _after_enter(self) -> None:
+        """Hook for subclasses: runs after the weights are written."""
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.restore()
+
+    def restore(self) -> None:
+        """Restore the original weights now (what leaving the ``with`` block does)."""
+        if self._saved is None:
+            return
+        stack: list[ParameterEdit] = getattr(self.model, _STACK_ATTR, [])
+        if stack and stack[-1] is not self:
+            raise RuntimeError(
+                f"{self.name}: edits must be exited in reverse order of entry; "
+                f"{stack[-1].name!r} is still active inside this one"
+            )
+        try:
+            self._restore()
+        finally:
+            if stack and stack[-1] is self:
+                stack.pop()
+
+    @property
+    def active(self) -> bool:
+        """Whether the edit is currently applied."""
+        return self._saved is not None
+
+
+def _check_target(model: HookedTransformer, target: torch.Tensor) -> None:
+    cfg = model.cfg
+    expected = (cfg.n_layers, cfg.n_heads, cfg.d_head, cfg.d_head)
+    if not isinstance(target, torch.Tensor):
+        raise TypeError(f"target must be a torch.Tensor of shape {expected}, got {type(target).__name__}")
+    if tuple(target.shape) != expected:
+        raise ValueError(
+            f"target must have shape [n_layers, n_heads, d_head, d_head] = {expected}, got {tuple(target.shape)}"
+        )
+    if not target.is_floating_point():
+        raise TypeError(f"target must be a floating-point tensor (float32/float64), got dtype {target.dtype}")
+    model_device = model.W_U.device
+    if target.device.type != model_device.type:
+        raise ValueError(
+            f"target is on device {target.device}, the model on {model_device}; move it with target.to(...)"
+        )
+    if not torch.isfinite(target).all():
+        bad = torch.nonzero(~torch.isfinite(target).reshape(cfg.n_layers, cfg.n_heads, -1).all(-1))
+        raise ValueError(f"target contains NaN or Inf for heads {[tuple(x) for x in bad.tolist()][:10]}")
+
+
+def qk_injection_weights(
+    W_Q: torch.Tensor,
+    W_K: torch.Tensor,
+    target: torch.Tensor,
+    method: Literal["exact", "pinv"] = "exact",
+) -> torch.Tensor:
+    """New query weights that realise ``target`` (pure function, float64, no writes).
+
+    Args:
+        W_Q, W_K: ``[n_heads, d_model, d_head]``.
+        target: ``[n_heads, d_head, d_head]``, the desired ``W_Q_new^T W_K``.
+        method: ``"exact"`` (keeps W_Q outside span(W_K)) or ``"pinv"`` (drops it).
+
+    Returns:
+        ``W_Q_new`` ``[n_heads, d_model, d_head]`` in float64.
+    """
+    Wq, Wk, T = W_Q.to(torch.float64), W_K.to(torch.float64), target.to(torch.float64)
+    G = Wk.transpose(-1, -2) @ Wk
+    if method == "exact":
+        delta = T - Wq.transpose(-1, -2) @ Wk
+        return Wq + Wk @ torch.linalg.solve(G, delta.transpose(-1, -2))
+    if method == "pinv":
+        return Wk @ torch.linalg.solve(G, T.transpose(-1, -2))
+    raise ValueError(f"method must be 'exact' or 'pinv', got {method!r}")
+
+
+class QKEdit(ParameterEdit):
+    """An active QK injection (returned by :func:`inject_qk`).
+
+    Attributes (set on entry):
+        heads: bool mask ``[n_layers, n_heads]`` of the edited heads.
+        residual: float64 ``[n_layers, n_heads]``, per head ``max |W_Q_new^T W_K - target|``
+            measured on the weights as written (model dtype); 0 for heads not edited.
+        condition_numbers: float64 ``[n_layers, n_heads]``, ``cond(W_K^T W_K)`` per head.
+    """
+
+    heads: torch.Tensor
+    residual: torch.Tensor
+    condition_numbers: torch.Tensor
+
+    def __init__(
+        self,
+        model: HookedTransformer,
+        target: torch.Tensor,
+        heads: Iterable[int] | Iterable[tuple[int, int]] | torch.Tensor | None = None,
+        method: Literal["exact", "pinv"] = "exact",
+        cond_warn: float = COND_WARN,
+    ) -> None:
+        if method not in ("exact", "pinv"):
+            raise ValueError(f"method must be 'exact' or 'pinv', got {method!r}")
+        _check_target(model, target)
+        cfg = model.cfg
+        self.heads = parse_heads(heads, cfg.n_layers, cfg.n_heads)
+        self.target = target
+        self.method = method
+        self.cond_warn = cond_warn
+        super().__init__(model, self._qk_plan, name=f"inject_qk(method={method!r})")
+
+    def _qk_plan(self) -> dict[str, torch.Tensor]:
+        model: HookedTransformer = self.model  # type: ignore[assignment]
+        cfg = model.cfg
+        labels = head_labels(cfg.n_layers, cfg.n_heads)
+        conds = torch.zeros(cfg.n_layers, cfg.n_heads, dtype=torch.float64)
+        plan: dict[str, torch.Tensor] = {}
+        with torch.no_grad():
+            for layer, block in enumerate(model.blocks):
+                mask = self.heads[layer]
+                if not mask.any():
+                    continue
+                attn = block.attn
+                W_Q, W_K = attn.W_Q, attn.W_K  # W_K repeats the key/value heads for GQA
+                Wk = W_K.to(torch.float64)
+                conds[layer] = torch.linalg.cond(Wk.transpose(-1, -2) @ Wk).cpu()
+                bad = [labels[layer * cfg.n_heads + h] for h in range(cfg.n_heads)
+                       if mask[h] and not (conds[layer, h] < COND_SINGULAR)]
+                if bad:
+                    raise ValueError(
+                        f"W_K^T W_K is singular (condition number >= {COND_SINGULAR:g}) for heads {bad}; "
+                        "their QK circuit cannot be injected through W_Q"
+                    )
+                new = qk_injection_weights(W_Q, W_K, self.target[layer].to(W_Q.device), self.method)
+                new = torch.where(mask.to(W_Q.device)[:, None, None], new.to(W_Q.dtype), W_Q.detach())
+                plan[f"blocks.{layer}.attn.W_Q"] = new
+        warn = [labels[i] for i in torch.nonzero((conds > self.cond_warn).flatten() & self.heads.flatten()).flatten().tolist()]
+        if warn:
+            warnings.warn(
+                f"W_K^T W_K is badly conditioned (cond > {self.cond_warn:g}) for heads {warn}: "
+                "the injected circuits may miss their targets (see edit.residual)",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+        self.condition_numbers = conds
+        return plan
+
+    def _after_enter(self) -> None:
+        cfg = self.model.cfg  # type: ignore[union-attr]
+        current = qk_matrices(self.model, torch.float64)  # type: ignore[arg-type]
+        diff = (current - self.target.to(current.device, torch.float64)).abs().amax(dim=(-1, -2)).cpu()
+        self.residual = torch.where(self.heads, diff, torch.zeros((), dtype=torch.float64))
+        assert self.residual.shape == (cfg.n_layers, cfg.n_heads)
+
+
+def inject_qk(
+    model: HookedTransformer,
+    target: torch.Tensor,
+    heads: Iterable[int] | Iterable[tuple[int, int]] | torch.Tensor | None = None,
+    method: Literal["exact", "pinv"] = "exact",
+    cond_warn: float = COND_WARN,
+) -> QKEdit:
+    """Inject QK circuits by editing ``W_Q`` in place; use as a context manager.
+
+    Args:
+        model: the HookedTransformer to edit (its ``blocks[l].attn.W_Q`` parameters change).
+        target: ``[n_layers, n_heads, d_head, d_head]``, the desired ``W_Q^T W_K`` per head
+            (any float dtype; on the model's device type).
+        heads: heads to edit (default all): flat indices, ``(layer, head)`` pairs, or a bool mask
+            ``[n_layers, n_heads]``. Other heads and all biases are untouched.
+        method: ``"exact"`` (default) or ``"pinv"`` (see module docstring).
+        cond_warn: warn for heads whose ``cond(W_K^T W_K)`` exceeds this.
+
+    Example::
+
+        with qs.inject_qk(model, pca.reconstruct(K=100)) as edit:
+            loss = model(tokens, return_type="loss")
+            print(edit.residual.max())
+        # W_Q is bit-for-bit the original again here
+    """
+    return QKEdit(model, target, heads=heads, method=method, cond_warn=cond_warn)

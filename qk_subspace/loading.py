@@ -1,0 +1,175 @@
+"""Load a HookedTransformer by official name (online) or from a local checkpoint (fully offline)."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformer_lens import HookedTransformer
+
+__all__ = ["load_model", "SUPPORTED_LOCAL_ARCHITECTURES", "DEFAULT_PROCESSING"]
+
+#: Hugging Face architectures whose local checkpoints load offline (TransformerLens converters).
+SUPPORTED_LOCAL_ARCHITECTURES = (
+    "GPT2LMHeadModel",
+    "GPTNeoXForCausalLM",
+    "LlamaForCausalLM",
+    "MistralForCausalLM",
+    "GPTNeoForCausalLM",
+    "OPTForCausalLM",
+    "Qwen2ForCausalLM",
+)
+
+#: TransformerLens' default weight processing in ``HookedTransformer.from_pretrained``.
+DEFAULT_PROCESSING: dict[str, bool] = {
+    "fold_ln": True,
+    "center_writing_weights": True,
+    "center_unembed": True,
+    "fold_value_biases": True,
+    "refactor_factored_attn_matrices": False,
+}
+
+_OFFLINE_HINT = (
+    "To load offline, pass a local Hugging Face checkpoint directory (config.json, *.safetensors, "
+    "tokenizer files), e.g. qs.load_model('path/to/gpt2'), or save one with "
+    "transformers' model.save_pretrained(dir) on a machine with internet."
+)
+
+
+def _hub_reachable(timeout: float = 3.0) -> bool:
+    if os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0") or os.environ.get("TRANSFORMERS_OFFLINE", "") not in ("", "0"):
+        return False
+    try:
+        with socket.create_connection(("huggingface.co", 443), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def _hub_cached(repo_id: str) -> bool:
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        return isinstance(try_to_load_from_cache(repo_id, "config.json"), str)
+    except Exception:  # pragma: no cover - depends on the local cache layout
+        return False
+
+
+def _processing(overrides: dict[str, Any]) -> dict[str, bool]:
+    unknown = set(overrides) - set(DEFAULT_PROCESSING)
+    if unknown:
+        raise TypeError(
+            f"load_model: unknown processing option(s) {sorted(unknown)}; allowed: {sorted(DEFAULT_PROCESSING)}"
+        )
+    return {**DEFAULT_PROCESSING, **{k: bool(v) for k, v in overrides.items()}}
+
+
+def _record(model: HookedTransformer, source: str, processing: dict[str, bool], offline: bool) -> HookedTransformer:
+    model.qk_subspace_source = source  # type: ignore[attr-defined]
+    model.qk_subspace_processing = dict(processing)  # type: ignore[attr-defined]
+    model.qk_subspace_offline = offline  # type: ignore[attr-defined]
+    model.eval()
+    return model
+
+
+def _load_local(path: Path, device: str | torch.device | None, dtype: torch.dtype, processing: dict[str, bool], tokenizer: Any) -> HookedTransformer:
+    import transformer_lens.loading_from_pretrained as tl_loading
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    config_file = path / "config.json"
+    if not config_file.is_file():
+        raise FileNotFoundError(
+            f"model directory {str(path)!r} has no config.json; a local checkpoint needs config.json, "
+            "weights (*.safetensors or pytorch_model.bin) and, for text input, tokenizer files"
+        )
+    hf_config = json.loads(config_file.read_text())
+    archs = hf_config.get("architectures") or []
+    arch = archs[0] if archs else None
+    if arch not in SUPPORTED_LOCAL_ARCHITECTURES:
+        raise ValueError(
+            f"model directory {str(path)!r}: architecture {arch!r} (config.json 'architectures') is not "
+            f"supported for offline loading; supported: {list(SUPPORTED_LOCAL_ARCHITECTURES)}"
+        )
+    if arch == "GPT2LMHeadModel" and "n_ctx" not in hf_config:
+        raise ValueError(
+            f"model directory {str(path)!r}: a GPT-2 config.json needs 'n_ctx' (TransformerLens reads it); "
+            f"add \"n_ctx\": {hf_config.get('n_positions', 1024)} to config.json"
+        )
+    has_safetensors = any(path.glob("*.safetensors"))
+    # Both routes avoid pickle: safetensors, or torch.load(weights_only=True) inside transformers.
+    hf_model = AutoModelForCausalLM.from_pretrained(
+        str(path), dtype=dtype, local_files_only=True, use_safetensors=has_safetensors
+    )
+    hf_model.eval()
+    if tokenizer is None and any((path / f).exists() for f in ("tokenizer.json", "vocab.json", "tokenizer.model", "tokenizer_config.json")):
+        tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+    elif isinstance(tokenizer, (str, os.PathLike)):
+        tokenizer = AutoTokenizer.from_pretrained(str(tokenizer), local_files_only=True)
+    cfg = tl_loading.get_pretrained_model_config(
+        str(path), fold_ln=processing["fold_ln"], device=device, dtype=dtype
+    )
+    state_dict = tl_loading.get_pretrained_state_dict(str(path), cfg, hf_model=hf_model, dtype=dtype)
+    model = HookedTransformer(cfg, tokenizer, move_to_device=False)
+    model.load_and_process_state_dict(state_dict, **processing)
+    model.move_model_modules_to_device()
+    del hf_model
+    return model
+
+
+def load_model(
+    name_or_path: str | os.PathLike,
+    device: str | torch.device | None = None,
+    dtype: torch.dtype = torch.float32,
+    tokenizer: Any = None,
+    **processing: bool,
+) -> HookedTransformer:
+    """Load a HookedTransformer.
+
+    Args:
+        name_or_path: an official TransformerLens name (``"gpt2"``, ``"gpt2-medium"``, ...), loaded
+            with ``HookedTransformer.from_pretrained`` (needs the hub or its cache), or a local
+            Hugging Face checkpoint directory, loaded with no network access at all.
+        device: ``"cpu"``, ``"cuda"``, ... (default: TransformerLens' choice).
+        dtype: parameter dtype (default float32).
+        tokenizer: optional tokenizer object or directory (local checkpoints without tokenizer files).
+        **processing: TransformerLens weight processing, default as in ``from_pretrained``:
+            ``fold_ln``, ``center_writing_weights``, ``center_unembed``, ``fold_value_biases``
+            (all True) and ``refactor_factored_attn_matrices`` (False).
+
+    Returns:
+        The model in eval mode, with ``model.qk_subspace_processing`` (the processing used) and
+        ``model.qk_subspace_source`` recorded on it.
+
+    Raises:
+        FileNotFoundError / ValueError: a local directory without config.json, or of an
+            unsupported architecture.
+        ValueError: a name that is neither a local directory nor a TransformerLens model name.
+        ConnectionError: an official name that is not cached while the hub is unreachable.
+    """
+    proc = _processing(processing)
+    path = Path(name_or_path).expanduser()
+    if path.is_dir():
+        model = _load_local(path, device, dtype, proc, tokenizer)
+        return _record(model, str(path.resolve()), proc, offline=True)
+    name = str(name_or_path)
+    if path.suffix or os.sep in name and not name.count("/") == 1:
+        raise FileNotFoundError(f"model directory {name!r} does not exist. {_OFFLINE_HINT}")
+    from transformer_lens.loading_from_pretrained import get_official_model_name
+
+    try:
+        official = get_official_model_name(name)
+    except ValueError as exc:
+        raise ValueError(
+            f"{name!r} is neither a local directory nor a TransformerLens model name. {_OFFLINE_HINT}"
+        ) from exc
+    if not _hub_cached(official) and not _hub_reachable():
+        raise ConnectionError(
+            f"cannot load {name!r} ({official}): it is not in the local Hugging Face cache and the hub "
+            f"is unreachable (offline). {_OFFLINE_HINT}"
+        )
+    model = HookedTransformer.from_pretrained(name, device=device, dtype=dtype, tokenizer=tokenizer, **proc)
+    return _record(model, official, proc, offline=False)
