@@ -13,7 +13,10 @@ from .circuits import (
 )
 from .injection import ParameterEdit, QKEdit, inject_qk, qk_injection_weights
 from .loading import load_model
+from .data import chunk_text, chunk_tokens, load_wikitext2, wikitext2_rows
+from .evaluation import PerplexityResult, RatioCI, paired_ratio, perplexity
 from .subspace import HeadPCA
+from .sweeps import REPORT_K_GRID, evaluate_edit, sweep_k
 
 __version__ = "0.1.0"
 
@@ -31,4 +34,15 @@ __all__ = [
     "QKEdit",
     "ParameterEdit",
     "qk_injection_weights",
+    "load_wikitext2",
+    "chunk_text",
+    "chunk_tokens",
+    "wikitext2_rows",
+    "perplexity",
+    "PerplexityResult",
+    "paired_ratio",
+    "RatioCI",
+    "sweep_k",
+    "evaluate_edit",
+    "REPORT_K_GRID",
 ]

@@ -1,0 +1,121 @@
+"""Perplexity of a HookedTransformer on token chunks, and paired comparisons between runs."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+from transformer_lens import HookedTransformer
+
+__all__ = ["PerplexityResult", "RatioCI", "perplexity", "paired_ratio", "validate_tokens"]
+
+
+@dataclass
+class PerplexityResult:
+    """Result of :func:`perplexity`.
+
+    Attributes:
+        ppl: ``exp(mean_nll)``.
+        mean_nll: mean negative log-likelihood per predicted token (nats).
+        nll_per_chunk: ``[n_chunks]`` float64, mean NLL of each chunk (for paired comparisons).
+        n_tokens: number of predicted tokens (each chunk predicts ``ctx - 1``).
+    """
+
+    ppl: float
+    mean_nll: float
+    nll_per_chunk: np.ndarray = field(repr=False)
+    n_tokens: int
+
+
+@dataclass
+class RatioCI:
+    """Perplexity ratio ``ppl_b / ppl_a`` with a bootstrap confidence interval over chunks."""
+
+    ratio: float
+    low: float
+    high: float
+    confidence: float
+
+
+def validate_tokens(model: HookedTransformer, tokens: torch.Tensor) -> None:
+    """Check that ``tokens`` is ``[n_chunks, ctx]`` of integer ids the model accepts."""
+    if not isinstance(tokens, torch.Tensor):
+        raise TypeError(f"tokens must be a torch.Tensor [n_chunks, ctx], got {type(tokens).__name__}")
+    if tokens.ndim != 2:
+        raise ValueError(f"tokens must have rank 2 [n_chunks, ctx], got shape {tuple(tokens.shape)}")
+    if tokens.dtype not in (torch.long, torch.int32, torch.int64, torch.int16, torch.uint8):
+        raise TypeError(f"tokens must be an integer tensor (torch.long), got dtype {tokens.dtype}")
+    n, ctx = tokens.shape
+    if n == 0 or ctx < 2:
+        raise ValueError(f"tokens must have at least 1 chunk of at least 2 tokens, got shape {tuple(tokens.shape)}")
+    if ctx > model.cfg.n_ctx:
+        raise ValueError(f"tokens: ctx={ctx} is longer than the model's n_ctx={model.cfg.n_ctx}")
+    lo, hi = int(tokens.min()), int(tokens.max())
+    if lo < 0 or hi >= model.cfg.d_vocab:
+        raise ValueError(
+            f"tokens: ids must be in [0, {model.cfg.d_vocab - 1}] (the model's vocabulary), got min {lo}, max {hi}"
+        )
+
+
+def _chunk_nll(model: HookedTransformer, batch: torch.Tensor) -> torch.Tensor:
+    """Mean NLL per chunk ``[b]`` (float64) for a micro-batch ``[b, ctx]``."""
+    logits = model(batch, return_type="logits")  # [b, ctx, d_vocab]
+    logp = torch.log_softmax(logits[:, :-1].float(), dim=-1)
+    nll = -logp.gather(-1, batch[:, 1:, None]).squeeze(-1)  # [b, ctx-1]
+    return nll.double().mean(dim=1)
+
+
+def perplexity(
+    model: HookedTransformer,
+    tokens: torch.Tensor,
+    batch_size: int = 8,
+    progress: bool = True,
+    desc: str = "perplexity",
+) -> PerplexityResult:
+    """Perplexity of ``model`` on ``tokens`` ``[n_chunks, ctx]``.
+
+    Every chunk predicts its tokens 1..ctx-1 from their prefixes. Runs under
+    ``torch.inference_mode`` in micro-batches of ``batch_size`` chunks; only one micro-batch of
+    logits is alive at a time. Shows a tqdm bar unless ``progress=False``.
+    """
+    validate_tokens(model, tokens)
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+    device = model.W_U.device
+    tokens = tokens.long()
+    out = np.empty(len(tokens), dtype=np.float64)
+    with torch.inference_mode():
+        for start in tqdm(range(0, len(tokens), batch_size), desc=desc, disable=not progress, leave=False):
+            batch = tokens[start : start + batch_size].to(device)
+            out[start : start + len(batch)] = _chunk_nll(model, batch).cpu().numpy()
+    mean_nll = float(out.mean())
+    return PerplexityResult(
+        ppl=float(np.exp(mean_nll)),
+        mean_nll=mean_nll,
+        nll_per_chunk=out,
+        n_tokens=int(tokens.shape[0] * (tokens.shape[1] - 1)),
+    )
+
+
+def paired_ratio(
+    base: PerplexityResult,
+    other: PerplexityResult,
+    n_boot: int = 2000,
+    confidence: float = 0.95,
+    seed: int = 0,
+) -> RatioCI:
+    """``other.ppl / base.ppl`` with a paired bootstrap CI over chunks (same chunks in both)."""
+    a, b = np.asarray(base.nll_per_chunk), np.asarray(other.nll_per_chunk)
+    if a.shape != b.shape:
+        raise ValueError(f"paired_ratio: results cover different chunks ({a.shape} vs {b.shape})")
+    if not 0 < confidence < 1:
+        raise ValueError(f"confidence must be in (0, 1), got {confidence}")
+    diff = b - a
+    ratio = float(np.exp(diff.mean()))
+    rng = np.random.default_rng(seed)
+    idx = rng.integers(0, len(diff), size=(n_boot, len(diff)))
+    boots = np.exp(diff[idx].mean(axis=1))
+    alpha = (1 - confidence) / 2
+    return RatioCI(ratio, float(np.quantile(boots, alpha)), float(np.quantile(boots, 1 - alpha)), confidence)
