@@ -102,7 +102,7 @@ class HeadPCA:
                 f"W must have shape [..., d, d] (e.g. [n_layers, n_heads, d_head, d_head]), got {tuple(arr.shape)}"
             )
         if not np.all(np.isfinite(arr)):
-            raise ValueError("W contains NaN or Inf values")
+            raise ValueError(f"W must be finite, but it contains {int(np.sum(~np.isfinite(arr)))} NaN or Inf values")
         if not fitting:
             self._check_fitted()
             if tuple(arr.shape[-2:]) != self.matrix_shape_:

@@ -90,7 +90,7 @@ def sweep_k(
     """
     ks = [validate_k(k, pca.n_heads_) for k in ks]
     if not ks:
-        raise ValueError("ks must contain at least one K")
+        raise ValueError(f"ks must contain at least one K in [0, {pca.n_heads_}], got {ks!r}")
     if baseline is None:
         baseline = perplexity(model, tokens, batch_size=batch_size, progress=progress, desc="baseline")
     rows = []

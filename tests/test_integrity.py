@@ -84,17 +84,18 @@ def _nested(model) -> None:
     names = [n for n, _ in model.named_parameters()]
     emb = names[0]
     other = {emb: torch.zeros_like(dict(model.named_parameters())[emb])}
-    with qs.inject_qk(model, _target(model, 0)):
-        with qs.ParameterEdit(model, other, name="zero-embedding"):
-            with qs.inject_qk(model, _target(model, 1), heads=[(1, 0), (1, 2)]):
-                raise Boom("inside the innermost block")
+    with (
+        qs.inject_qk(model, _target(model, 0)),
+        qs.ParameterEdit(model, other, name="zero-embedding"),
+        qs.inject_qk(model, _target(model, 1), heads=[(1, 0), (1, 2)]),
+    ):
+        raise Boom("inside the innermost block")
 
 
 def _nested_clean(model) -> None:
     """Normal exits all the way (faults then hit the restore of nested edits)."""
-    with qs.inject_qk(model, _target(model, 0)):
-        with qs.inject_qk(model, _target(model, 1), heads=[0, 5]):
-            pass
+    with qs.inject_qk(model, _target(model, 0)), qs.inject_qk(model, _target(model, 1), heads=[0, 5]):
+        pass
 
 
 SCENARIOS = {"single": _single, "nested": _nested, "nested_clean": _nested_clean}
@@ -157,15 +158,14 @@ def test_exception_or_interrupt_inside_block(exc: type[BaseException]) -> None:
     model = make_model("gqa")
     before = param_hashes(model)
     for depth in (1, 2, 3):
-        with pytest.raises(exc):
-            with qs.inject_qk(model, _target(model, 0)):
-                if depth > 1:
-                    with qs.inject_qk(model, _target(model, 1), heads=[1]):
-                        if depth > 2:
-                            with qs.inject_qk(model, _target(model, 2)):
-                                raise exc("deep")
-                        raise exc("middle")
-                raise exc("outer")
+        with pytest.raises(exc), qs.inject_qk(model, _target(model, 0)):
+            if depth > 1:
+                with qs.inject_qk(model, _target(model, 1), heads=[1]):
+                    if depth > 2:
+                        with qs.inject_qk(model, _target(model, 2)):
+                            raise exc("deep")
+                    raise exc("middle")
+            raise exc("outer")
         assert param_hashes(model) == before
         assert qs.active_edits(model) == []
 
@@ -179,9 +179,8 @@ def test_fault_in_after_enter_hook_restores(monkeypatch: pytest.MonkeyPatch) -> 
             raise exc("residual computation failed")
 
         monkeypatch.setattr(QKEdit, "_after_enter", bad_hook)
-        with pytest.raises(exc):
-            with qs.inject_qk(model, _target(model, 0)):
-                pytest.fail("the block must not run")
+        with pytest.raises(exc), qs.inject_qk(model, _target(model, 0)):
+            pytest.fail("the block must not run")
         assert param_hashes(model) == before
         assert qs.active_edits(model) == []
 
@@ -192,9 +191,8 @@ def test_error_in_plan_of_second_layer_writes_nothing() -> None:
         model.blocks[1].attn.W_K[3, :, 1] = 0.0  # W_K^T W_K singular for L1H3 (layer 0 is fine)
     before = param_hashes(model)
     v0 = qs.weights_version(model)
-    with pytest.raises(ValueError, match="L1H3"):
-        with qs.inject_qk(model, _target(model, 0)):
-            pass
+    with pytest.raises(ValueError, match="L1H3"), qs.inject_qk(model, _target(model, 0)):
+        pass
     assert param_hashes(model) == before and qs.weights_version(model) == v0
 
 
@@ -224,9 +222,8 @@ def test_sigint_during_enter_writes_aborts_and_restores(monkeypatch: pytest.Monk
     before = param_hashes(model)
     _install(monkeypatch, FaultyWrite(sigint=lambda n: n == 1))
     ran = []
-    with pytest.raises(KeyboardInterrupt):
-        with qs.inject_qk(model, _target(model, 0)):
-            ran.append(True)
+    with pytest.raises(KeyboardInterrupt), qs.inject_qk(model, _target(model, 0)):
+        ran.append(True)
     assert not ran
     assert param_hashes(model) == before and qs.active_edits(model) == []
 
@@ -238,9 +235,8 @@ def test_repeated_sigint_during_restore_cannot_stop_it(monkeypatch: pytest.Monke
     before = param_hashes(model)
     # writes 1-2: entry (2 layers); 3-4: restore
     _install(monkeypatch, FaultyWrite(sigint=lambda n: n in (3, 4)))
-    with pytest.raises(KeyboardInterrupt):
-        with qs.inject_qk(model, _target(model, 0)):
-            pass
+    with pytest.raises(KeyboardInterrupt), qs.inject_qk(model, _target(model, 0)):
+        pass
     assert param_hashes(model) == before and qs.active_edits(model) == []
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handler put back
 
@@ -303,9 +299,8 @@ def test_entering_same_edit_twice_raises_and_reentry_after_exit_works() -> None:
     edit = qs.inject_qk(model, _target(model, 1))
     with edit:
         during = param_hashes(model)
-        with pytest.raises(RuntimeError, match="already active"):
-            with edit:
-                pass
+        with pytest.raises(RuntimeError, match="already active"), edit:
+            pass
         assert param_hashes(model) == during and edit.active
     assert param_hashes(model) == before
     with edit:  # a finished edit can be used again
@@ -350,7 +345,7 @@ def test_plan_values_overflowing_parameter_dtype_are_rejected() -> None:
     before = param_hashes(model)
     name = "blocks.0.attn.W_Q"
     huge = torch.full(model.blocks[0].attn.W_Q.shape, 1e300, dtype=torch.float64)  # finite in float64
-    with pytest.raises(ValueError, match=r"blocks\.0\.attn\.W_Q.*NaN or Inf.*float32"):
-        with qs.ParameterEdit(model, {"blocks.1.attn.W_Q": model.blocks[1].attn.W_Q * 2, name: huge}):
-            pass
+    plan = {"blocks.1.attn.W_Q": model.blocks[1].attn.W_Q * 2, name: huge}
+    with pytest.raises(ValueError, match=r"blocks\.0\.attn\.W_Q.*NaN or Inf.*float32"), qs.ParameterEdit(model, plan):
+        pass
     assert param_hashes(model) == before
