@@ -216,14 +216,15 @@ class ParameterEdit:
                 stack = self._stack()
                 if self in stack:
                     stack.remove(self)
-        if failed:
-            raise RuntimeError(
-                f"{self.name}: could not restore parameter(s) {[n for n, _, _ in failed]} "
-                f"({self.RESTORE_ATTEMPTS} attempts each); the other parameters are restored. The edit "
-                "stays active with the original values kept: call .restore() on it again to retry"
-            ) from error
-        if error is not None:
-            raise error
+            # raised inside the block so that a Ctrl-C held back meanwhile is chained to them, not lost
+            if failed:
+                raise RuntimeError(
+                    f"{self.name}: could not restore parameter(s) {[n for n, _, _ in failed]} "
+                    f"({self.RESTORE_ATTEMPTS} attempts each); the other parameters are restored. The edit "
+                    "stays active with the original values kept: call .restore() on it again to retry"
+                ) from error
+            if error is not None:
+                raise error
 
     # ----------------------------------------------------------- protocol
     def __enter__(self) -> ParameterEdit:

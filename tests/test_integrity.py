@@ -349,3 +349,64 @@ def test_plan_values_overflowing_parameter_dtype_are_rejected() -> None:
     with pytest.raises(ValueError, match=r"blocks\.0\.attn\.W_Q.*NaN or Inf.*float32"), qs.ParameterEdit(model, plan):
         pass
     assert param_hashes(model) == before
+
+
+def test_permanent_restore_failure_with_pending_ctrl_c_keeps_both(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A write that keeps failing during restore while Ctrl-C is pressed: the KeyboardInterrupt is
+    delivered, chained to the RuntimeError naming the parameter, and a later restore() recovers."""
+    model = make_model("mha")
+    before = param_hashes(model)
+    # writes 1-2: entry; 3-4: both attempts for blocks.1.attn.W_Q fail, SIGINT during the first
+    _install(monkeypatch, FaultyWrite(fail=lambda n: n in (3, 4), sigint=lambda n: n == 3))
+    with pytest.raises(KeyboardInterrupt) as info, qs.inject_qk(model, _target(model, 0)):
+        pass
+    ctx = info.value.__context__
+    assert isinstance(ctx, RuntimeError) and "blocks.1.attn.W_Q" in str(ctx) and "restore()" in str(ctx)
+    assert param_hashes(model) != before and len(qs.active_edits(model)) == 1
+    monkeypatch.setattr(ParameterEdit, "_write", staticmethod(_ORIGINAL_WRITE))
+    _restore_all(model)
+    assert param_hashes(model) == before and qs.active_edits(model) == []
+
+
+# ------------------------------------------------- only ParameterEdit writes weights
+_WRITE_METHODS = {"copy_", "set_", "load_state_dict", "load_and_process_state_dict", "register_parameter"}
+#: where each of those calls is allowed: ParameterEdit._write, and building a fresh model in loading.py
+_ALLOWED = {("injection.py", "copy_"), ("loading.py", "load_and_process_state_dict")}
+
+
+def weight_writes(source: str) -> list[tuple[int, str]]:
+    """Calls that can overwrite parameters in place, and assignments to ``.data``."""
+    import ast
+
+    found = []
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute):
+            if node.func.attr in _WRITE_METHODS:
+                found.append((node.lineno, node.func.attr))
+            chain = ast.unparse(node.func)
+            if chain.startswith(("torch.nn.init.", "nn.init.", "init.")):
+                found.append((node.lineno, chain))
+        if isinstance(node, (ast.Assign, ast.AugAssign)):
+            targets = node.targets if isinstance(node, ast.Assign) else [node.target]
+            found += [(node.lineno, ".data =") for t in targets if isinstance(t, ast.Attribute) and t.attr == "data"]
+    return found
+
+
+def test_weight_write_audit_can_fail() -> None:
+    src = "p.data = x\np.copy_(x)\nm.load_state_dict(sd)\ntorch.nn.init.zeros_(p)\np.data += 1\nx.add_(1)\n"
+    assert sorted(line for line, _ in weight_writes(src)) == [1, 2, 3, 4, 5]  # not x.add_ on line 6
+
+
+def test_only_parameter_edit_writes_weights() -> None:
+    from pathlib import Path
+
+    package = Path(qs.__file__).resolve().parent
+    offenders = [
+        (f.name, line, what)
+        for f in sorted(package.rglob("*.py"))
+        for line, what in weight_writes(f.read_text())
+        if (f.name, what) not in _ALLOWED
+    ]
+    assert offenders == [], "weights must be written only through qk_subspace.injection.ParameterEdit"
+    src = (package / "injection.py").read_text()
+    assert src.count(".copy_(") == 1  # the single write, in ParameterEdit._write
