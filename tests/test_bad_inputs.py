@@ -20,7 +20,7 @@ import torch
 
 import qk_subspace as qs
 from tests.conftest import make_model
-from tests.test_integrity import param_hashes
+from tests.test_integrity import param_hashes, single_thread  # noqa: F401 - autouse fixture
 
 
 class CharTokenizer:

@@ -17,11 +17,11 @@ from hypothesis.extra.numpy import arrays
 
 import qk_subspace as qs
 from tests.conftest import make_model
-from tests.test_integrity import param_hashes
+from tests.test_integrity import param_hashes, single_thread  # noqa: F401 - autouse fixture
 
 EPS64 = torch.finfo(torch.float64).eps
 EPS32 = torch.finfo(torch.float32).eps
-SETTINGS = settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+SETTINGS = settings(max_examples=50, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 
 @st.composite
@@ -145,7 +145,7 @@ def head_matrices(draw: st.DrawFn) -> np.ndarray:
     return draw(arrays(np.float64, (n_layers, n_heads, d, d), elements=elements))
 
 
-@settings(max_examples=60, deadline=None)
+@settings(max_examples=100, deadline=None)
 @given(W=head_matrices())
 @example(W=np.ones((1, 3, 2, 2)))  # identical heads: zero total variance
 def test_headpca_reconstruction_error_is_monotone_and_optimal(W: np.ndarray) -> None:

@@ -18,6 +18,7 @@ import pytest
 import torch
 
 import qk_subspace as qs
+from tests.test_integrity import single_thread  # noqa: F401 - autouse fixture
 
 
 class Payload:
