@@ -183,6 +183,11 @@ def load_model(
         ConnectionError: an official name that is not cached while the hub is unreachable.
     """
     proc = _processing(processing)
+    if not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+        raise TypeError(
+            f"dtype must be a floating-point torch.dtype (torch.float32, torch.float64, torch.bfloat16, ...), "
+            f"got {dtype!r}"
+        )
     path = Path(name_or_path).expanduser()
     if path.is_dir():
         model = _load_local(path, device, dtype, proc, tokenizer)

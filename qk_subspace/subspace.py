@@ -154,7 +154,13 @@ class HeadPCA:
             K = validate_k(K, self.n_heads_)
             keep = np.arange(min(K, self.n_components_))
         else:
-            keep = np.asarray(list(components), dtype=np.int64)  # type: ignore[arg-type]
+            comps = list(components)  # type: ignore[arg-type]
+            bad = [c for c in comps if isinstance(c, bool) or not isinstance(c, (int, np.integer))]
+            if bad:
+                raise TypeError(
+                    f"components: indices must be integers in [0, {self.n_components_ - 1}], got {bad[:5]}"
+                )
+            keep = np.asarray(comps, dtype=np.int64)
             if keep.size and (keep.min() < 0 or keep.max() >= self.n_components_):
                 raise ValueError(
                     f"components: indices must be in [0, {self.n_components_ - 1}], got {keep.tolist()}"

@@ -115,6 +115,11 @@ CASES: dict[str, Case] = {
         ValueError, lambda: c.pca.reconstruct(components=[0, 8]), ["components", "8", "[0, 7]"]),
     "components repeated": lambda c: (
         ValueError, lambda: c.pca.reconstruct(components=[1, 1]), ["components", "[1, 1]", "distinct"]),
+    "components not integers": lambda c: (
+        TypeError, lambda: c.pca.reconstruct(components=[0, 1.5]), ["components", "1.5", "integers", "[0, 7]"]),
+    "sweep_k with a pca fitted on another model": lambda c: (
+        ValueError, lambda: qs.sweep_k(c.model, qs.HeadPCA().fit(torch.randn(3, 2, 8, 8)), c.tokens, [1], progress=False),
+        ["pca", "(3, 2)", "(2, 4)"]),
     # --- HeadPCA inputs
     "HeadPCA W not [..., d, d]": lambda c: (
         ValueError, lambda: qs.HeadPCA().fit(torch.zeros(3, 4)), ["W", "(3, 4)", "[..., d, d]"]),
@@ -219,6 +224,8 @@ CASES: dict[str, Case] = {
         FileNotFoundError, lambda: qs.load_model(c.tmp / "models" / "mine.safetensors"), ["mine.safetensors", "local"]),
     "official name that unpickles, without opt-in": lambda c: (
         ValueError, lambda: qs.load_model("solu-1l"), ["solu-1l", "trust_remote_code=True", "False"]),
+    "dtype given as a string": lambda c: (
+        TypeError, lambda: qs.load_model(_local_dir(c, "{}"), dtype="float32"), ["dtype", "'float32'", "torch.float32"]),
     "unknown processing option": lambda c: (
         TypeError, lambda: qs.load_model("gpt2", fold_layernorm=True), ["fold_layernorm", "fold_ln"]),
 }
