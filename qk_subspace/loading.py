@@ -181,6 +181,9 @@ def load_model(
             unsupported architecture.
         ValueError: a name that is neither a local directory nor a TransformerLens model name.
         ConnectionError: an official name that is not cached while the hub is unreachable.
+        ValueError: an official name whose loading runs code from the hub, without
+            ``trust_remote_code=True``.
+        TypeError: ``dtype`` that is not a floating-point ``torch.dtype``.
     """
     proc = _processing(processing)
     if not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
