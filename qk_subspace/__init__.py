@@ -17,6 +17,7 @@ from .data import chunk_text, chunk_tokens, load_wikitext2, wikitext2_rows
 from .evaluation import PerplexityResult, RatioCI, paired_ratio, perplexity
 from .subspace import HeadPCA
 from .sweeps import REPORT_K_GRID, evaluate_edit, sweep_k
+from .injection import active_edits, weights_version
 
 __version__ = "0.1.0"
 
@@ -45,4 +46,6 @@ __all__ = [
     "sweep_k",
     "evaluate_edit",
     "REPORT_K_GRID",
+    "active_edits",
+    "weights_version",
 ]

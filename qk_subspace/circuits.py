@@ -13,6 +13,8 @@ key/value heads, so every query head gets the key matrix of its key/value group.
 
 from __future__ import annotations
 
+import math
+import numbers
 from collections.abc import Iterable, Sequence
 
 import torch
@@ -67,6 +69,13 @@ def head_labels(n_layers: int, n_heads: int) -> list[str]:
     return [f"L{layer}H{head}" for layer, head in head_index(n_layers, n_heads)]
 
 
+def _is_integral(x: object) -> bool:
+    """An int-like value: Python/numpy integers or integral floats (not bool, NaN or Inf)."""
+    if isinstance(x, bool) or not isinstance(x, numbers.Real):
+        return False
+    return math.isfinite(x) and int(x) == x
+
+
 def parse_heads(
     heads: Iterable[int] | Iterable[tuple[int, int]] | torch.Tensor | None,
     n_layers: int,
@@ -92,6 +101,11 @@ def parse_heads(
         if isinstance(item, (tuple, list)):
             if len(item) != 2:
                 raise ValueError(f"heads: expected (layer, head) pairs, got {item!r}")
+            if not all(_is_integral(x) for x in item):
+                raise ValueError(
+                    f"heads: (layer, head) pairs must hold integers (layers 0..{n_layers - 1}, "
+                    f"heads 0..{n_heads - 1}), got {item!r}"
+                )
             layer, head = int(item[0]), int(item[1])
             if not (0 <= layer < n_layers and 0 <= head < n_heads):
                 raise ValueError(
@@ -99,8 +113,10 @@ def parse_heads(
                     f"0..{n_layers - 1}, heads 0..{n_heads - 1}"
                 )
         else:
-            if isinstance(item, bool) or int(item) != item:
-                raise ValueError(f"heads: flat head indices must be integers, got {item!r}")
+            if not _is_integral(item):
+                raise ValueError(
+                    f"heads: flat head indices must be integers in 0..{n_layers * n_heads - 1}, got {item!r}"
+                )
             flat = int(item)
             if not 0 <= flat < n_layers * n_heads:
                 raise ValueError(

@@ -26,7 +26,10 @@ def wikitext2_rows(split: str = "test", text_file: str | os.PathLike | None = No
     if text_file is not None:
         path = Path(text_file)
         if not path.is_file():
-            raise FileNotFoundError(f"text_file {str(path)!r} does not exist")
+            raise FileNotFoundError(
+                f"text_file {str(path)!r} does not exist; pass an existing WikiText-2 raw file "
+                "(e.g. ../shared/data/wikitext-2-raw/wiki.test.raw) or text_file=None to use `datasets`"
+            )
         lines = path.read_text(encoding="utf-8").split("\n")
         if lines and lines[-1] == "":
             lines = lines[:-1]
@@ -61,14 +64,18 @@ def chunk_tokens(ids: list[int] | torch.Tensor, n_tokens: int | None, ctx: int) 
         ids_t = ids_t[:n_tokens]
     n_chunks = len(ids_t) // ctx
     if n_chunks == 0:
-        raise ValueError(f"text is too short: {len(ids_t)} tokens, fewer than one chunk of ctx={ctx}")
+        raise ValueError(
+            f"text is too short: {len(ids_t)} tokens, fewer than one chunk of ctx={ctx}; "
+            "it needs at least ctx tokens"
+        )
     return ids_t[: n_chunks * ctx].reshape(n_chunks, ctx).clone()
 
 
 def chunk_text(tokenizer: Any, text: str, n_tokens: int | None = None, ctx: int = 1024) -> torch.Tensor:
     """Tokenize ``text`` (no BOS) and cut it into ``[n_chunks, ctx]`` chunks of the first ``n_tokens``."""
     if not isinstance(text, str) or not text.strip():
-        raise ValueError("text is empty: nothing to tokenize")
+        shown = repr(text[:40]) if isinstance(text, str) else type(text).__name__
+        raise ValueError(f"text must be a non-empty string with non-space characters, got {shown}")
     return chunk_tokens(_encode(tokenizer, text), n_tokens, ctx)
 
 

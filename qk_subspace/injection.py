@@ -22,9 +22,12 @@ warning); so it is kept only for contrast.
 
 from __future__ import annotations
 
+import contextlib
+import signal
+import threading
 import warnings
-from collections.abc import Callable, Iterable, Mapping
-from types import TracebackType
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from types import FrameType, TracebackType
 from typing import Literal
 
 import torch
@@ -40,6 +43,8 @@ __all__ = [
     "qk_injection_weights",
     "COND_WARN",
     "COND_SINGULAR",
+    "active_edits",
+    "weights_version",
 ]
 
 #: Heads whose ``W_K^T W_K`` has a condition number above this get a warning: in a float32 model
@@ -52,6 +57,39 @@ _STACK_ATTR = "_qk_subspace_edit_stack"
 _VERSION_ATTR = "_qk_subspace_weights_version"
 
 PlanLike = Mapping[str, torch.Tensor] | Callable[[], Mapping[str, torch.Tensor]]
+
+
+@contextlib.contextmanager
+def _sigint_deferred() -> Iterator[None]:
+    """Hold back SIGINT (Ctrl-C) for the duration of the block, then deliver it.
+
+    Python runs signal handlers only in the main thread; elsewhere (or when SIGINT is not
+    handled by a Python callable) this does nothing. A SIGINT that arrives inside the block is
+    passed to the previous handler on exit (by default raising ``KeyboardInterrupt`` there).
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.getsignal(signal.SIGINT)
+    if not callable(previous):
+        yield
+        return
+    pending: list[FrameType | None] = []
+
+    def _hold(signum: int, frame: FrameType | None) -> None:
+        pending.append(frame)
+
+    try:
+        signal.signal(signal.SIGINT, _hold)
+    except ValueError:  # not the main interpreter
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        if pending:
+            previous(signal.SIGINT, pending[-1])
 
 
 def weights_version(model: nn.Module) -> int:
@@ -74,36 +112,69 @@ class ParameterEdit:
             see the weights of the edits around them.
         name: a label used in error messages.
 
+    Guarantees (tests/test_integrity.py):
+
+    * The whole plan is computed and validated (names, shapes, finite values after the cast to
+      the parameter dtype) before the first write, so a bad plan writes nothing.
+    * On leaving the block -- normally, by an exception or by ``KeyboardInterrupt`` -- every
+      edited parameter is restored from a snapshot taken on entry, bit for bit. If anything fails
+      during entry (a write, or the subclass hook after the writes), the parameters written so far
+      are restored before the error propagates.
+    * In the main thread, SIGINT (Ctrl-C) is deferred while parameters are being written or
+      restored and delivered right after, so an interrupt can never stop a write loop half-way.
+    * A write that raises during restore is retried once, and the remaining parameters are
+      restored regardless; the first error is re-raised once all are restored. If a parameter
+      still cannot be written, ``RuntimeError`` names it and the edit stays active (and on the
+      model's edit stack): call :meth:`restore` again to retry.
+
     Nested edits compose (the inner one is applied on top of the outer one) and must exit in
     reverse order of entry; exiting out of order raises ``RuntimeError`` and leaves the weights
-    as they are. An edit object can be entered only once at a time.
+    as they are. An edit object can be entered only once at a time (entering it again while it
+    is active raises ``RuntimeError``); it may be re-entered after it has exited.
     """
+
+    #: How many times a parameter write is attempted during restore before giving up.
+    RESTORE_ATTEMPTS = 2
 
     def __init__(self, model: nn.Module, plan: PlanLike, name: str = "edit") -> None:
         self.model = model
         self._plan = plan
         self.name = name
-        self._saved: list[tuple[nn.Parameter, torch.Tensor]] | None = None
+        # (parameter name, parameter, snapshot of its value on entry), in write order
+        self._saved: list[tuple[str, nn.Parameter, torch.Tensor]] | None = None
 
     # ------------------------------------------------------------- internals
     def _compute_plan(self) -> Mapping[str, torch.Tensor]:
         return self._plan() if callable(self._plan) else self._plan
 
-    def _resolve(self, plan: Mapping[str, torch.Tensor]) -> list[tuple[nn.Parameter, torch.Tensor]]:
+    def _resolve(self, plan: Mapping[str, torch.Tensor]) -> list[tuple[str, nn.Parameter, torch.Tensor]]:
         params = dict(self.model.named_parameters())
         resolved = []
         for pname, value in plan.items():
             if pname not in params:
-                raise KeyError(f"{self.name}: the model has no parameter named {pname!r}")
+                raise KeyError(
+                    f"{self.name}: plan names parameter {pname!r}, which the model does not have; "
+                    "allowed: names from model.named_parameters()"
+                )
             p = params[pname]
+            if not isinstance(value, torch.Tensor):
+                raise TypeError(
+                    f"{self.name}: new value for {pname} must be a torch.Tensor of shape {tuple(p.shape)}, "
+                    f"got {type(value).__name__}"
+                )
             if tuple(value.shape) != tuple(p.shape):
                 raise ValueError(
                     f"{self.name}: new value for {pname} has shape {tuple(value.shape)}, "
                     f"the parameter has {tuple(p.shape)}"
                 )
-            if not torch.isfinite(value).all():
-                raise ValueError(f"{self.name}: new value for {pname} contains NaN or Inf")
-            resolved.append((p, value.detach().to(device=p.device, dtype=p.dtype)))
+            cast = value.detach().to(device=p.device, dtype=p.dtype)
+            # checked after the cast: a finite float64 value can overflow a float32/float16 parameter
+            if not torch.isfinite(cast).all():
+                raise ValueError(
+                    f"{self.name}: new value for {pname} contains NaN or Inf in the parameter dtype "
+                    f"{p.dtype} ({int((~torch.isfinite(cast)).sum())} entries); values must be finite"
+                )
+            resolved.append((pname, p, cast))
         return resolved
 
     @staticmethod
@@ -114,41 +185,68 @@ class ParameterEdit:
     def _bump(self) -> None:
         setattr(self.model, _VERSION_ATTR, weights_version(self.model) + 1)
 
-    def _restore(self) -> None:
-        assert self._saved is not None
-        # Restore every parameter even if one copy fails half-way (e.g. an interrupt): each
-        # copy is retried once, and the first error is re-raised at the end.
-        error: BaseException | None = None
-        for p, old in reversed(self._saved):
-            try:
-                self._write(p, old)
-            except BaseException as exc:  # noqa: BLE001 - must finish restoring
-                error = error or exc
-                self._write(p, old)
-        self._bump()
-        self._saved = None
-        if error is not None:
-            raise error
-
-    # ----------------------------------------------------------- protocol
-    def __enter__(self) -> ParameterEdit:
-        if self._saved is not None:
-            raise RuntimeError(f"{self.name}: this edit is already active; create a new one to nest")
-        resolved = self._resolve(self._compute_plan())
-        self._saved = [(p, p.detach().clone()) for p, _ in resolved]
-        try:
-            for p, value in resolved:
-                self._write(p, value)
-        except BaseException:
-            self._restore()
-            raise
-        self._bump()
+    def _stack(self) -> list[ParameterEdit]:
         stack = getattr(self.model, _STACK_ATTR, None)
         if stack is None:
             stack = []
             setattr(self.model, _STACK_ATTR, stack)
-        stack.append(self)
-        self._after_enter()
+        return stack
+
+    def _restore(self) -> None:
+        saved = self._saved
+        assert saved is not None
+        failed: list[tuple[str, nn.Parameter, torch.Tensor]] = []
+        error: BaseException | None = None
+        with _sigint_deferred():
+            for entry in reversed(saved):
+                _, p, old = entry
+                for _attempt in range(self.RESTORE_ATTEMPTS):
+                    try:
+                        self._write(p, old)
+                        break
+                    except BaseException as exc:  # noqa: BLE001 - must finish restoring
+                        error = error or exc
+                else:
+                    failed.append(entry)
+            self._bump()
+            if failed:
+                self._saved = failed[::-1]
+            else:
+                self._saved = None
+                stack = self._stack()
+                if self in stack:
+                    stack.remove(self)
+            # raised inside the block so that a Ctrl-C held back meanwhile is chained to them, not lost
+            if failed:
+                raise RuntimeError(
+                    f"{self.name}: could not restore parameter(s) {[n for n, _, _ in failed]} "
+                    f"({self.RESTORE_ATTEMPTS} attempts each); the other parameters are restored. The edit "
+                    "stays active with the original values kept: call .restore() on it again to retry"
+                ) from error
+            if error is not None:
+                raise error
+
+    # ----------------------------------------------------------- protocol
+    def __enter__(self) -> ParameterEdit:
+        if self._saved is not None:
+            raise RuntimeError(
+                f"{self.name}: this edit object is already active on the model; entering it twice is "
+                "not allowed -- create a new edit object to nest a second edit"
+            )
+        resolved = self._resolve(self._compute_plan())  # validates everything before any write
+        try:
+            with _sigint_deferred():
+                self._saved = [(n, p, p.detach().clone()) for n, p, _ in resolved]
+                self._stack().append(self)
+                for _, p, value in resolved:
+                    self._write(p, value)
+                self._bump()
+            self._after_enter()
+        except BaseException:
+            # `with` does not call __exit__ when __enter__ raises: undo the writes here.
+            if self._saved is not None:
+                self.restore()
+            raise
         return self
 
     def _after_enter(self) -> None:
@@ -163,20 +261,21 @@ class ParameterEdit:
         self.restore()
 
     def restore(self) -> None:
-        """Restore the original weights now (what leaving the ``with`` block does)."""
+        """Restore the original weights now (what leaving the ``with`` block does).
+
+        Raises ``RuntimeError`` (weights unchanged) if an edit entered after this one is still
+        active on the model: edits must be exited in reverse order of entry.
+        """
         if self._saved is None:
             return
-        stack: list[ParameterEdit] = getattr(self.model, _STACK_ATTR, [])
+        stack = self._stack()
         if stack and stack[-1] is not self:
             raise RuntimeError(
-                f"{self.name}: edits must be exited in reverse order of entry; "
-                f"{stack[-1].name!r} is still active inside this one"
+                f"{self.name}: edits must be exited in reverse order of entry, but {stack[-1].name!r} "
+                "(entered after this one) is still active; exit it first (qs.active_edits(model) lists "
+                "the active edits, innermost last). The weights were left unchanged"
             )
-        try:
-            self._restore()
-        finally:
-            if stack and stack[-1] is self:
-                stack.pop()
+        self._restore()
 
     @property
     def active(self) -> bool:
@@ -198,11 +297,16 @@ def _check_target(model: HookedTransformer, target: torch.Tensor) -> None:
     model_device = model.W_U.device
     if target.device.type != model_device.type:
         raise ValueError(
-            f"target is on device {target.device}, the model on {model_device}; move it with target.to(...)"
+            f"target is on device {target.device}, but it must be on the model's device type "
+            f"({model_device}); move it with target.to({str(model_device)!r})"
         )
     if not torch.isfinite(target).all():
-        bad = torch.nonzero(~torch.isfinite(target).reshape(cfg.n_layers, cfg.n_heads, -1).all(-1))
-        raise ValueError(f"target contains NaN or Inf for heads {[tuple(x) for x in bad.tolist()][:10]}")
+        bad = (~torch.isfinite(target).reshape(cfg.n_layers, cfg.n_heads, -1).all(-1)).flatten()
+        labels = head_labels(cfg.n_layers, cfg.n_heads)
+        heads = [labels[i] for i in torch.nonzero(bad).flatten().tolist()]
+        raise ValueError(
+            f"target must be finite, but it contains NaN or Inf for {len(heads)} head(s) {heads[:10]}"
+        )
 
 
 def qk_injection_weights(
@@ -278,14 +382,22 @@ class QKEdit(ParameterEdit):
                 W_Q, W_K = attn.W_Q, attn.W_K  # W_K repeats the key/value heads for GQA
                 Wk = W_K.to(torch.float64)
                 conds[layer] = torch.linalg.cond(Wk.transpose(-1, -2) @ Wk).cpu()
-                bad = [labels[layer * cfg.n_heads + h] for h in range(cfg.n_heads)
-                       if mask[h] and not (conds[layer, h] < COND_SINGULAR)]
+                bad = {labels[layer * cfg.n_heads + h]: float(conds[layer, h]) for h in range(cfg.n_heads)
+                       if mask[h] and not (conds[layer, h] < COND_SINGULAR)}
                 if bad:
                     raise ValueError(
-                        f"W_K^T W_K is singular (condition number >= {COND_SINGULAR:g}) for heads {bad}; "
-                        "their QK circuit cannot be injected through W_Q"
+                        f"W_K^T W_K is singular for heads {list(bad)} (condition numbers "
+                        f"{[f'{c:.3g}' for c in bad.values()]}; injection needs < {COND_SINGULAR:g}): their "
+                        "QK circuit cannot be injected through W_Q; leave them out with heads=..."
                     )
                 new = qk_injection_weights(W_Q, W_K, self.target[layer].to(W_Q.device), self.method)
+                overflow = mask.to(W_Q.device) & ~torch.isfinite(new.to(W_Q.dtype)).flatten(1).all(-1)
+                if overflow.any():
+                    heads_bad = [labels[layer * cfg.n_heads + h] for h in torch.nonzero(overflow).flatten().tolist()]
+                    raise ValueError(
+                        f"target for heads {heads_bad} needs query weights that overflow the model dtype "
+                        f"{W_Q.dtype} (|W_Q| up to {float(new.abs().max()):.3g}); targets must give finite weights"
+                    )
                 new = torch.where(mask.to(W_Q.device)[:, None, None], new.to(W_Q.dtype), W_Q.detach())
                 plan[f"blocks.{layer}.attn.W_Q"] = new
         warn = [labels[i] for i in torch.nonzero((conds > self.cond_warn).flatten() & self.heads.flatten()).flatten().tolist()]

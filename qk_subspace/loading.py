@@ -33,6 +33,9 @@ DEFAULT_PROCESSING: dict[str, bool] = {
     "refactor_factored_attn_matrices": False,
 }
 
+#: Hub organisations whose TransformerLens checkpoints are pickled ``.pth`` files.
+_PICKLED_REPOS = ("NeelNanda/", "ArthurConmy/", "Baidicoot/")
+
 _OFFLINE_HINT = (
     "To load offline, pass a local Hugging Face checkpoint directory (config.json, *.safetensors, "
     "tokenizer files), e.g. qs.load_model('path/to/gpt2'), or save one with "
@@ -86,7 +89,17 @@ def _load_local(path: Path, device: str | torch.device | None, dtype: torch.dtyp
             f"model directory {str(path)!r} has no config.json; a local checkpoint needs config.json, "
             "weights (*.safetensors or pytorch_model.bin) and, for text input, tokenizer files"
         )
-    hf_config = json.loads(config_file.read_text())
+    try:
+        hf_config = json.loads(config_file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ValueError(
+            f"model directory {str(path)!r}: config.json is not valid JSON ({exc}); it must be a Hugging Face "
+            "config (a JSON object with 'architectures')"
+        ) from exc
+    if not isinstance(hf_config, dict):
+        raise ValueError(  # noqa: TRY004 - bad file content, not a bad argument type
+            f"model directory {str(path)!r}: config.json must hold a JSON object, got {type(hf_config).__name__}"
+        )
     archs = hf_config.get("architectures") or []
     arch = archs[0] if archs else None
     if arch not in SUPPORTED_LOCAL_ARCHITECTURES:
@@ -100,15 +113,17 @@ def _load_local(path: Path, device: str | torch.device | None, dtype: torch.dtyp
             f"add \"n_ctx\": {hf_config.get('n_positions', 1024)} to config.json"
         )
     has_safetensors = any(path.glob("*.safetensors"))
-    # Both routes avoid pickle: safetensors, or torch.load(weights_only=True) inside transformers.
+    # Both routes avoid unpickling arbitrary objects: safetensors, or a pytorch_model.bin read by
+    # transformers with torch.load(weights_only=True). No custom code from the directory is run.
     hf_model = AutoModelForCausalLM.from_pretrained(
-        str(path), dtype=dtype, local_files_only=True, use_safetensors=has_safetensors
+        str(path), dtype=dtype, local_files_only=True, use_safetensors=has_safetensors,
+        weights_only=True, trust_remote_code=False,
     )
     hf_model.eval()
     if tokenizer is None and any((path / f).exists() for f in ("tokenizer.json", "vocab.json", "tokenizer.model", "tokenizer_config.json")):
-        tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+        tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True, trust_remote_code=False)
     elif isinstance(tokenizer, (str, os.PathLike)):
-        tokenizer = AutoTokenizer.from_pretrained(str(tokenizer), local_files_only=True)
+        tokenizer = AutoTokenizer.from_pretrained(str(tokenizer), local_files_only=True, trust_remote_code=False)
     cfg = tl_loading.get_pretrained_model_config(
         str(path), fold_ln=processing["fold_ln"], device=device, dtype=dtype
     )
@@ -120,11 +135,23 @@ def _load_local(path: Path, device: str | torch.device | None, dtype: torch.dtyp
     return model
 
 
+def _unsafe_official_reason(official: str) -> str | None:
+    """Why TransformerLens would run code from the hub to load ``official``, or None."""
+    import transformer_lens.loading_from_pretrained as tl_loading
+
+    if official.startswith(_PICKLED_REPOS):
+        return "its weights are a pickled .pth file that TransformerLens reads with torch.load(weights_only=False)"
+    if official.startswith(tuple(getattr(tl_loading, "NEED_REMOTE_CODE_MODELS", ()))):
+        return "TransformerLens loads it with trust_remote_code=True (Python code from the hub repository)"
+    return None
+
+
 def load_model(
     name_or_path: str | os.PathLike,
     device: str | torch.device | None = None,
     dtype: torch.dtype = torch.float32,
     tokenizer: Any = None,
+    trust_remote_code: bool = False,
     **processing: bool,
 ) -> HookedTransformer:
     """Load a HookedTransformer.
@@ -136,6 +163,11 @@ def load_model(
         device: ``"cpu"``, ``"cuda"``, ... (default: TransformerLens' choice).
         dtype: parameter dtype (default float32).
         tokenizer: optional tokenizer object or directory (local checkpoints without tokenizer files).
+        trust_remote_code: official names whose loading executes code from the hub -- the legacy
+            TransformerLens models stored as pickled ``.pth`` files (``solu-*``, ``gelu-*``,
+            ``attn-only-*``, ...) and the models TransformerLens loads with remote code (Qwen-1,
+            phi-2, ...) -- are refused unless this is True. Local directories never run code from
+            the directory and never unpickle arbitrary objects, whatever this says.
         **processing: TransformerLens weight processing, default as in ``from_pretrained``:
             ``fold_ln``, ``center_writing_weights``, ``center_unembed``, ``fold_value_biases``
             (all True) and ``refactor_factored_attn_matrices`` (False).
@@ -149,8 +181,16 @@ def load_model(
             unsupported architecture.
         ValueError: a name that is neither a local directory nor a TransformerLens model name.
         ConnectionError: an official name that is not cached while the hub is unreachable.
+        ValueError: an official name whose loading runs code from the hub, without
+            ``trust_remote_code=True``.
+        TypeError: ``dtype`` that is not a floating-point ``torch.dtype``.
     """
     proc = _processing(processing)
+    if not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+        raise TypeError(
+            f"dtype must be a floating-point torch.dtype (torch.float32, torch.float64, torch.bfloat16, ...), "
+            f"got {dtype!r}"
+        )
     path = Path(name_or_path).expanduser()
     if path.is_dir():
         model = _load_local(path, device, dtype, proc, tokenizer)
@@ -166,6 +206,12 @@ def load_model(
         raise ValueError(
             f"{name!r} is neither a local directory nor a TransformerLens model name. {_OFFLINE_HINT}"
         ) from exc
+    unsafe = _unsafe_official_reason(official)
+    if unsafe is not None and not trust_remote_code:
+        raise ValueError(
+            f"refusing to load {name!r} ({official}): {unsafe}, which can execute arbitrary code. "
+            "If you trust that repository, pass trust_remote_code=True (allowed: True/False, default False)"
+        )
     if not _hub_cached(official) and not _hub_reachable():
         raise ConnectionError(
             f"cannot load {name!r} ({official}): it is not in the local Hugging Face cache and the hub "

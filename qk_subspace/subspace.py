@@ -74,7 +74,8 @@ class HeadPCA:
             if self.n_components < 1:
                 raise ValueError(f"n_components must be in [1, {max_comp}], got {self.n_components}")
         self.pca_ = PCA(n_components=self.n_components or max_comp, svd_solver="full")
-        self.coefficients_ = self.pca_.fit_transform(X)
+        with np.errstate(invalid="ignore", divide="ignore"):  # all heads identical: 0/0 ratios, fixed below
+            self.coefficients_ = self.pca_.fit_transform(X)
         self.head_shape_: tuple[int, ...] = head_shape
         self.matrix_shape_: tuple[int, int] = matrix_shape
         self.n_heads_ = n
@@ -82,7 +83,8 @@ class HeadPCA:
         self.mean_ = self.pca_.mean_
         self.components_ = self.pca_.components_
         self.explained_variance_ = self.pca_.explained_variance_
-        self.explained_variance_ratio_ = self.pca_.explained_variance_ratio_
+        # identical heads have zero total variance: report ratios of 0 instead of NaN
+        self.explained_variance_ratio_ = np.nan_to_num(self.pca_.explained_variance_ratio_, nan=0.0)
         self.cumulative_variance_ = np.cumsum(self.explained_variance_ratio_)
         top = float(self.explained_variance_[0]) if self.n_components_ else 0.0
         self.n_nonzero_components_ = int(np.sum(self.explained_variance_ > ZERO_VARIANCE_RTOL * top))
@@ -102,7 +104,7 @@ class HeadPCA:
                 f"W must have shape [..., d, d] (e.g. [n_layers, n_heads, d_head, d_head]), got {tuple(arr.shape)}"
             )
         if not np.all(np.isfinite(arr)):
-            raise ValueError("W contains NaN or Inf values")
+            raise ValueError(f"W must be finite, but it contains {int(np.sum(~np.isfinite(arr)))} NaN or Inf values")
         if not fitting:
             self._check_fitted()
             if tuple(arr.shape[-2:]) != self.matrix_shape_:
@@ -152,7 +154,13 @@ class HeadPCA:
             K = validate_k(K, self.n_heads_)
             keep = np.arange(min(K, self.n_components_))
         else:
-            keep = np.asarray(list(components), dtype=np.int64)  # type: ignore[arg-type]
+            comps = list(components)  # type: ignore[arg-type]
+            bad = [c for c in comps if isinstance(c, bool) or not isinstance(c, (int, np.integer))]
+            if bad:
+                raise TypeError(
+                    f"components: indices must be integers in [0, {self.n_components_ - 1}], got {bad[:5]}"
+                )
+            keep = np.asarray(comps, dtype=np.int64)
             if keep.size and (keep.min() < 0 or keep.max() >= self.n_components_):
                 raise ValueError(
                     f"components: indices must be in [0, {self.n_components_ - 1}], got {keep.tolist()}"

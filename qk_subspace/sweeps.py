@@ -90,7 +90,14 @@ def sweep_k(
     """
     ks = [validate_k(k, pca.n_heads_) for k in ks]
     if not ks:
-        raise ValueError("ks must contain at least one K")
+        raise ValueError(f"ks must contain at least one K in [0, {pca.n_heads_}], got {ks!r}")
+    cfg = model.cfg
+    expected = ((cfg.n_layers, cfg.n_heads), (cfg.d_head, cfg.d_head))
+    if (tuple(pca.head_shape_), tuple(pca.matrix_shape_)) != expected:
+        raise ValueError(
+            f"pca was fitted on heads {pca.head_shape_} of shape {pca.matrix_shape_}; this model needs "
+            f"{expected[0]} heads of shape {expected[1]} (fit it on qs.qk_matrices(model))"
+        )
     if baseline is None:
         baseline = perplexity(model, tokens, batch_size=batch_size, progress=progress, desc="baseline")
     rows = []
