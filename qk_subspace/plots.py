@@ -97,6 +97,17 @@ def fig_cumvar(results: dict) -> go.Figure:
     return fig
 
 
+def _ref_line(fig: go.Figure, x: list, y: float, name: str, dash: str = "dash", color: str = "grey") -> None:
+    """A horizontal reference line as a trace (``add_hline`` annotations land wrong on log axes)."""
+    xs = [min(x), max(x)] if x else [0, 1]
+    fig.add_trace(
+        go.Scatter(
+            x=xs, y=[y, y], mode="lines", name=name, line={"dash": dash, "color": color, "width": 1.5},
+            hovertemplate=f"{name}: %{{y:.4g}}<extra></extra>",
+        )
+    )
+
+
 def fig_ppl_vs_k(results: dict, thresholds: tuple[float, ...] = RATIO_THRESHOLDS) -> go.Figure:
     """6B: perplexity vs K (log scale) with CI error bars, ratio on hover, baseline and ratio lines."""
     rows = results["perplexity_vs_k"]
@@ -118,11 +129,9 @@ def fig_ppl_vs_k(results: dict, thresholds: tuple[float, ...] = RATIO_THRESHOLDS
             ),
         )
     )
-    fig.add_hline(y=base, line_color="black", annotation_text=f"baseline {base:.4g}", annotation_position="bottom left")
-    for t in thresholds:
-        fig.add_hline(
-            y=base * t, line_dash="dash", line_color="grey", annotation_text=f"{t}x", annotation_position="top left"
-        )
+    _ref_line(fig, x, base, f"baseline {base:.4g}", dash="solid", color="black")
+    for t, color in zip(thresholds, ("seagreen", "darkorange", "crimson", "grey", "grey")):
+        _ref_line(fig, x, base * t, f"{t}x baseline", color=color)
     fig.update_layout(
         title=f"6B: perplexity vs number of kept components K ({model})",
         xaxis_title="K (components kept; K = number of heads means all)", yaxis_title="perplexity (log scale)",
@@ -151,7 +160,7 @@ def fig_cluster_ppl(results: dict) -> go.Figure:
             ),
         )
     )
-    fig.add_hline(y=base, line_color="black", annotation_text=f"baseline {base:.4g}", annotation_position="bottom left")
+    _ref_line(fig, [r["k"] for r in rows], base, f"baseline {base:.4g}", dash="solid", color="black")
     fig.update_layout(
         title=f"6C: perplexity with each cluster replaced by its representative ({model})",
         xaxis_title="number of clusters k", yaxis_title="perplexity (log scale)", yaxis_type="log",

@@ -108,6 +108,7 @@ def atomic_write_json(path: str | os.PathLike, data: Mapping[str, Any]) -> None:
             fh.write(text)
             fh.flush()
             os.fsync(fh.fileno())
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp creates 0600; give the file the usual mode
         os.replace(tmp, path)
     except BaseException:
         try:
@@ -115,6 +116,12 @@ def atomic_write_json(path: str | os.PathLike, data: Mapping[str, Any]) -> None:
         except OSError:
             pass
         raise
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def load_results(path: str | os.PathLike) -> dict[str, Any]:
