@@ -395,8 +395,8 @@ def run_experiment(
     # grids: K = all (exactness check) and the gate K are always evaluated
     base_ks = list(cfg.ks) if cfg.ks is not None else default_k_grid(n)
     ks = sorted({validate_k(k, n, name="ks") for k in base_ks} | {n} | ({cfg.gate_k} if cfg.gate_k <= n else set()))
-    cluster_ks = [int(k) for k in dict.fromkeys(cfg.cluster_ks) if k < n]
-    dropped = [int(k) for k in dict.fromkeys(cfg.cluster_ks) if k >= n]
+    cluster_ks = sorted({int(k) for k in cfg.cluster_ks if k < n})
+    dropped = sorted({int(k) for k in cfg.cluster_ks if k >= n})
     if cluster_ks and not 1 <= cfg.n_dims <= pca.n_components_:
         raise ValueError(
             f"n_dims must be in [1, {pca.n_components_}] (the PCA's number of components for this model), "

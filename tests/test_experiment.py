@@ -166,6 +166,13 @@ def test_run_experiment_in_memory_model(tmp_path: Path) -> None:
     t = res.tables()
     assert list(t["perplexity_vs_k"]["K"]) == [0, 2, 8] and list(t["clustering"]["k"]) == [2, 3]
     assert res.results["metadata"]["protocol"]["route"] == "tokens"
+    # the baseline equals a hand-written float64 cross-entropy on the model's logits
+    with torch.no_grad():
+        logits = model(toks).double()
+    logp = logits[:, :-1] - torch.logsumexp(logits[:, :-1], dim=-1, keepdim=True)
+    ref_nll = -torch.gather(logp, -1, toks[:, 1:, None]).squeeze(-1).mean(dim=1).numpy()
+    np.testing.assert_allclose(res.results["baseline"]["nll_per_chunk"], ref_nll, rtol=1e-6)
+    assert abs(res.results["baseline"]["ppl"] - np.exp(ref_nll.mean())) < 1e-5 * res.results["baseline"]["ppl"]
     # independent check of one point
     pca = qs.HeadPCA().fit(qs.qk_matrices(model))
     with qs.inject_qk(model, pca.reconstruct(2)):
