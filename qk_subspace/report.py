@@ -121,6 +121,30 @@ def _ratio(x: float) -> str:
     return f"{x:.3g}x" if x < 10 else f"{x:.1f}x"
 
 
+def _gate_word(passed: bool | None) -> str:
+    return "passed" if passed else ("not applied" if passed is None else "not passed")
+
+
+def _patterns(rows: Sequence[Mapping[str, Any]]) -> list[str]:
+    """The seed README's predicted outcomes, checked on the K values this run evaluated."""
+    ratio = {int(r["K"]): float(r["ratio"]) for r in rows}
+    mid = {k: v for k, v in ratio.items() if 16 <= k <= 32}
+
+    def mark(ok: bool | None, what: str) -> str:
+        return "n/a (K not evaluated)" if ok is None else ("yes" if ok else "no") + f" ({what})"
+
+    best = mark(ratio[10] <= 1.05 if 10 in ratio else None, f"K=10: {ratio.get(10, float('nan')):.3g}x")
+    good_k = min(mid, key=lambda k: mid[k]) if mid else None
+    good = mark(mid[good_k] <= 1.1 if good_k is not None else None,
+                f"best K in 16-32: K={good_k}, {mid.get(good_k, float('nan')):.3g}x" if good_k else "")
+    poor = mark(ratio[64] > 1.2 if 64 in ratio else None, f"K=64: {ratio.get(64, float('nan')):.3g}x")
+    return [
+        f"best:     K=10 within 1.05x       -> {best}",
+        f"good:     K=16-32 within 1.1x     -> {good}",
+        f"mediocre: K=64 still above 1.2x   -> {poor}",
+    ]
+
+
 def _model_section(res: Mapping[str, Any]) -> str:
     meta, var, chk = res["metadata"], res["variance"], res["checks"]
     c, proto = meta["model_config"], meta["protocol"]
@@ -219,9 +243,11 @@ def _model_section(res: Mapping[str, Any]) -> str:
         + (f" (reference {100 * ref['pc12_cumulative']:.1f}%)" if ref else "")
         + f". Pearson correlation of PC1 with the layer index: {r_layer:.2f}.",
         "",
-        "## 5. Gate (6D)", "",
+        "## 5. The predicted patterns (seed README)", "",
+        "```", *_patterns(res["perplexity_vs_k"]), "```", "",
+        "## 6. Gate (6D)", "",
         f"Rule: continue to the next (larger) model only if the ratio at K={gate_k} is within {gate_t}x. "
-        f"Result: {res['gate']['reason']} -> **{'passed' if res['gate']['passed'] else 'not passed'}**."
+        f"Result: {res['gate']['reason']} -> **{_gate_word(res['gate']['passed'])}**."
         + (" (reference: K=10 gave 40x, so the report skipped GPT-2 medium)" if ref else ""),
         "",
         "## Checks", "",
