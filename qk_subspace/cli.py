@@ -18,7 +18,7 @@ from typing import Any
 __all__ = ["add_run_arguments", "build_parser", "config_from_args", "main"]
 
 
-def _int_list(values: Sequence[str] | None) -> tuple[int, ...] | None:
+def _int_list(values: Sequence[str] | None, flag: str = "--ks") -> tuple[int, ...] | None:
     """``["1,3", "10"]`` -> ``(1, 3, 10)``."""
     if values is None:
         return None
@@ -31,7 +31,7 @@ def _int_list(values: Sequence[str] | None) -> tuple[int, ...] | None:
             try:
                 out.append(int(part))
             except ValueError:
-                raise argparse.ArgumentTypeError(f"expected integers (e.g. 1,3,10), got {part!r}") from None
+                raise ValueError(f"{flag} expects integers (e.g. 1,3,10), got {part!r}") from None
     return tuple(out)
 
 
@@ -87,7 +87,7 @@ def config_from_args(args: argparse.Namespace) -> Any:
 
     values = dict(vars(args))
     values["ks"] = _int_list(values.get("ks"))
-    cks = _int_list(values.get("cluster_ks"))
+    cks = _int_list(values.get("cluster_ks"), "--cluster-ks")
     values["cluster_ks"] = cks if cks is not None else ExperimentConfig.cluster_ks
     names = {f.name for f in dataclasses.fields(ExperimentConfig)}
     return ExperimentConfig(**{k: v for k, v in values.items() if k in names})

@@ -215,3 +215,19 @@ def test_run_models_applies_the_gate(tmp_path: Path) -> None:
     assert not (tmp_path / "fail" / "exp6_medium.json").exists()
     done, skipped = qs.run_models([a, b], tmp_path / "pass", tokens=toks, gate_threshold=1e3, **kw)
     assert [r.name for r in done] == ["small", "medium"] and skipped == []
+
+
+def test_cli_arguments_map_to_config_fields() -> None:
+    from qk_subspace.cli import build_parser, config_from_args
+
+    args = build_parser().parse_args([
+        "run", "--model", "gpt2", "gpt2-medium", "--ks", "1,3", "10", "--cluster-ks", "4,8", "--n-tokens", "all",
+        "--ctx", "512", "--seed", "3", "--no-png", "--resume", "--gate-threshold", "1.2",
+    ])
+    cfg = config_from_args(args)
+    assert args.model == ["gpt2", "gpt2-medium"]
+    assert (cfg.ks, cfg.cluster_ks, cfg.n_tokens, cfg.ctx, cfg.seed) == ((1, 3, 10), (4, 8), None, 512, 3)
+    assert (cfg.png, cfg.resume, cfg.gate_threshold, cfg.gate_k, cfg.n_dims) == (False, True, 1.2, 10, 20)
+    default = config_from_args(build_parser().parse_args(["run", "--model", "gpt2"]))
+    assert default == qs.ExperimentConfig()  # CLI defaults = the report's protocol
+    assert main(["run", "--model", "gpt2", "--ks", "1,x"]) == 2
