@@ -18,6 +18,20 @@ from .evaluation import PerplexityResult, RatioCI, paired_ratio, perplexity
 from .subspace import HeadPCA
 from .sweeps import REPORT_K_GRID, evaluate_edit, sweep_k
 from .injection import active_edits, weights_version
+from .clustering import REPORT_CLUSTER_GRID, HeadClustering, cluster_heads, sweep_clusters
+from .results import ConfigMismatchError, load_results
+from .experiment import (
+    ExperimentConfig,
+    ExperimentResult,
+    GateResult,
+    default_k_grid,
+    gate_check,
+    pca_map_rows,
+    run_experiment,
+    run_models,
+    variance_summary,
+)
+from .report import REFERENCE_GPT2_SMALL, render_report
 
 __version__ = "0.1.0"
 
@@ -48,4 +62,21 @@ __all__ = [
     "REPORT_K_GRID",
     "active_edits",
     "weights_version",
+    "cluster_heads",
+    "HeadClustering",
+    "sweep_clusters",
+    "REPORT_CLUSTER_GRID",
+    "run_experiment",
+    "run_models",
+    "ExperimentConfig",
+    "ExperimentResult",
+    "GateResult",
+    "gate_check",
+    "variance_summary",
+    "default_k_grid",
+    "pca_map_rows",
+    "ConfigMismatchError",
+    "load_results",
+    "REFERENCE_GPT2_SMALL",
+    "render_report",
 ]

@@ -9,7 +9,15 @@ from pathlib import Path
 
 import plotly.graph_objects as go
 
-__all__ = ["save_figure", "png_export_available"]
+__all__ = [
+    "save_figure",
+    "png_export_available",
+    "fig_cumvar",
+    "fig_ppl_vs_k",
+    "fig_cluster_ppl",
+    "fig_cluster_viz",
+    "experiment_figures",
+]
 
 _PNG_WARNED = False
 
@@ -50,3 +58,170 @@ def save_figure(fig: go.Figure, out_dir: str | os.PathLike, name: str, png: bool
             )
             _PNG_WARNED = True
     return written
+
+
+# ------------------------------------------------------------------ figures of the experiment
+# Each builder takes the results document of qs.run_experiment (or the loaded exp6_<model>.json),
+# so figures can be rebuilt from a results file alone.
+
+#: Perplexity-ratio lines drawn on the K sweep (the report's README predictions: 1.05x, 1.1x, 1.2x).
+RATIO_THRESHOLDS = (1.05, 1.1, 1.2)
+
+
+def fig_cumvar(results: dict) -> go.Figure:
+    """6A: cumulative explained variance vs number of components, with the 50/80/90/95 % marks."""
+    var = results["variance"]
+    cum = [100 * c for c in var["cumulative_variance"]]
+    model = results["metadata"]["model"]
+    fig = go.Figure()
+    fig.add_trace(
+        go.Scatter(
+            x=list(range(1, len(cum) + 1)), y=cum, mode="lines+markers", marker={"size": 4}, name="cumulative",
+            hovertemplate="K=%{x}<br>cumulative variance %{y:.2f}%<extra></extra>",
+        )
+    )
+    for t in var["thresholds"]:
+        fig.add_hline(y=100 * t["threshold"], line_dash="dot", line_color="grey")
+        fig.add_trace(
+            go.Scatter(
+                x=[t["K"]], y=[100 * t["threshold"]], mode="markers+text", text=[f"{100 * t['threshold']:.0f}%: K={t['K']}"],
+                textposition="bottom right", marker={"size": 9, "color": "crimson"}, showlegend=False,
+                hovertemplate=f"{100 * t['threshold']:.0f}% needs K={t['K']}<extra></extra>",
+            )
+        )
+    fig.update_layout(
+        title=f"6A: cumulative variance of W_QK across {var['n_heads']} heads ({model})",
+        xaxis_title="number of components K", yaxis_title="cumulative explained variance (%)",
+        yaxis_range=[0, 101], template="plotly_white", width=800, height=500,
+    )
+    return fig
+
+
+def _ref_line(fig: go.Figure, x: list, y: float, name: str, dash: str = "dash", color: str = "grey") -> None:
+    """A horizontal reference line as a trace (``add_hline`` annotations land wrong on log axes)."""
+    xs = [min(x), max(x)] if x else [0, 1]
+    fig.add_trace(
+        go.Scatter(
+            x=xs, y=[y, y], mode="lines", name=name, line={"dash": dash, "color": color, "width": 1.5},
+            hovertemplate=f"{name}: %{{y:.4g}}<extra></extra>",
+        )
+    )
+
+
+def fig_ppl_vs_k(results: dict, thresholds: tuple[float, ...] = RATIO_THRESHOLDS) -> go.Figure:
+    """6B: perplexity vs K (log scale) with CI error bars, ratio on hover, baseline and ratio lines."""
+    rows = results["perplexity_vs_k"]
+    base = results["baseline"]["ppl"]
+    model = results["metadata"]["model"]
+    x = [r["K"] for r in rows]
+    y = [r["ppl"] for r in rows]
+    hi = [base * r["ratio_high"] - r["ppl"] for r in rows]
+    lo = [r["ppl"] - base * r["ratio_low"] for r in rows]
+    custom = [[r["ratio"], r["ratio_low"], r["ratio_high"], 100 * r["cumulative_variance"]] for r in rows]
+    fig = go.Figure()
+    fig.add_trace(
+        go.Scatter(
+            x=x, y=y, mode="lines+markers", name="PCA top-K reconstruction", customdata=custom,
+            error_y={"type": "data", "array": hi, "arrayminus": lo, "visible": True},
+            hovertemplate=(
+                "K=%{x}<br>PPL %{y:.4g}<br>ratio %{customdata[0]:.4g}x "
+                "[%{customdata[1]:.4g}, %{customdata[2]:.4g}]<br>cumulative variance %{customdata[3]:.1f}%<extra></extra>"
+            ),
+        )
+    )
+    _ref_line(fig, x, base, f"baseline {base:.4g}", dash="solid", color="black")
+    for t, color in zip(thresholds, ("seagreen", "darkorange", "crimson", "grey", "grey")):
+        _ref_line(fig, x, base * t, f"{t}x baseline", color=color)
+    fig.update_layout(
+        title=f"6B: perplexity vs number of kept components K ({model})",
+        xaxis_title="K (components kept; K = number of heads means all)", yaxis_title="perplexity (log scale)",
+        yaxis_type="log", template="plotly_white", width=800, height=500,
+    )
+    return fig
+
+
+def fig_cluster_ppl(results: dict) -> go.Figure:
+    """6C: perplexity vs number of clusters k (log scale), replaced heads and ratio on hover."""
+    rows = results["clustering"]["rows"]
+    base = results["baseline"]["ppl"]
+    model = results["metadata"]["model"]
+    fig = go.Figure()
+    fig.add_trace(
+        go.Scatter(
+            x=[r["k"] for r in rows], y=[r["ppl"] for r in rows], mode="lines+markers", name="cluster representatives",
+            customdata=[[r["replaced"], r["ratio"], r["ratio_low"], r["ratio_high"]] for r in rows],
+            error_y={
+                "type": "data", "visible": True, "array": [base * r["ratio_high"] - r["ppl"] for r in rows],
+                "arrayminus": [r["ppl"] - base * r["ratio_low"] for r in rows],
+            },
+            hovertemplate=(
+                "k=%{x} clusters (%{customdata[0]} heads replaced)<br>PPL %{y:.4g}<br>"
+                "ratio %{customdata[1]:.4g}x [%{customdata[2]:.4g}, %{customdata[3]:.4g}]<extra></extra>"
+            ),
+        )
+    )
+    _ref_line(fig, [r["k"] for r in rows], base, f"baseline {base:.4g}", dash="solid", color="black")
+    fig.update_layout(
+        title=f"6C: perplexity with each cluster replaced by its representative ({model})",
+        xaxis_title="number of clusters k", yaxis_title="perplexity (log scale)", yaxis_type="log",
+        template="plotly_white", width=800, height=500,
+    )
+    return fig
+
+
+def fig_cluster_viz(results: dict) -> go.Figure:
+    """2D PCA map of the heads: left coloured by layer, right by cluster (``map_k``)."""
+    from plotly.subplots import make_subplots
+
+    rows = results["pca_map"]
+    model = results["metadata"]["model"]
+    map_k = results["metadata"]["grids"].get("map_k")
+    pc = results["variance"]["explained_variance_ratio"]
+    fig = make_subplots(
+        rows=1, cols=2, horizontal_spacing=0.12,
+        subplot_titles=("coloured by layer", f"coloured by cluster (k={map_k})" if map_k else "no clustering"),
+    )
+    xs, ys = [r["pc1"] for r in rows], [r["pc2"] for r in rows]
+    text = [r["label"] for r in rows]
+    hover = "%{text}<br>PC1 %{x:.3g}<br>PC2 %{y:.3g}<br>%{customdata}<extra></extra>"
+    n_layers = max(r["layer"] for r in rows) + 1
+    fig.add_trace(
+        go.Scatter(
+            x=xs, y=ys, mode="markers", text=text, customdata=[f"layer {r['layer']}" for r in rows],
+            hovertemplate=hover, showlegend=False,
+            marker={
+                "color": [r["layer"] for r in rows], "colorscale": "Viridis", "cmin": 0, "cmax": max(1, n_layers - 1),
+                "size": 8, "colorbar": {"title": "layer", "x": 0.44}, "line": {"width": 0.5, "color": "white"},
+            },
+        ),
+        row=1, col=1,
+    )
+    clusters = sorted({r["cluster"] for r in rows if r["cluster"] is not None})
+    for c in clusters:
+        sel = [r for r in rows if r["cluster"] == c]
+        fig.add_trace(
+            go.Scatter(
+                x=[r["pc1"] for r in sel], y=[r["pc2"] for r in sel], mode="markers", name=f"cluster {c}",
+                text=[r["label"] for r in sel], customdata=[f"cluster {c}" for _ in sel], hovertemplate=hover,
+                marker={"size": 8, "line": {"width": 0.5, "color": "white"}},
+            ),
+            row=1, col=2,
+        )
+    for col in (1, 2):
+        fig.update_xaxes(title_text=f"PC1 ({100 * pc[0]:.1f}%)", row=1, col=col)
+        fig.update_yaxes(title_text=f"PC2 ({100 * pc[1]:.1f}%)" if len(pc) > 1 else "PC2", row=1, col=col)
+    fig.update_layout(
+        title=f"PCA 2D map of the heads' W_QK ({model})", template="plotly_white", width=1100, height=500,
+    )
+    return fig
+
+
+def experiment_figures(results: dict) -> dict[str, go.Figure]:
+    """The four figures of a run, keyed by file name (``exp6a_cumvar_<model>``, ...)."""
+    m = results["metadata"]["model"]
+    return {
+        f"exp6a_cumvar_{m}": fig_cumvar(results),
+        f"exp6b_ppl_vs_K_{m}": fig_ppl_vs_k(results),
+        f"exp6c_cluster_ppl_{m}": fig_cluster_ppl(results),
+        f"exp6c_cluster_viz_{m}": fig_cluster_viz(results),
+    }

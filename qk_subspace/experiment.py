@@ -1,0 +1,580 @@
+"""The whole experiment of the seed report (6A variance, 6B K sweep, 6C clustering, 2D map, gate).
+
+:func:`run_experiment` only composes the library: ``load_model`` -> evaluation tokens
+(``load_wikitext2`` / ``chunk_text``) -> ``qk_matrices`` -> ``HeadPCA`` -> ``sweep_k`` ->
+``sweep_clusters`` -> figures (:mod:`qk_subspace.plots`) -> ``report.md``
+(:mod:`qk_subspace.report`). Results go to ``<out>/exp6_<model>.json``, rewritten atomically after
+every finished evaluation point (:mod:`qk_subspace.results`), so an interrupted run can continue
+with ``resume=True`` (CLI: ``--resume``).
+
+Options live in :class:`ExperimentConfig`; to add one, add a field there (and, for the CLI, an
+argument with the same ``dest`` in :func:`qk_subspace.cli.add_run_arguments`): the CLI copies every
+argument whose name is a config field.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import os
+import platform
+import re
+import time
+import warnings
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from importlib import metadata as importlib_metadata
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import plotly.graph_objects as go
+import torch
+from transformer_lens import HookedTransformer
+
+from .circuits import head_index, head_labels, qk_matrices
+from .clustering import KMEANS_N_INIT, REPORT_CLUSTER_GRID, HeadClustering, cluster_heads, sweep_clusters
+from .data import chunk_text, load_wikitext2
+from .evaluation import PerplexityResult, perplexity
+from .loading import load_model
+from .results import ResultsStore, jsonable
+from .subspace import HeadPCA, validate_k
+from .sweeps import K_ALL_TOLERANCE, REPORT_K_GRID, sweep_k
+
+__all__ = [
+    "VARIANCE_THRESHOLDS",
+    "ExperimentConfig",
+    "ExperimentResult",
+    "GateResult",
+    "default_k_grid",
+    "evaluation_tokens",
+    "gate_check",
+    "model_display_name",
+    "pca_map_rows",
+    "run_experiment",
+    "run_models",
+    "variance_summary",
+]
+
+#: Cumulative-variance thresholds of the report's 6A table.
+VARIANCE_THRESHOLDS = (0.5, 0.8, 0.9, 0.95)
+_REPORT_N_HEADS = 144  # GPT-2 small, the model REPORT_K_GRID was written for
+_DTYPES = {"float32": torch.float32, "float64": torch.float64, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+@dataclass
+class ExperimentConfig:
+    """Every option of a run (all have defaults reproducing the seed report's protocol).
+
+    Attributes:
+        text_file: local text; ``None`` = WikiText-2 test split via ``datasets``.
+        text_format: ``"auto"`` (a ``wiki.*.raw`` file is WikiText-2, anything else plain text),
+            ``"wikitext"`` (rows as in Hugging Face, joined with blank lines) or ``"plain"``
+            (the file's text as is, via :func:`qk_subspace.chunk_text`).
+        split: WikiText-2 split for the ``datasets`` route.
+        n_tokens: keep the first ``n_tokens`` tokens (``None``: all); 200,000 -> 195 x 1024.
+        ctx: chunk length; ``None`` = ``min(1024, model n_ctx)``.
+        batch_size: chunks per forward pass.
+        ks: K grid; ``None`` = the report's grid scaled to the model's number of heads. The
+            number of heads (K = all, the exactness check) and ``gate_k`` are always added.
+        cluster_ks: cluster counts k; values ``>= n_heads`` are dropped.
+        n_dims: PCA coordinates used by k-means.
+        map_k: cluster count whose assignment colours the 2D map (``None``: smallest evaluated k).
+        seed: k-means ``random_state`` and bootstrap seed.
+        n_boot: bootstrap resamples for the ratio confidence intervals.
+        device, dtype: where and in which dtype the model is loaded.
+        gate_k, gate_threshold: the gate rule (ratio at K=``gate_k`` must be <= ``gate_threshold``).
+        resume: continue the run in the output directory (configuration must match).
+        overwrite: replace an existing results file of the same model.
+        png: also write PNG figures (needs Chromium).
+        progress: show tqdm bars.
+    """
+
+    text_file: str | None = None
+    text_format: str = "auto"
+    split: str = "test"
+    n_tokens: int | None = 200_000
+    ctx: int | None = None
+    batch_size: int = 8
+    ks: tuple[int, ...] | None = None
+    cluster_ks: tuple[int, ...] = REPORT_CLUSTER_GRID
+    n_dims: int = 20
+    map_k: int | None = None
+    seed: int = 0
+    n_boot: int = 2000
+    device: str | None = None
+    dtype: str = "float32"
+    gate_k: int = 10
+    gate_threshold: float = 1.1
+    resume: bool = False
+    overwrite: bool = False
+    png: bool = True
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        if self.text_format not in ("auto", "wikitext", "plain"):
+            raise ValueError(f"text_format must be 'auto', 'wikitext' or 'plain', got {self.text_format!r}")
+        if self.dtype not in _DTYPES:
+            raise ValueError(f"dtype must be one of {sorted(_DTYPES)}, got {self.dtype!r}")
+        for name in ("batch_size", "n_boot", "n_dims"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"{name} must be a positive integer, got {v!r}")
+        if not (isinstance(self.gate_threshold, (int, float)) and self.gate_threshold > 0):
+            raise ValueError(f"gate_threshold must be a positive number, got {self.gate_threshold!r}")
+        if self.ks is not None:
+            self.ks = tuple(self.ks)
+            if not self.ks:
+                raise ValueError("ks must contain at least one K (or be None for the default grid)")
+        self.cluster_ks = tuple(self.cluster_ks)
+        for k in self.cluster_ks:
+            if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
+                raise ValueError(f"cluster_ks: cluster counts must be integers >= 1, got {k!r}")
+        if self.resume and self.overwrite:
+            raise ValueError("resume and overwrite exclude each other")
+
+    def replace(self, **changes: Any) -> ExperimentConfig:
+        """A copy with some fields changed (unknown names raise ``TypeError``)."""
+        return dataclasses.replace(self, **changes)
+
+
+# ----------------------------------------------------------------------------------- pieces
+def default_k_grid(n_heads: int) -> list[int]:
+    """The report's K grid scaled to ``n_heads`` (identical for GPT-2 small's 144 heads)."""
+    scaled = {max(1, int(np.floor(k * n_heads / _REPORT_N_HEADS + 0.5))) for k in REPORT_K_GRID}
+    return sorted(k for k in scaled if k <= n_heads)
+
+
+def variance_summary(pca: HeadPCA, thresholds: Sequence[float] = VARIANCE_THRESHOLDS, top: int = 3) -> dict[str, Any]:
+    """The report's 6A numbers: components needed per variance threshold and the top ratios."""
+    n = pca.n_heads_
+    cum = pca.cumulative_variance_
+    return {
+        "n_heads": n,
+        "n_features": int(np.prod(pca.matrix_shape_)),
+        "n_components": pca.n_components_,
+        "n_nonzero_components": pca.n_nonzero_components_,
+        "thresholds": [
+            {"threshold": float(t), "K": pca.n_components_for(t), "fraction_of_heads": pca.n_components_for(t) / n}
+            for t in thresholds
+        ],
+        "top_ratios": [float(r) for r in pca.explained_variance_ratio_[:top]],
+        "top_cumulative": float(cum[min(top, len(cum)) - 1]),
+        "pc12_cumulative": float(cum[min(2, len(cum)) - 1]),
+        "explained_variance_ratio": pca.explained_variance_ratio_.tolist(),
+        "cumulative_variance": cum.tolist(),
+    }
+
+
+@dataclass
+class GateResult:
+    """Outcome of the gate rule: ``passed`` iff the ratio at ``K`` is ``<= threshold``.
+
+    ``passed`` is ``None`` (and ``ratio`` ``None``) when K was not evaluated.
+    """
+
+    K: int
+    threshold: float
+    ratio: float | None
+    passed: bool | None
+    reason: str
+
+    def as_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def gate_check(rows: Any, K: int = 10, threshold: float = 1.1) -> GateResult:
+    """Apply the report's gate (GPT-2 medium ran only if K=10 stayed within 1.1x of baseline).
+
+    Args:
+        rows: the K sweep, as a DataFrame (``qs.sweep_k``), a list of row dicts, or a results dict.
+        K: the K whose ratio is tested.
+        threshold: largest acceptable perplexity ratio.
+    """
+    if isinstance(rows, Mapping):
+        rows = rows.get("perplexity_vs_k", [])
+    records = rows.to_dict("records") if isinstance(rows, pd.DataFrame) else list(rows)
+    hits = [r for r in records if int(r["K"]) == int(K)]
+    if not hits:
+        return GateResult(int(K), float(threshold), None, None, f"K={K} was not evaluated; gate not applied")
+    ratio = float(hits[-1]["ratio"])
+    passed = ratio <= threshold
+    verdict = "within" if passed else "not within"
+    return GateResult(int(K), float(threshold), ratio, passed, f"ratio at K={K} is {ratio:.3g}x, {verdict} {threshold}x")
+
+
+def pca_map_rows(pca: HeadPCA, clustering: HeadClustering | None = None) -> list[dict[str, Any]]:
+    """Every head's first two PCA coordinates with its layer, head, label and (optional) cluster."""
+    n_layers, n_heads = pca.head_shape_[0], int(np.prod(pca.head_shape_[1:]))
+    labels = head_labels(n_layers, n_heads)
+    clusters = clustering.assignments.reshape(-1).tolist() if clustering is not None else [None] * pca.n_heads_
+    c = pca.coefficients_
+    return [
+        {
+            "label": labels[i], "layer": layer, "head": head,
+            "pc1": float(c[i, 0]), "pc2": float(c[i, 1]) if c.shape[1] > 1 else 0.0, "cluster": clusters[i],
+        }
+        for i, (layer, head) in enumerate(head_index(n_layers, n_heads))
+    ]
+
+
+def model_display_name(model: str | os.PathLike | HookedTransformer) -> str:
+    """Name used in file names: a local directory's basename, an official name as given."""
+    if isinstance(model, HookedTransformer):
+        name = str(model.cfg.model_name)
+    else:
+        p = Path(model).expanduser()
+        name = p.resolve().name if p.is_dir() else str(model)
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("_") or "model"
+
+
+def _package_versions() -> dict[str, str]:
+    out = {}
+    for pkg in ("qk_subspace", "torch", "transformer-lens", "transformers", "scikit-learn", "numpy", "datasets"):
+        try:
+            out[pkg] = importlib_metadata.version(pkg)
+        except importlib_metadata.PackageNotFoundError:
+            out[pkg] = "not installed"
+    from . import __version__
+
+    out["qk_subspace"] = __version__
+    out["python"] = platform.python_version()
+    return out
+
+
+def _sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _sha256_tokens(tokens: torch.Tensor) -> str:
+    arr = tokens.detach().cpu().to(torch.int64).numpy()
+    return hashlib.sha256(repr(tuple(arr.shape)).encode() + arr.tobytes()).hexdigest()
+
+
+def evaluation_tokens(model: HookedTransformer, config: ExperimentConfig) -> tuple[torch.Tensor, dict[str, Any]]:
+    """The evaluation tokens ``[n_chunks, ctx]`` of ``config`` and a description of the protocol."""
+    ctx = config.ctx if config.ctx is not None else min(1024, int(model.cfg.n_ctx))
+    if model.tokenizer is None:
+        raise ValueError("the model has no tokenizer; give run_experiment tokens=... or a checkpoint with tokenizer files")
+    protocol: dict[str, Any] = {"ctx": ctx, "n_tokens_requested": config.n_tokens, "bos": False}
+    if config.text_file is None:
+        tokens = load_wikitext2(model.tokenizer, split=config.split, n_tokens=config.n_tokens, ctx=ctx)
+        protocol.update(text="wikitext-2-raw-v1", route="datasets", split=config.split, joined_with="\n\n")
+        return tokens, protocol
+    path = Path(config.text_file).expanduser()
+    if not path.is_file():
+        raise FileNotFoundError(f"text_file {str(path)!r} does not exist")
+    wikitext = config.text_format == "wikitext" or (
+        config.text_format == "auto" and re.fullmatch(r"wiki\..+\.raw", path.name) is not None
+    )
+    if wikitext:
+        tokens = load_wikitext2(model.tokenizer, n_tokens=config.n_tokens, ctx=ctx, text_file=path)
+        protocol.update(text="wikitext-2-raw-v1", route="file", joined_with="\n\n")
+    else:
+        tokens = chunk_text(model.tokenizer, path.read_text(encoding="utf-8"), config.n_tokens, ctx)
+        protocol.update(text=path.name, route="plain text file")
+    protocol.update(text_file=str(config.text_file), text_sha256=_sha256_file(path))
+    return tokens, protocol
+
+
+def _model_config(model: HookedTransformer) -> dict[str, Any]:
+    c = model.cfg
+    return {
+        "model_name": c.model_name, "n_layers": c.n_layers, "n_heads": c.n_heads,
+        "n_key_value_heads": c.n_key_value_heads or c.n_heads, "d_model": c.d_model, "d_head": c.d_head,
+        "n_ctx": c.n_ctx, "d_vocab": c.d_vocab, "normalization_type": c.normalization_type,
+        "positional_embedding_type": c.positional_embedding_type,
+    }
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+# ------------------------------------------------------------------------------- the run
+@dataclass
+class ExperimentResult:
+    """What :func:`run_experiment` produced.
+
+    Attributes:
+        results: the results document (as written to ``path``).
+        path: the results JSON.
+        figures: plotly figures by name (``exp6a_cumvar_<model>``, ...), for notebooks.
+        figure_files: ``{name: {"html": path, "png": path}}`` of the files written.
+        report_path: ``report.md``.
+    """
+
+    results: dict[str, Any]
+    path: Path
+    figures: dict[str, go.Figure] = field(default_factory=dict, repr=False)
+    figure_files: dict[str, dict[str, str]] = field(default_factory=dict)
+    report_path: Path | None = None
+
+    @property
+    def name(self) -> str:
+        return str(self.results["metadata"]["model"])
+
+    @property
+    def gate(self) -> GateResult:
+        return GateResult(**self.results["gate"])
+
+    def tables(self) -> dict[str, pd.DataFrame]:
+        """The report's tables as DataFrames: ``variance``, ``perplexity_vs_k``, ``clustering``."""
+        from .report import result_tables
+
+        return result_tables(self.results)
+
+
+def run_experiment(
+    model: str | os.PathLike | HookedTransformer,
+    out_dir: str | os.PathLike = "results",
+    config: ExperimentConfig | None = None,
+    *,
+    tokens: torch.Tensor | None = None,
+    write_report: bool = True,
+    **overrides: Any,
+) -> ExperimentResult:
+    """Run 6A/6B/6C + the 2D map + the gate for one model and write everything to ``out_dir``.
+
+    Args:
+        model: an official name (``"gpt2"``), a local checkpoint directory, or a loaded model.
+        out_dir: output directory (created).
+        config: options (:class:`ExperimentConfig`); keyword ``overrides`` replace its fields.
+        tokens: evaluation tokens ``[n_chunks, ctx]`` to use instead of the config's text.
+        write_report: also write ``<out_dir>/report.md`` for this model alone.
+
+    Writes ``exp6_<model>.json`` (sections ``metadata``, ``variance``, ``baseline``,
+    ``perplexity_vs_k``, ``clustering``, ``pca_map``, ``checks``, ``gate``; clock times only in
+    ``timings``), the four figures as HTML (+ PNG) and ``report.md``.
+
+    Raises:
+        FileExistsError: results for this model exist and neither ``resume`` nor ``overwrite`` is set.
+        qk_subspace.results.ConfigMismatchError: ``resume`` on a different configuration.
+    """
+    cfg = (config or ExperimentConfig()).replace(**overrides)
+    out = Path(out_dir).expanduser()
+    out.mkdir(parents=True, exist_ok=True)
+    if not os.access(out, os.W_OK):
+        raise PermissionError(f"out_dir {str(out)!r} is not writable")
+    t_run = time.perf_counter()
+    started = _now()
+    stage_s: dict[str, float] = {}
+
+    t0 = time.perf_counter()
+    if isinstance(model, HookedTransformer):
+        mdl, source = model, getattr(model, "qk_subspace_source", str(model.cfg.model_name))
+    else:
+        mdl = load_model(model, device=cfg.device, dtype=_DTYPES[cfg.dtype])
+        source = str(getattr(mdl, "qk_subspace_source", model))
+    name = model_display_name(model)
+    stage_s["load_model"] = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    if tokens is not None:
+        protocol: dict[str, Any] = {"text": "tokens given by the caller", "route": "tokens", "ctx": int(tokens.shape[-1])}
+    else:
+        tokens, protocol = evaluation_tokens(mdl, cfg)
+    protocol.update(
+        n_chunks=int(tokens.shape[0]), n_tokens=int(tokens.numel()),
+        n_predicted_tokens=int(tokens.shape[0] * (tokens.shape[1] - 1)), tokens_sha256=_sha256_tokens(tokens),
+    )
+    stage_s["tokens"] = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    W = qk_matrices(mdl)  # [n_layers, n_heads, d_head, d_head] float64
+    pca = HeadPCA().fit(W)
+    n = pca.n_heads_
+    stage_s["pca"] = time.perf_counter() - t0
+
+    # grids: K = all (exactness check) and the gate K are always evaluated
+    base_ks = list(cfg.ks) if cfg.ks is not None else default_k_grid(n)
+    ks = sorted({validate_k(k, n, name="ks") for k in base_ks} | {n} | ({cfg.gate_k} if cfg.gate_k <= n else set()))
+    cluster_ks = sorted({int(k) for k in cfg.cluster_ks if k < n})
+    dropped = sorted({int(k) for k in cfg.cluster_ks if k >= n})
+    if cluster_ks and not 1 <= cfg.n_dims <= pca.n_components_:
+        raise ValueError(
+            f"n_dims must be in [1, {pca.n_components_}] (the PCA's number of components for this model), "
+            f"got {cfg.n_dims}"
+        )
+    map_k = cfg.map_k if cfg.map_k is not None else (cluster_ks[0] if cluster_ks else None)
+    if map_k is not None and map_k not in cluster_ks:
+        raise ValueError(f"map_k must be one of the evaluated cluster counts {cluster_ks}, got {map_k}")
+
+    metadata = {
+        "model": name,
+        "model_source": source,
+        "model_config": _model_config(mdl),
+        "processing": getattr(mdl, "qk_subspace_processing", None),
+        "protocol": protocol,
+        "n_tokens": protocol["n_tokens"],
+        "grids": {"K": ks, "cluster_k": cluster_ks, "cluster_k_dropped": dropped, "map_k": map_k},
+        "clustering": {"n_dims": cfg.n_dims, "kmeans_n_init": KMEANS_N_INIT},
+        "seeds": {"kmeans": cfg.seed, "bootstrap": cfg.seed},
+        "evaluation": {
+            "batch_size": cfg.batch_size, "n_boot": cfg.n_boot, "confidence": 0.95,
+            "device": str(mdl.W_U.device), "dtype": str(mdl.W_U.dtype).replace("torch.", ""),
+        },
+        "gate": {"K": cfg.gate_k, "threshold": cfg.gate_threshold},
+        "package_versions": _package_versions(),
+    }
+    store = ResultsStore.open(out / f"exp6_{name}.json", metadata, resume=cfg.resume, overwrite=cfg.overwrite)
+    data = store.data
+    timings = data.get("timings") or {"runs": [], "points_s": {}}
+    run_entry: dict[str, Any] = {"started": started, "resumed": store.resumed, "evaluated": [], "stages_s": stage_s}
+    timings["runs"].append(run_entry)
+    data["timings"] = timings
+
+    clusterings = {k: cluster_heads(pca, k, n_dims=cfg.n_dims, seed=cfg.seed) for k in cluster_ks}
+    data["variance"] = variance_summary(pca)
+    old_cl = data.get("clustering") or {}
+    data["clustering"] = {
+        "n_dims": cfg.n_dims, "seed": cfg.seed, "kmeans_n_init": KMEANS_N_INIT, "dropped_k": dropped,
+        "rows": old_cl.get("rows", []),
+        "assignments": {str(k): c.assignments.tolist() for k, c in clusterings.items()},
+        "representatives": {str(k): c.representative_labels() for k, c in clusterings.items()},
+    }
+    data["pca_map"] = pca_map_rows(pca, clusterings.get(map_k) if map_k is not None else None)
+    data.setdefault("perplexity_vs_k", [])
+    n_points = 1 + len(ks) + len(cluster_ks)
+
+    def status() -> dict[str, Any]:
+        done = int("baseline" in data) + len(data["perplexity_vs_k"]) + len(data["clustering"]["rows"])
+        return {"complete": done == n_points, "points_done": done, "points_total": n_points}
+
+    last = [time.perf_counter()]
+
+    def finish_point(key: str) -> None:
+        now = time.perf_counter()
+        timings["points_s"][key] = now - last[0]
+        last[0] = now
+        run_entry["evaluated"].append(key)
+        data["perplexity_vs_k"].sort(key=lambda r: r["K"])
+        data["clustering"]["rows"].sort(key=lambda r: r["k"])
+        data["status"] = status()
+        store.save()
+
+    data["status"] = status()
+    store.save()
+
+    # baseline (kept with its per-chunk NLL so resumed points pair with exactly the same numbers)
+    if "baseline" in data:
+        b = data["baseline"]
+        baseline = PerplexityResult(b["ppl"], b["mean_nll"], np.asarray(b["nll_per_chunk"], dtype=np.float64), b["n_predicted_tokens"])
+    else:
+        last[0] = time.perf_counter()
+        baseline = perplexity(mdl, tokens, batch_size=cfg.batch_size, progress=cfg.progress, desc="baseline")
+        data["baseline"] = {
+            "ppl": baseline.ppl, "mean_nll": baseline.mean_nll, "n_predicted_tokens": baseline.n_tokens,
+            "nll_per_chunk": baseline.nll_per_chunk.tolist(),
+        }
+        finish_point("baseline")
+
+    # 6B: K sweep
+    done_k = {int(r["K"]) for r in data["perplexity_vs_k"]}
+    todo_k = [k for k in ks if k not in done_k]
+    if todo_k:
+        def on_k_row(row: dict[str, Any]) -> None:
+            data["perplexity_vs_k"].append(jsonable(row))
+            finish_point(f"K={row['K']}")
+
+        last[0] = time.perf_counter()
+        sweep_k(
+            mdl, pca, tokens, todo_k, batch_size=cfg.batch_size, progress=cfg.progress, baseline=baseline,
+            n_boot=cfg.n_boot, seed=cfg.seed, on_row=on_k_row,
+        )
+
+    # 6C: clustering
+    done_c = {int(r["k"]) for r in data["clustering"]["rows"]}
+    todo_c = [k for k in cluster_ks if k not in done_c]
+    if todo_c:
+        def on_c_row(row: dict[str, Any]) -> None:
+            row = {k: v for k, v in row.items() if k not in ("assignments", "representatives")}
+            data["clustering"]["rows"].append(jsonable(row))
+            finish_point(f"cluster_k={row['k']}")
+
+        last[0] = time.perf_counter()
+        sweep_clusters(
+            mdl, pca, tokens, todo_c, W=W, n_dims=cfg.n_dims, seed=cfg.seed, batch_size=cfg.batch_size,
+            progress=cfg.progress, baseline=baseline, n_boot=cfg.n_boot, on_row=on_c_row,
+        )
+
+    # checks and gate
+    k_rows = data["perplexity_vs_k"]
+    all_row = next(r for r in k_rows if r["K"] == n)
+    k_all_err = abs(all_row["ratio"] - 1.0)
+    data["checks"] = {
+        "k_all": {
+            "K": n, "ppl": all_row["ppl"], "baseline_ppl": baseline.ppl, "ratio": all_row["ratio"],
+            "abs_ratio_error": k_all_err, "tolerance": K_ALL_TOLERANCE, "ok": k_all_err <= K_ALL_TOLERANCE,
+        },
+        "max_injection_residual": {
+            "k_sweep": max(r["max_residual"] for r in k_rows),
+            "clustering": max((r["max_residual"] for r in data["clustering"]["rows"]), default=0.0),
+        },
+        "pca_reconstruction_max_abs_error": float((pca.reconstruct(n).cpu() - W.cpu()).abs().max()),
+        "replaced_equals_n_heads_minus_k": all(r["replaced"] == n - r["k"] for r in data["clustering"]["rows"]),
+    }
+    if not data["checks"]["k_all"]["ok"]:
+        warnings.warn(
+            f"K=all (K={n}) gives perplexity ratio {all_row['ratio']!r}, not within {K_ALL_TOLERANCE} of 1",
+            RuntimeWarning, stacklevel=2,
+        )
+    data["gate"] = gate_check(k_rows, cfg.gate_k, cfg.gate_threshold).as_dict()
+    data["status"] = status()
+    run_entry["finished"] = _now()
+    run_entry["wall_s"] = time.perf_counter() - t_run
+    store.save()
+
+    from . import plots
+    from .report import render_report
+
+    figures = plots.experiment_figures(data)
+    files = {fname: plots.save_figure(fig, out, fname, png=cfg.png) for fname, fig in figures.items()}
+    result = ExperimentResult(results=data, path=store.path, figures=figures, figure_files=files)
+    if write_report:
+        result.report_path = out / "report.md"
+        result.report_path.write_text(render_report([data]), encoding="utf-8")
+    return result
+
+
+def run_models(
+    models: Sequence[str | os.PathLike | HookedTransformer],
+    out_dir: str | os.PathLike = "results",
+    config: ExperimentConfig | None = None,
+    *,
+    tokens: torch.Tensor | None = None,
+    **overrides: Any,
+) -> tuple[list[ExperimentResult], list[tuple[str, str]]]:
+    """Run several models in order behind the gate: model i+1 runs only if model i passed it.
+
+    This is the report's 6D: GPT-2 medium was skipped because GPT-2 small's ratio at K=10 was
+    not within 1.1x. Writes one ``report.md`` covering every model run and every model skipped.
+
+    ``tokens`` (optional) are used for every model instead of the config's text.
+
+    Returns:
+        (results of the models that ran, [(skipped model, reason)]).
+    """
+    cfg = (config or ExperimentConfig()).replace(**overrides)
+    done: list[ExperimentResult] = []
+    skipped: list[tuple[str, str]] = []
+    for i, m in enumerate(models):
+        if done and done[-1].gate.passed is not True:
+            g = done[-1].gate
+            reason = f"gate failed on {done[-1].name}: {g.reason}"
+            skipped = [(model_display_name(x), reason) for x in models[i:]]
+            break
+        done.append(run_experiment(m, out_dir, cfg, tokens=tokens, write_report=False))
+    from .report import render_report
+
+    report = Path(out_dir).expanduser() / "report.md"
+    report.write_text(render_report([r.results for r in done], skipped=skipped), encoding="utf-8")
+    for r in done:
+        r.report_path = report
+    return done, skipped

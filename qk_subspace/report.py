@@ -1,0 +1,279 @@
+"""report.md and printed tables of a run, in the layout of the seed report (exp6_report_ja.md).
+
+:data:`REFERENCE_GPT2_SMALL` holds the seed report's published GPT-2 small numbers (MPS, 2026-02-19,
+WikiText-2 test, 195 x 1024 tokens). They are a *reference* transcribed from the report text, not
+results of this package; the report shows them side by side only for GPT-2 small.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+__all__ = ["REFERENCE_GPT2_SMALL", "format_tables", "is_gpt2_small", "render_report", "result_tables"]
+
+#: The seed report's numbers for GPT-2 small (transcribed from ../shared/seed/exp6_report_ja.md).
+#: Reference values only -- never results of a run.
+REFERENCE_GPT2_SMALL: dict[str, Any] = {
+    "source": "seed report exp6_report_ja.md (GPT-2 small, MPS, 2026-02-19, WikiText-2 test 195 x 1024 tokens)",
+    "variance_thresholds": {0.5: 9, 0.8: 54, 0.9: 82, 0.95: 103},
+    "top_ratios": (0.177, 0.111, 0.085),
+    "top3_cumulative": 0.373,
+    "pc12_cumulative": 0.289,
+    "baseline_ppl": 29.79,
+    "k_all_ppl": 29.79,
+    "k_all_abs_diff": 0.000003,
+    # K: (cumulative variance, perplexity, ratio)
+    "perplexity_vs_k": {
+        1: (0.177, 2034.3, 68.3),
+        3: (0.373, 1711.0, 57.4),
+        10: (0.520, 1200.9, 40.3),
+        32: (0.714, 558.3, 18.7),
+        64: (0.871, 329.9, 11.1),
+        80: (0.910, 250.0, 8.4),
+        100: (0.953, 125.3, 4.2),
+        110: (0.968, 84.5, 2.8),
+        120: (0.982, 70.3, 2.4),
+        130: (0.991, 64.2, 2.2),
+        140: (0.997, 32.0, 1.07),
+        144: (1.0, 29.8, 1.00),
+    },
+    # k: (replaced heads, perplexity, ratio)
+    "clustering": {
+        4: (140, 1351.9, 45.4),
+        8: (136, 2208.7, 74.2),
+        12: (132, 1092.3, 36.7),
+        16: (128, 1242.5, 41.7),
+        32: (112, 830.4, 27.9),
+        64: (80, 482.7, 16.2),
+    },
+    "gate": {"K": 10, "threshold": 1.1, "ratio": 40.3, "passed": False, "skipped": "gpt2-medium"},
+}
+
+
+def is_gpt2_small(results: Mapping[str, Any]) -> bool:
+    """Whether a run is of GPT-2 small (the model the reference numbers are for)."""
+    meta = results["metadata"]
+    c = meta.get("model_config", {})
+    names = {str(meta.get("model", "")).lower(), str(meta.get("model_source", "")).lower()}
+    shape_ok = (c.get("n_layers"), c.get("n_heads"), c.get("d_head")) == (12, 12, 64)
+    return shape_ok and bool(names & {"gpt2", "gpt2-small", "openai-community/gpt2"})
+
+
+def result_tables(results: Mapping[str, Any]) -> dict[str, pd.DataFrame]:
+    """DataFrames ``variance``, ``perplexity_vs_k`` and ``clustering`` of a results document."""
+    var = results["variance"]
+    n = var["n_heads"]
+    vt = pd.DataFrame(
+        [{"threshold": f"{100 * t['threshold']:.0f}%", "K": t["K"], f"K / {n}": f"{100 * t['fraction_of_heads']:.1f}%"}
+         for t in var["thresholds"]]
+    )
+    kt = pd.DataFrame(
+        [{
+            "K": r["K"], "cum. variance": f"{100 * r['cumulative_variance']:.1f}%", "PPL": r["ppl"],
+            "ratio": r["ratio"], "95% CI": f"[{r['ratio_low']:.3g}, {r['ratio_high']:.3g}]",
+        } for r in results["perplexity_vs_k"]]
+    )
+    ct = pd.DataFrame(
+        [{
+            "k": r["k"], "replaced heads": r["replaced"], "PPL": r["ppl"], "ratio": r["ratio"],
+            "95% CI": f"[{r['ratio_low']:.3g}, {r['ratio_high']:.3g}]",
+        } for r in results["clustering"]["rows"]],
+        columns=["k", "replaced heads", "PPL", "ratio", "95% CI"],
+    )
+    return {"variance": vt, "perplexity_vs_k": kt, "clustering": ct}
+
+
+def format_tables(results: Mapping[str, Any]) -> str:
+    """Plain-text tables of a run (what the CLI prints at the end)."""
+    t = result_tables(results)
+    meta, var, chk = results["metadata"], results["variance"], results["checks"]
+    fmt = {"PPL": lambda x: f"{x:.4g}", "ratio": lambda x: f"{x:.4g}x"}
+    lines = [
+        (f"== {meta['model']}: {var['n_heads']} heads, {meta['protocol']['n_chunks']} chunks x "
+        f"{meta['protocol']['ctx']} tokens ({meta['protocol']['text']})"),
+        "6A variance: top-3 ratios " + ", ".join(f"{100 * r:.1f}%" for r in var["top_ratios"]),
+        t["variance"].to_string(index=False),
+        "",
+        f"6B perplexity vs K (baseline {results['baseline']['ppl']:.4g})",
+        t["perplexity_vs_k"].to_string(index=False, formatters=fmt),
+        "",
+        "6C clustering (representative replaces its cluster)",
+        t["clustering"].to_string(index=False, formatters=fmt) if len(t["clustering"]) else "(no k below n_heads)",
+        "",
+        (f"check K=all: ratio {chk['k_all']['ratio']!r} (|ratio-1| = {chk['k_all']['abs_ratio_error']:.2e}, "
+        f"{'OK' if chk['k_all']['ok'] else 'FAILED'} at {chk['k_all']['tolerance']:g}); "
+        f"gate: {results['gate']['reason']}"),
+    ]
+    return "\n".join(lines)
+
+
+def _md_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    out = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    out += ["| " + " | ".join(str(c) for c in r) + " |" for r in rows]
+    return "\n".join(out)
+
+
+def _ratio(x: float) -> str:
+    return f"{x:.3g}x" if x < 10 else f"{x:.1f}x"
+
+
+def _gate_word(passed: bool | None) -> str:
+    return "passed" if passed else ("not applied" if passed is None else "not passed")
+
+
+def _patterns(rows: Sequence[Mapping[str, Any]]) -> list[str]:
+    """The seed README's predicted outcomes, checked on the K values this run evaluated."""
+    ratio = {int(r["K"]): float(r["ratio"]) for r in rows}
+    mid = {k: v for k, v in ratio.items() if 16 <= k <= 32}
+
+    def mark(ok: bool | None, what: str) -> str:
+        return "n/a (K not evaluated)" if ok is None else ("yes" if ok else "no") + f" ({what})"
+
+    best = mark(ratio[10] <= 1.05 if 10 in ratio else None, f"K=10: {ratio.get(10, float('nan')):.3g}x")
+    good_k = min(mid, key=lambda k: mid[k]) if mid else None
+    good = mark(mid[good_k] <= 1.1 if good_k is not None else None,
+                f"best K in 16-32: K={good_k}, {mid.get(good_k, float('nan')):.3g}x" if good_k else "")
+    poor = mark(ratio[64] > 1.2 if 64 in ratio else None, f"K=64: {ratio.get(64, float('nan')):.3g}x")
+    return [
+        f"best:     K=10 within 1.05x       -> {best}",
+        f"good:     K=16-32 within 1.1x     -> {good}",
+        f"mediocre: K=64 still above 1.2x   -> {poor}",
+    ]
+
+
+def _model_section(res: Mapping[str, Any]) -> str:
+    meta, var, chk = res["metadata"], res["variance"], res["checks"]
+    c, proto = meta["model_config"], meta["protocol"]
+    ref = REFERENCE_GPT2_SMALL if is_gpt2_small(res) else None
+    n = var["n_heads"]
+    base = res["baseline"]["ppl"]
+    gate_k, gate_t = meta["gate"]["K"], meta["gate"]["threshold"]
+    started = (res.get("timings", {}).get("runs") or [{}])[0].get("started", "?")
+    s: list[str] = [f"# Experiment 6: Universal Weight Subspace -- PCA of W_QK and its functional impact ({meta['model']})", ""]
+    if ref is not None:
+        s += [
+            ("> Columns marked **reference** are the seed report's published GPT-2 small numbers "
+            f"({ref['source']}), copied for comparison; they are not results of this run."),
+            "",
+        ]
+    s += [
+        "## Conditions", "",
+        "- **Target**: W_QK = W_Q.T @ W_K (d_head x d_head) of every attention head",
+        (f"- **Model**: {meta['model']} ({meta['model_source']}): {c['n_layers']} layers x {c['n_heads']} heads = {n} heads, "
+        f"d_head={c['d_head']}, key/value heads per layer {c['n_key_value_heads']}"),
+        (f"- **PCA input**: ({n}, {var['n_features']}) matrix (each W_QK flattened); "
+        f"{var['n_nonzero_components']} components with non-zero variance"),
+        (f"- **Perplexity**: {proto['text']} ({proto['route']}), {proto['n_chunks']} chunks x {proto['ctx']} tokens "
+        f"= {proto['n_tokens']:,} tokens"),
+        f"- **Device**: {meta['evaluation']['device']} ({meta['evaluation']['dtype']}), batch size {meta['evaluation']['batch_size']}",
+        f"- **Date**: {started}",
+        "", "---", "",
+        "## 1. Cumulative variance of W_QK (6A)", "",
+    ]
+    header = ["threshold", "K", f"fraction of all ({n})"]
+    if ref is not None:
+        header += ["K (reference)", "fraction (reference)"]
+    rows = []
+    for t in var["thresholds"]:
+        r = [f"{100 * t['threshold']:.0f}%", t["K"], f"{100 * t['fraction_of_heads']:.1f}%"]
+        if ref is not None:
+            rk = ref["variance_thresholds"].get(t["threshold"])
+            r += [rk if rk is not None else "-", f"{100 * rk / 144:.1f}%" if rk is not None else "-"]
+        rows.append(r)
+    s += [_md_table(header, rows), ""]
+    top = ", ".join(f"PC{i + 1}={100 * x:.1f}%" for i, x in enumerate(var["top_ratios"]))
+    s.append(f"Top {len(var['top_ratios'])} components explain {100 * var['top_cumulative']:.1f}% of the variance: {top}.")
+    if ref is not None:
+        s.append(
+            f"(reference: {100 * ref['top3_cumulative']:.1f}%: "
+            + ", ".join(f"PC{i + 1}={100 * x:.1f}%" for i, x in enumerate(ref["top_ratios"])) + ")"
+        )
+    ka = chk["k_all"]
+    s += [
+        "", "## 2. Perplexity vs number of components K (6B)", "",
+        f"Baseline perplexity: **{base:.4g}**" + (f" (reference {ref['baseline_ppl']})" if ref else ""),
+        (f"K=all ({ka['K']}) check: **{ka['ppl']:.4g}** (ratio {ka['ratio']!r}, |ratio-1| = {ka['abs_ratio_error']:.1e}, "
+        f"{'OK' if ka['ok'] else 'FAILED'} at tolerance {ka['tolerance']:g})"),
+        "",
+    ]
+    header = ["K", "cum. variance", "perplexity", "ratio", "95% CI (bootstrap over chunks)", "verdict"]
+    if ref is not None:
+        header += ["cum. variance (reference)", "perplexity (reference)", "ratio (reference)"]
+    rows = []
+    for r in res["perplexity_vs_k"]:
+        verdict = "baseline (all components)" if r["is_all"] else (f"within {gate_t}x" if r["ratio"] <= gate_t else "")
+        row = [r["K"], f"{100 * r['cumulative_variance']:.1f}%", f"{r['ppl']:.4g}", _ratio(r["ratio"]),
+               f"[{r['ratio_low']:.3g}, {r['ratio_high']:.3g}]", verdict]
+        if ref is not None:
+            rv = ref["perplexity_vs_k"].get(r["K"])
+            row += [f"{100 * rv[0]:.1f}%", rv[1], _ratio(rv[2])] if rv else ["-", "-", "-"]
+        rows.append(row)
+    s += [_md_table(header, rows), ""]
+    cl = res["clustering"]
+    s += [
+        "## 3. Head clustering (6C)", "",
+        f"k-means (n_init={cl['kmeans_n_init']}, seed={cl['seed']}) on the top {cl['n_dims']} PCA coefficients; "
+        "the member nearest each centroid represents its cluster and every other member's W_QK is replaced by "
+        "the representative's (exact injection)."
+        + (f" Dropped k >= {n}: {cl['dropped_k']}." if cl["dropped_k"] else ""),
+        "",
+    ]
+    header = ["k", "replaced heads", "perplexity", "ratio", "95% CI"]
+    if ref is not None:
+        header += ["replaced (reference)", "perplexity (reference)", "ratio (reference)"]
+    rows = []
+    for r in cl["rows"]:
+        row = [r["k"], r["replaced"], f"{r['ppl']:.4g}", _ratio(r["ratio"]), f"[{r['ratio_low']:.3g}, {r['ratio_high']:.3g}]"]
+        if ref is not None:
+            rv = ref["clustering"].get(r["k"])
+            row += [rv[0], rv[1], _ratio(rv[2])] if rv else ["-", "-", "-"]
+        rows.append(row)
+    s += [_md_table(header, rows) if rows else "(no cluster count below the number of heads)", ""]
+    pm = res["pca_map"]
+    layers = np.array([p["layer"] for p in pm], dtype=float)
+    pc1 = np.array([p["pc1"] for p in pm])
+    r_layer = float(np.corrcoef(layers, pc1)[0, 1]) if layers.std() > 0 and pc1.std() > 0 else float("nan")
+    s += [
+        "## 4. PCA 2D map", "",
+        f"The first two components explain {100 * var['pc12_cumulative']:.1f}% of the variance"
+        + (f" (reference {100 * ref['pc12_cumulative']:.1f}%)" if ref else "")
+        + f". Pearson correlation of PC1 with the layer index: {r_layer:.2f}.",
+        "",
+        "## 5. The predicted patterns (seed README)", "",
+        "```", *_patterns(res["perplexity_vs_k"]), "```", "",
+        "## 6. Gate (6D)", "",
+        f"Rule: continue to the next (larger) model only if the ratio at K={gate_k} is within {gate_t}x. "
+        f"Result: {res['gate']['reason']} -> **{_gate_word(res['gate']['passed'])}**."
+        + (" (reference: K=10 gave 40x, so the report skipped GPT-2 medium)" if ref else ""),
+        "",
+        "## Checks", "",
+        f"- K=all ratio: {ka['ratio']!r} ({'OK' if ka['ok'] else 'FAILED'})",
+        (f"- max injection residual |W_Q_new^T W_K - target|: K sweep {chk['max_injection_residual']['k_sweep']:.2e}, "
+        f"clustering {chk['max_injection_residual']['clustering']:.2e}"),
+        f"- PCA reconstruction with all components, max abs error: {chk['pca_reconstruction_max_abs_error']:.2e}",
+        "",
+        "## Files", "",
+        f"- `exp6_{meta['model']}.json` -- all numbers (6A/6B/6C, 2D map, checks; clock times only in `timings`)",
+        f"- `exp6a_cumvar_{meta['model']}.html/.png` -- cumulative variance",
+        f"- `exp6b_ppl_vs_K_{meta['model']}.html/.png` -- perplexity vs K",
+        f"- `exp6c_cluster_ppl_{meta['model']}.html/.png` -- perplexity vs number of clusters",
+        f"- `exp6c_cluster_viz_{meta['model']}.html/.png` -- PCA 2D map (by layer / by cluster)",
+        "",
+    ]
+    return "\n".join(s)
+
+
+def render_report(results: Sequence[Mapping[str, Any]], skipped: Sequence[tuple[str, str]] = ()) -> str:
+    """report.md for one or more runs (in order) and the models the gate skipped."""
+    parts = [_model_section(r) for r in results]
+    if skipped:
+        parts.append(
+            "# Skipped by the gate\n\n"
+            + "\n".join(f"- **{name}**: {reason}" for name, reason in skipped)
+            + "\n"
+        )
+    return "\n---\n\n".join(parts)
