@@ -424,7 +424,7 @@ def run_experiment(
         "package_versions": _package_versions(),
     }
     store = ResultsStore.open(out / f"exp6_{name}.json", metadata, resume=cfg.resume, overwrite=cfg.overwrite)
-    data = store.data
+    data = store.payload
     timings = data.get("timings") or {"runs": [], "points_s": {}}
     run_entry: dict[str, Any] = {"started": started, "resumed": store.resumed, "evaluated": [], "stages_s": stage_s}
     timings["runs"].append(run_entry)

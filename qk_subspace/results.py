@@ -164,7 +164,7 @@ class ResultsStore:
 
     def __init__(self, path: Path, data: dict[str, Any], resumed: bool) -> None:
         self.path = path
-        self.data = data
+        self.payload = data
         self.resumed = resumed
 
     @classmethod
@@ -207,4 +207,4 @@ class ResultsStore:
         return cls(path, {"schema_version": SCHEMA_VERSION, "metadata": meta}, resumed=False)
 
     def save(self) -> None:
-        atomic_write_json(self.path, self.data)
+        atomic_write_json(self.path, self.payload)
