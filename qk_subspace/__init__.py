@@ -17,6 +17,25 @@ from .data import chunk_text, chunk_tokens, load_wikitext2, wikitext2_rows
 from .evaluation import PerplexityResult, RatioCI, paired_ratio, perplexity
 from .subspace import HeadPCA
 from .sweeps import REPORT_K_GRID, evaluate_edit, sweep_k
+from .ov import (
+    OVEdit,
+    circuit_matrices,
+    head_output_change,
+    inject_circuit,
+    inject_ov,
+    ov_injection_weights,
+    ov_matrices,
+)
+from .importance import (
+    circuit_gradient,
+    component_importance,
+    head_importance,
+    head_importance_matrix,
+    importance_order,
+    k_reaching,
+    rank_correlation,
+)
+from .plots import head_importance_figure, importance_overlay_figure
 
 __version__ = "0.1.0"
 
@@ -45,4 +64,20 @@ __all__ = [
     "sweep_k",
     "evaluate_edit",
     "REPORT_K_GRID",
+    "ov_matrices",
+    "inject_ov",
+    "OVEdit",
+    "ov_injection_weights",
+    "circuit_matrices",
+    "inject_circuit",
+    "head_output_change",
+    "circuit_gradient",
+    "component_importance",
+    "importance_order",
+    "rank_correlation",
+    "head_importance",
+    "head_importance_matrix",
+    "k_reaching",
+    "importance_overlay_figure",
+    "head_importance_figure",
 ]

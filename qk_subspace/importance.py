@@ -54,13 +54,14 @@ from .ov import _check_circuit, _groups, inject_circuit, value_parameter_name
 from .subspace import HeadPCA
 
 __all__ = [
+    "IMPORTANCE_SCORES",
     "circuit_gradient",
     "component_importance",
-    "importance_order",
-    "rank_correlation",
     "head_importance",
     "head_importance_matrix",
-    "IMPORTANCE_SCORES",
+    "importance_order",
+    "k_reaching",
+    "rank_correlation",
 ]
 
 Method = Literal["drop_one", "gradient"]
@@ -326,7 +327,7 @@ def rank_correlation(
     xa = merged[ca if ca != cb else f"{ca}_a"]
     xb = merged[cb if ca != cb else f"{cb}_b"]
     rho, p = spearmanr(xa, xb)
-    return {"spearman": float(rho), "p_value": float(p), "n": int(len(merged))}
+    return {"spearman": float(rho), "p_value": float(p), "n": len(merged)}
 
 
 # ---------------------------------------------------------------- head level
@@ -412,3 +413,21 @@ def head_importance_matrix(df: pd.DataFrame, column: str = "ratio", n_layers: in
     out = np.full((L, H), np.nan)
     out[df["layer"].to_numpy(), df["head"].to_numpy()] = df[column].to_numpy()
     return out
+
+
+def k_reaching(sweep: pd.DataFrame, threshold: float = 1.1) -> dict[str, int | None]:
+    """Where a :func:`qk_subspace.sweep_k` curve gets within ``threshold`` x of the baseline.
+
+    Returns ``{"first": smallest K with ratio <= threshold, "stays": smallest K from which every
+    larger K in the sweep also has ratio <= threshold}`` (``None`` when no K qualifies).
+    """
+    df = sweep.sort_values("K")
+    ok = (df["ratio"] <= threshold).to_numpy()
+    ks = df["K"].to_numpy()
+    first = int(ks[ok][0]) if ok.any() else None
+    stays = None
+    for i in range(len(ks) - 1, -1, -1):
+        if not ok[i]:
+            break
+        stays = int(ks[i])
+    return {"first": first, "stays": stays}

@@ -65,14 +65,14 @@ from .injection import COND_SINGULAR, COND_WARN, ParameterEdit, inject_qk
 
 __all__ = [
     "CIRCUITS",
-    "ov_matrices",
-    "ov_injection_weights",
-    "value_parameter_name",
     "OVEdit",
-    "inject_ov",
     "circuit_matrices",
-    "inject_circuit",
     "head_output_change",
+    "inject_circuit",
+    "inject_ov",
+    "ov_injection_weights",
+    "ov_matrices",
+    "value_parameter_name",
 ]
 
 Circuit = Literal["qk", "ov"]
