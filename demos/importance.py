@@ -114,7 +114,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     n_all = pca.n_heads_
     ks = list(range(n_all + 1)) if args.ks == "all" else [int(k) for k in args.ks.split(",")]
     baseline = qs.perplexity(model, eval_toks, batch_size=args.batch_size, progress=progress, desc="baseline")
-    common = dict(batch_size=args.batch_size, progress=progress, baseline=baseline, circuit=args.circuit)
+    common = {"batch_size": args.batch_size, "progress": progress, "baseline": baseline, "circuit": args.circuit}
     t = time.time()
     sw_var = qs.sweep_k(model, pca, eval_toks, ks, order="variance", **common)
     sw_imp = qs.sweep_k(model, pca, eval_toks, ks, order="importance", importance=order, **common)
@@ -132,7 +132,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     head_k = args.head_k if args.head_k is not None else pca.n_nonzero_components_ // 2
     t = time.time()
     heads = qs.head_importance(model, pca, rank_toks, K=head_k, mode="only", circuit=args.circuit,
-                               baseline=baseline, batch_size=args.batch_size, progress=progress)
+                               batch_size=args.batch_size, progress=progress)
     t_heads = time.time() - t
     figures["heads"] = save_figure(qs.head_importance_figure(heads), out, f"heads_{args.circuit}_K{head_k}")
     top = heads.sort_values("ratio", ascending=False).head(5)

@@ -5,9 +5,8 @@ from __future__ import annotations
 import os
 import shutil
 import warnings
-from pathlib import Path
-
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 import numpy as np
