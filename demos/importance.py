@@ -54,6 +54,25 @@ def _jsonable(obj: Any) -> Any:
     return obj
 
 
+def replot(out: Path) -> dict[str, Any]:
+    """Redraw the figures of a finished run from its ``importance.json`` (no model needed)."""
+    import pandas as pd
+
+    r = json.loads((out / "importance.json").read_text())
+    sw_var, sw_imp = pd.DataFrame(r["sweep_variance"]), pd.DataFrame(r["sweep_importance"])
+    fig = qs.importance_overlay_figure(
+        sw_var, sw_imp, reference=SEED_REPORT_RATIOS, reference_scale=r["n_heads"] / 144,
+        title=f"{Path(r['model']).name} {r['circuit'].upper()}: perplexity vs K, variance vs importance order",
+    )
+    r["figures"] = {"overlay": save_figure(fig, out, f"overlay_{r['circuit']}")}
+    heads = pd.DataFrame(r["head_importance"]["rows"])
+    heads.attrs.update({"mode": "only", "K": r["head_importance"]["K"], "circuit": r["circuit"]})
+    r["figures"]["heads"] = save_figure(qs.head_importance_figure(heads), out,
+                                        f"heads_{r['circuit']}_K{r['head_importance']['K']}")
+    (out / "importance.json").write_text(json.dumps(_jsonable(r), indent=1))
+    return r
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default=str(DEFAULT_MODEL), help="local HF checkpoint dir or a TransformerLens name")
@@ -70,7 +89,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", default="results/importance")
     ap.add_argument("--no-progress", action="store_true")
+    ap.add_argument("--replot", action="store_true", help="only redraw the figures of the run in --out")
     args = ap.parse_args(argv)
+    if args.replot:
+        return replot(Path(args.out))
     torch.set_num_threads(args.threads)
     progress = not args.no_progress
     out = Path(args.out)

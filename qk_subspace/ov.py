@@ -211,14 +211,15 @@ class OVEdit(ParameterEdit):
                 if not mask.any():
                     continue
                 attn = block.attn
-                W_V = attn._W_V if hasattr(attn, "_W_V") else attn.W_V
+                W_V: torch.Tensor = attn._W_V if hasattr(attn, "_W_V") else attn.W_V  # type: ignore[assignment]
+                W_O: torch.Tensor = attn.W_O  # type: ignore[assignment]
                 # Unselected heads keep their current form (matters when they share W_V).
                 tgt = torch.where(
                     mask[:, None, None].to(W_V.device),
                     self.target[layer].to(W_V.device, torch.float64),
                     self._before[layer].to(W_V.device),
                 )
-                new, conds[layer] = ov_injection_weights(W_V, attn.W_O, tgt, repeats)
+                new, conds[layer] = ov_injection_weights(W_V, W_O, tgt, repeats)
                 group_mask = mask.reshape(n_v, repeats).any(dim=1).to(W_V.device)
                 new = torch.where(group_mask[:, None, None], new.to(W_V.dtype), W_V.detach())
                 plan[value_parameter_name(model, layer)] = new

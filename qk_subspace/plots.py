@@ -109,8 +109,11 @@ def importance_overlay_figure(
             name=f"seed report, GPT-2 small, variance order{scaled}",
             line={"color": "grey", "dash": "dot"}, marker={"symbol": "x"},
         ))
-    fig.add_hline(y=threshold, line={"dash": "dash", "color": "black"},
-                  annotation_text=f"{threshold:g}x", annotation_position="top left")
+    ks_all = list(variance_sweep["K"]) + list(importance_sweep["K"])
+    fig.add_trace(go.Scatter(  # a trace, not add_hline: hline annotations misplace on log axes
+        x=[min(ks_all), max(ks_all)], y=[threshold, threshold], mode="lines", name=f"{threshold:g}x baseline",
+        line={"dash": "dash", "color": "black", "width": 1},
+    ))
     fig.update_yaxes(type="log", title="perplexity ratio to baseline (log)")
     fig.update_xaxes(title="K (components kept)")
     fig.update_layout(
@@ -126,7 +129,7 @@ def head_importance_figure(df: Any, column: str = "ratio", title: str | None = N
 
     z = head_importance_matrix(df, column)
     L, H = z.shape
-    text = [[f"L{layer}H{head}<br>{z[layer, head]:.3g}" for head in range(H)] for layer in range(L)]
+    text = [[f"L{layer}H{head}<br>{z[layer, head]:.4g}" for head in range(H)] for layer in range(L)]
     mode = df.attrs.get("mode", "only")
     what = "compress only this head" if mode == "only" else "compress all heads but this one"
     fig = go.Figure(go.Heatmap(

@@ -203,7 +203,7 @@ def test_k_reaching_and_overlay_figure() -> None:
     for col in ("ratio_low", "ratio_high", "cumulative_variance"):
         df[col] = df["ratio"] if col != "cumulative_variance" else np.linspace(0, 1, 5)
     fig = qs.importance_overlay_figure(df, df, reference_scale=0.5)
-    assert len(fig.data) == 3 and fig.data[2].x[-1] == 72
+    assert len(fig.data) == 4 and fig.data[2].x[-1] == 72 and list(fig.data[3].y) == [1.1, 1.1]
 
 
 def test_validation_errors() -> None:
