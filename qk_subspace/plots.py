@@ -106,7 +106,7 @@ def importance_overlay_figure(
         scaled = "" if reference_scale == 1.0 else f", K x {reference_scale:.3g}"
         fig.add_trace(go.Scatter(
             x=[k * reference_scale for k in ks], y=[reference[k] for k in ks], mode="lines+markers",
-            name=f"seed report, GPT-2 small, variance order{scaled}",
+            name=f"seed report (GPT-2 small, QK, variance order{scaled})",
             line={"color": "grey", "dash": "dot"}, marker={"symbol": "x"},
         ))
     ks_all = list(variance_sweep["K"]) + list(importance_sweep["K"])
