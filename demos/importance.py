@@ -7,7 +7,7 @@ Offline on the real stories260K model with TinyStories text (default)::
 
 GPT-2 small by name (needs the Hugging Face hub or its cache) on WikiText-2::
 
-    python demos/importance.py --model gpt2 --ctx 1024 --rank-tokens 16384 --eval-tokens 65536 \\
+    python demos/importance.py --model gpt2 --ctx 1024 --rank-tokens 16384 --eval-tokens 65536 --ks report \\
         --wikitext ../shared/data/wikitext-2-raw/wiki.test.raw --out results/importance_gpt2
 
 Steps: fit HeadPCA on the circuit matrices; rank the components by drop-one perplexity change and
@@ -66,7 +66,8 @@ def replot(out: Path) -> dict[str, Any]:
     )
     r["figures"] = {"overlay": save_figure(fig, out, f"overlay_{r['circuit']}")}
     heads = pd.DataFrame(r["head_importance"]["rows"])
-    heads.attrs.update({"mode": "only", "K": r["head_importance"]["K"], "circuit": r["circuit"]})
+    heads.attrs.update({"mode": r["head_importance"]["mode"], "K": r["head_importance"]["K"],
+                        "circuit": r["circuit"]})
     r["figures"]["heads"] = save_figure(qs.head_importance_figure(heads), out,
                                         f"heads_{r['circuit']}_K{r['head_importance']['K']}")
     (out / "importance.json").write_text(json.dumps(_jsonable(r), indent=1))
@@ -82,7 +83,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--ctx", type=int, default=256)
     ap.add_argument("--rank-tokens", type=int, default=8192, help="tokens for drop-one / gradient ranking")
     ap.add_argument("--eval-tokens", type=int, default=16384, help="tokens for the K sweeps (disjoint)")
-    ap.add_argument("--ks", default="all", help="comma-separated K values, or 'all' (0..n_heads)")
+    ap.add_argument("--ks", default="all",
+                    help="comma-separated K values, 'all' (0..n_heads) or 'report' (0 + the seed report's grid)")
+    ap.add_argument("--head-mode", choices=["only", "all_but"], default="only")
     ap.add_argument("--score", default=None, help="drop-one column to order by (default delta_nll)")
     ap.add_argument("--head-k", type=int, default=None, help="K for head-level ablation (default: half)")
     ap.add_argument("--batch-size", type=int, default=8)
@@ -134,7 +137,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     # 3. sweeps
     n_all = pca.n_heads_
-    ks = list(range(n_all + 1)) if args.ks == "all" else [int(k) for k in args.ks.split(",")]
+    if args.ks == "all":
+        ks = list(range(n_all + 1))
+    elif args.ks == "report":
+        ks = [0, *[k for k in qs.REPORT_K_GRID if k < n_all], n_all]
+    else:
+        ks = [int(k) for k in args.ks.split(",")]
     baseline = qs.perplexity(model, eval_toks, batch_size=args.batch_size, progress=progress, desc="baseline")
     common = {"batch_size": args.batch_size, "progress": progress, "baseline": baseline, "circuit": args.circuit}
     t = time.time()
@@ -153,7 +161,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     # 4. head level
     head_k = args.head_k if args.head_k is not None else pca.n_nonzero_components_ // 2
     t = time.time()
-    heads = qs.head_importance(model, pca, rank_toks, K=head_k, mode="only", circuit=args.circuit,
+    heads = qs.head_importance(model, pca, rank_toks, K=head_k, mode=args.head_mode, circuit=args.circuit,
                                batch_size=args.batch_size, progress=progress)
     t_heads = time.time() - t
     figures["heads"] = save_figure(qs.head_importance_figure(heads), out, f"heads_{args.circuit}_K{head_k}")
@@ -175,7 +183,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "sweep_variance": _records(sw_var), "sweep_variance_attrs": dict(sw_var.attrs),
         "sweep_importance": _records(sw_imp), "sweep_importance_attrs": dict(sw_imp.attrs),
         "k_reaching_1.1": reach,
-        "head_importance": {"K": head_k, "mode": "only", "rows": _records(heads),
+        "head_importance": {"K": head_k, "mode": args.head_mode, "rows": _records(heads),
                             "matrix_ratio": qs.head_importance_matrix(heads).tolist()},
         "figures": figures,
         "seconds": {"drop_one": t_drop, "gradient": t_grad, "sweeps": t_sweeps, "heads": t_heads,

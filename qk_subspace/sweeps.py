@@ -105,6 +105,9 @@ def sweep_k(
         K keeps its first K) and ``variance_order``.
     """
     ks = [validate_k(k, pca.n_heads_) for k in ks]
+    imp_circuit = getattr(importance, "attrs", {}).get("circuit", circuit)
+    if imp_circuit != circuit:
+        raise ValueError(f"importance was measured on the {imp_circuit!r} circuit, the sweep is on {circuit!r}")
     component_order = _component_order(pca, order, importance)
     if not ks:
         raise ValueError("ks must contain at least one K")

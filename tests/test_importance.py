@@ -165,6 +165,10 @@ def test_sweep_k_importance_order() -> None:
         qs.sweep_k(model, pca, toks, [1], order="importance", importance=[1, 1], progress=False)
     with pytest.raises(ValueError, match="order"):
         qs.sweep_k(model, pca, toks, [1], order="random", progress=False)
+    ov_rank = pd.DataFrame({"component": [0], "delta_nll": [1.0]})
+    ov_rank.attrs.update({"score": "delta_nll", "circuit": "ov"})
+    with pytest.raises(ValueError, match="circuit"):
+        qs.sweep_k(model, pca, toks, [1], order="importance", importance=ov_rank, progress=False)
 
 
 def test_head_importance_only_and_all_but() -> None:
