@@ -32,6 +32,25 @@ from .experiment import (
     variance_summary,
 )
 from .report import REFERENCE_GPT2_SMALL, render_report
+from .ov import (
+    OVEdit,
+    circuit_matrices,
+    head_output_change,
+    inject_circuit,
+    inject_ov,
+    ov_injection_weights,
+    ov_matrices,
+)
+from .importance import (
+    circuit_gradient,
+    component_importance,
+    head_importance,
+    head_importance_matrix,
+    importance_order,
+    k_reaching,
+    rank_correlation,
+)
+from .plots import head_importance_figure, importance_overlay_figure
 
 __version__ = "0.1.0"
 
@@ -79,4 +98,20 @@ __all__ = [
     "load_results",
     "REFERENCE_GPT2_SMALL",
     "render_report",
+    "ov_matrices",
+    "inject_ov",
+    "OVEdit",
+    "ov_injection_weights",
+    "circuit_matrices",
+    "inject_circuit",
+    "head_output_change",
+    "circuit_gradient",
+    "component_importance",
+    "importance_order",
+    "rank_correlation",
+    "head_importance",
+    "head_importance_matrix",
+    "k_reaching",
+    "importance_overlay_figure",
+    "head_importance_figure",
 ]

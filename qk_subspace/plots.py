@@ -5,13 +5,19 @@ from __future__ import annotations
 import os
 import shutil
 import warnings
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
+import numpy as np
 import plotly.graph_objects as go
 
 __all__ = [
     "save_figure",
     "png_export_available",
+    "SEED_REPORT_RATIOS",
+    "importance_overlay_figure",
+    "head_importance_figure",
     "fig_cumvar",
     "fig_ppl_vs_k",
     "fig_cluster_ppl",
@@ -225,3 +231,88 @@ def experiment_figures(results: dict) -> dict[str, go.Figure]:
         f"exp6c_cluster_ppl_{m}": fig_cluster_ppl(results),
         f"exp6c_cluster_viz_{m}": fig_cluster_viz(results),
     }
+
+
+#: The seed report's 6B table (GPT-2 small, WikiText-2): perplexity ratio at each K of 144.
+SEED_REPORT_RATIOS: dict[int, float] = {
+    1: 68.3, 3: 57.4, 10: 40.3, 32: 18.7, 64: 11.1, 80: 8.4, 100: 4.2, 110: 2.8, 120: 2.4, 130: 2.2,
+    140: 1.07, 144: 1.00,
+}
+
+
+def _sweep_trace(df: Any, name: str, color: str) -> go.Scatter:
+    return go.Scatter(
+        x=df["K"], y=df["ratio"], name=name, mode="lines+markers", line={"color": color},
+        error_y={"type": "data", "symmetric": False, "array": df["ratio_high"] - df["ratio"],
+                 "arrayminus": df["ratio"] - df["ratio_low"], "thickness": 1},
+        customdata=np.stack([df["cumulative_variance"]], axis=-1),
+        hovertemplate="K=%{x}<br>ratio=%{y:.3f}<br>variance kept=%{customdata[0]:.1%}",
+    )
+
+
+def importance_overlay_figure(
+    variance_sweep: Any,
+    importance_sweep: Any,
+    threshold: float = 1.1,
+    reference: Mapping[int, float] | None = SEED_REPORT_RATIOS,
+    reference_scale: float = 1.0,
+    title: str | None = None,
+) -> go.Figure:
+    """Perplexity ratio vs K for variance-ordered and importance-ordered compression, overlaid.
+
+    Args:
+        variance_sweep, importance_sweep: :func:`qk_subspace.sweep_k` results with
+            ``order="variance"`` and ``order="importance"`` (columns ``K``, ``ratio``,
+            ``ratio_low``, ``ratio_high``, ``cumulative_variance``).
+        threshold: a dashed horizontal line at this ratio (default the report's 1.1x goal).
+        reference: the seed report's ratios by K (GPT-2 small, variance order), drawn as a grey
+            trace; ``None`` omits it.
+        reference_scale: multiply the reference K by this (e.g. ``n_heads / 144`` to compare a
+            model with ``n_heads`` heads at the same fraction of components).
+    """
+    fig = go.Figure()
+    fig.add_trace(_sweep_trace(variance_sweep, "variance order (top-K PCs)", "#1f77b4"))
+    fig.add_trace(_sweep_trace(importance_sweep, "importance order (K most important PCs)", "#d62728"))
+    if reference:
+        ks = sorted(reference)
+        scaled = "" if reference_scale == 1.0 else f", K x {reference_scale:.3g}"
+        fig.add_trace(go.Scatter(
+            x=[k * reference_scale for k in ks], y=[reference[k] for k in ks], mode="lines+markers",
+            name=f"seed report (GPT-2 small, QK, variance order{scaled})",
+            line={"color": "grey", "dash": "dot"}, marker={"symbol": "x"},
+        ))
+    ks_all = list(variance_sweep["K"]) + list(importance_sweep["K"])
+    fig.add_trace(go.Scatter(  # a trace, not add_hline: hline annotations misplace on log axes
+        x=[min(ks_all), max(ks_all)], y=[threshold, threshold], mode="lines", name=f"{threshold:g}x baseline",
+        line={"dash": "dash", "color": "black", "width": 1},
+    ))
+    fig.update_yaxes(type="log", title="perplexity ratio to baseline (log)")
+    fig.update_xaxes(title="K (components kept)")
+    fig.update_layout(
+        title=title or "Compression by PCA variance vs by measured importance",
+        template="plotly_white", width=900, height=520, legend={"x": 0.4, "y": 0.98},
+    )
+    return fig
+
+
+def head_importance_figure(df: Any, column: str = "ratio", title: str | None = None) -> go.Figure:
+    """Layer x head heatmap of a :func:`qk_subspace.head_importance` column (default ``ratio``)."""
+    from .importance import head_importance_matrix
+
+    z = head_importance_matrix(df, column)
+    L, H = z.shape
+    text = [[f"L{layer}H{head}<br>{z[layer, head]:.4g}" for head in range(H)] for layer in range(L)]
+    mode = df.attrs.get("mode", "only")
+    what = "compress only this head" if mode == "only" else "compress all heads but this one"
+    fig = go.Figure(go.Heatmap(
+        z=z, x=[f"H{h}" for h in range(H)], y=[f"L{layer}" for layer in range(L)], colorscale="Viridis",
+        text=text, texttemplate="%{text}", hovertemplate="%{text}<extra></extra>",
+        colorbar={"title": column},
+    ))
+    fig.update_yaxes(autorange="reversed")
+    k = df.attrs.get("K")
+    fig.update_layout(
+        title=title or f"Head-level importance ({df.attrs.get('circuit', 'qk').upper()}, {what}, K={k})",
+        template="plotly_white", width=120 + 70 * H, height=160 + 60 * L,
+    )
+    return fig

@@ -12,7 +12,7 @@ from tqdm.auto import tqdm
 from transformer_lens import HookedTransformer
 
 from .evaluation import PerplexityResult, paired_ratio, perplexity
-from .injection import inject_qk
+from .ov import inject_circuit
 from .subspace import HeadPCA, validate_k
 
 __all__ = ["sweep_k", "evaluate_edit", "REPORT_K_GRID", "K_ALL_TOLERANCE"]
@@ -36,14 +36,18 @@ def evaluate_edit(
     seed: int = 0,
     desc: str = "eval",
     inside: Callable[[HookedTransformer], dict[str, Any]] | None = None,
+    circuit: str = "qk",
 ) -> dict[str, Any]:
     """Inject ``target`` (``[n_layers, n_heads, d_head, d_head]``), measure perplexity, restore.
+
+    ``circuit="qk"`` injects QK circuits through ``W_Q`` (:func:`inject_qk`), ``"ov"`` head-space
+    OV circuits through ``W_V`` (:func:`qk_subspace.inject_ov`).
 
     Returns a row: ``ppl``, ``mean_nll``, ``ratio`` and its bootstrap CI (``ratio_low``,
     ``ratio_high``) against ``baseline`` on the same chunks, ``max_residual`` of the injection,
     plus whatever ``inside(model)`` returns (called while the edit is active).
     """
-    with inject_qk(model, target, heads=heads) as edit:
+    with inject_circuit(model, target, circuit, heads=heads) as edit:
         res = perplexity(model, tokens, batch_size=batch_size, progress=progress, desc=desc)
         extra = inside(model) if inside is not None else {}
     ci = paired_ratio(baseline, res, n_boot=n_boot, seed=seed)
@@ -53,7 +57,7 @@ def evaluate_edit(
         "ratio": res.ppl / baseline.ppl,
         "ratio_low": ci.low,
         "ratio_high": ci.high,
-        "max_residual": float(edit.residual.max()),
+        "max_residual": float(edit.residual.max()),  # type: ignore[attr-defined]
         **extra,
     }
 
@@ -70,6 +74,9 @@ def sweep_k(
     n_boot: int = 2000,
     seed: int = 0,
     on_row: Callable[[dict[str, Any]], None] | None = None,
+    order: str = "variance",
+    importance: Any = None,
+    circuit: str = "qk",
 ) -> pd.DataFrame:
     """Perplexity vs the number of kept components K (the report's 6B).
 
@@ -80,15 +87,28 @@ def sweep_k(
         ks: K values in ``[0, n_heads]``; 0 = mean head, ``n_heads`` = all components.
         baseline: the unedited model's result on ``tokens`` (computed if not given).
         on_row: called with each finished row (e.g. to save progress).
+        order: ``"variance"`` (default: K keeps the K largest-variance components) or
+            ``"importance"`` (K keeps the K most important components of ``importance``).
+        importance: for ``order="importance"``: a :func:`qk_subspace.component_importance`
+            DataFrame (ranked by its default score) or an explicit ordering of component indices,
+            most important first. Components it does not rank follow in variance order.
+        circuit: ``"qk"`` (default, ``pca`` fitted on ``qs.qk_matrices``) or ``"ov"``
+            (``qs.ov_matrices``, injected through ``W_V``).
 
     Returns:
         DataFrame, one row per K: ``K``, ``n_components`` (components actually kept),
         ``cumulative_variance``, ``ppl``, ``mean_nll``, ``ratio`` (to baseline), ``ratio_low``,
         ``ratio_high`` (bootstrap CI over chunks), ``max_residual``, ``is_all`` (K keeps every
         non-zero component). ``df.attrs`` holds ``baseline_ppl`` and, if any K is "all",
-        ``k_all_ratio`` and ``k_all_ok`` (``|ratio - 1| <= K_ALL_TOLERANCE``).
+        ``k_all_ratio`` and ``k_all_ok`` (``|ratio - 1| <= K_ALL_TOLERANCE``); also (JSON-friendly)
+        ``order``, ``circuit``, ``component_order`` (the full ordering used: component indices,
+        K keeps its first K) and ``variance_order``.
     """
     ks = [validate_k(k, pca.n_heads_) for k in ks]
+    imp_circuit = getattr(importance, "attrs", {}).get("circuit", circuit)
+    if imp_circuit != circuit:
+        raise ValueError(f"importance was measured on the {imp_circuit!r} circuit, the sweep is on {circuit!r}")
+    component_order = _component_order(pca, order, importance)
     if not ks:
         raise ValueError(f"ks must contain at least one K in [0, {pca.n_heads_}], got {ks!r}")
     cfg = model.cfg
@@ -103,26 +123,58 @@ def sweep_k(
     rows = []
     for K in tqdm(ks, desc="K sweep", disable=not progress):
         n_comp = min(K, pca.n_components_)
+        kept = component_order[:n_comp]
         row: dict[str, Any] = {
             "K": K,
             "n_components": n_comp,
-            "cumulative_variance": float(pca.cumulative_variance_[n_comp - 1]) if n_comp else 0.0,
+            "cumulative_variance": float(np.sum(pca.explained_variance_ratio_[kept])) if n_comp else 0.0,
         }
+        target = pca.reconstruct(K) if order == "variance" else pca.reconstruct(components=kept)
         row.update(
             evaluate_edit(
-                model, tokens, pca.reconstruct(K).to(model.W_U.device), baseline,
+                model, tokens, target.to(model.W_U.device), baseline,
                 batch_size=batch_size, progress=progress, n_boot=n_boot, seed=seed, desc=f"K={K}",
+                circuit=circuit,
             )
         )
-        row["is_all"] = n_comp >= pca.n_nonzero_components_
+        row["is_all"] = set(range(pca.n_nonzero_components_)) <= set(kept)
         rows.append(row)
         if on_row is not None:
             on_row(row)
     df = pd.DataFrame(rows)
     df.attrs["baseline_ppl"] = baseline.ppl
+    df.attrs["order"] = order
+    df.attrs["circuit"] = circuit
+    df.attrs["component_order"] = component_order
+    df.attrs["variance_order"] = list(range(pca.n_components_))
     all_rows = df[df["is_all"]]
     if len(all_rows):
         worst = float(np.max(np.abs(all_rows["ratio"].to_numpy() - 1.0)))
         df.attrs["k_all_ratio"] = float(all_rows["ratio"].iloc[-1])
         df.attrs["k_all_ok"] = worst <= K_ALL_TOLERANCE
     return df
+
+
+def _component_order(pca: HeadPCA, order: str, importance: Any) -> list[int]:
+    """The full ordering of ``pca``'s components that ``sweep_k`` keeps prefixes of."""
+    if order == "variance":
+        if importance is not None:
+            raise ValueError("importance is only used with order='importance'")
+        return list(range(pca.n_components_))
+    if order != "importance":
+        raise ValueError(f"order must be 'variance' or 'importance', got {order!r}")
+    if importance is None:
+        raise ValueError(
+            "order='importance' needs importance=: a qs.component_importance(...) result or an ordering "
+            "of component indices (most important first)"
+        )
+    from .importance import importance_order
+
+    ranked = importance_order(importance)
+    bad = [c for c in ranked if not 0 <= c < pca.n_components_]
+    if bad or len(set(ranked)) != len(ranked):
+        raise ValueError(
+            f"importance: the ordering must hold distinct component indices in [0, {pca.n_components_ - 1}]; "
+            f"got {ranked}"
+        )
+    return ranked + [c for c in range(pca.n_components_) if c not in set(ranked)]
