@@ -17,6 +17,17 @@ from .data import chunk_text, chunk_tokens, load_wikitext2, wikitext2_rows
 from .evaluation import PerplexityResult, RatioCI, paired_ratio, perplexity
 from .subspace import HeadPCA
 from .sweeps import REPORT_K_GRID, evaluate_edit, sweep_k
+from .diagnostics import (
+    attention_diagnostics,
+    breaking_heads,
+    diagnostic_batch,
+    diagnostics_sweep,
+    diagnostics_to_records,
+    head_patterns,
+    head_type_scores,
+    repeated_random_tokens,
+    show_patterns,
+)
 
 __version__ = "0.1.0"
 
@@ -45,4 +56,13 @@ __all__ = [
     "sweep_k",
     "evaluate_edit",
     "REPORT_K_GRID",
+    "attention_diagnostics",
+    "diagnostics_sweep",
+    "diagnostics_to_records",
+    "breaking_heads",
+    "head_patterns",
+    "head_type_scores",
+    "repeated_random_tokens",
+    "diagnostic_batch",
+    "show_patterns",
 ]

@@ -70,6 +70,9 @@ def sweep_k(
     n_boot: int = 2000,
     seed: int = 0,
     on_row: Callable[[dict[str, Any]], None] | None = None,
+    diagnostics: bool = False,
+    diag_tokens: torch.Tensor | None = None,
+    diagnostics_options: dict[str, Any] | None = None,
 ) -> pd.DataFrame:
     """Perplexity vs the number of kept components K (the report's 6B).
 
@@ -80,6 +83,12 @@ def sweep_k(
         ks: K values in ``[0, n_heads]``; 0 = mean head, ``n_heads`` = all components.
         baseline: the unedited model's result on ``tokens`` (computed if not given).
         on_row: called with each finished row (e.g. to save progress).
+        diagnostics: also compare every head's attention pattern with the original, per K
+            (:func:`qk_subspace.diagnostics.attention_diagnostics`, run while the edit is active).
+        diag_tokens: ``[n_seqs, pos]`` the small diagnostic batch (e.g. 8 x 128), separate from
+            ``tokens``; required with ``diagnostics=True``.
+        diagnostics_options: extra keyword arguments for ``attention_diagnostics``
+            (``head_scores``, ``rep_tokens``, ``batch_size``).
 
     Returns:
         DataFrame, one row per K: ``K``, ``n_components`` (components actually kept),
@@ -87,10 +96,31 @@ def sweep_k(
         ``ratio_high`` (bootstrap CI over chunks), ``max_residual``, ``is_all`` (K keeps every
         non-zero component). ``df.attrs`` holds ``baseline_ppl`` and, if any K is "all",
         ``k_all_ratio`` and ``k_all_ok`` (``|ratio - 1| <= K_ALL_TOLERANCE``).
+        With ``diagnostics``, each row also has ``diag_mean_kl``, ``diag_max_kl``,
+        ``diag_max_kl_head``, ``diag_mean_js``, ``diag_mean_top1_agreement``, and
+        ``df.attrs["attention_diagnostics"]`` holds the per-head records of every K (JSON-ready,
+        with a ``K`` field; ``pd.DataFrame(records)`` is the long frame). The row passed to
+        ``on_row`` carries that K's records under ``"attention_diagnostics"``.
     """
     ks = [validate_k(k, pca.n_heads_) for k in ks]
     if not ks:
         raise ValueError("ks must contain at least one K")
+    inside: Callable[[HookedTransformer], dict[str, Any]] | None = None
+    diag_records: list[dict[str, Any]] = []
+    if diagnostics:
+        from .diagnostics import attention_diagnostics, diagnostics_to_records, summarize_diagnostics
+
+        if diag_tokens is None:
+            raise ValueError(
+                "diag_tokens: diagnostics=True needs a small diagnostic batch [n_seqs, pos] (e.g. 8 x 128), "
+                "separate from the perplexity tokens; see qk_subspace.diagnostics.diagnostic_batch"
+            )
+        options = dict(diagnostics_options or {})
+
+        def _diag_inside(m: HookedTransformer) -> dict[str, Any]:
+            return {"_diag": attention_diagnostics(m, diag_tokens, **options)}
+
+        inside = _diag_inside
     if baseline is None:
         baseline = perplexity(model, tokens, batch_size=batch_size, progress=progress, desc="baseline")
     rows = []
@@ -105,13 +135,23 @@ def sweep_k(
             evaluate_edit(
                 model, tokens, pca.reconstruct(K).to(model.W_U.device), baseline,
                 batch_size=batch_size, progress=progress, n_boot=n_boot, seed=seed, desc=f"K={K}",
+                inside=inside,
             )
         )
         row["is_all"] = n_comp >= pca.n_nonzero_components_
+        diag = row.pop("_diag", None)
+        records: list[dict[str, Any]] = []
+        if diag is not None:
+            row.update(summarize_diagnostics(diag))
+            diag.insert(0, "K", K)
+            records = diagnostics_to_records(diag)
+            diag_records.extend(records)
         rows.append(row)
         if on_row is not None:
-            on_row(row)
+            on_row({**row, "attention_diagnostics": records} if diag is not None else row)
     df = pd.DataFrame(rows)
+    if diagnostics:
+        df.attrs["attention_diagnostics"] = diag_records
     df.attrs["baseline_ppl"] = baseline.ppl
     all_rows = df[df["is_all"]]
     if len(all_rows):
