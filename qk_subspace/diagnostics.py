@@ -37,6 +37,10 @@ exactly 0 at masked keys):
 * ``entropy_orig`` / ``entropy_edited`` = -sum_k p log p (nats).
 * ``top1_agreement``: fraction of rows whose argmax key is the same.
 * ``first_token_mass_orig`` / ``_edited``: attention on key position 0 (the BOS/"sink" token).
+* ``kl_floored``: fraction of query rows where that floor was used. A float32 softmax underflows
+  once a key's score is ~103 below the row maximum, so a row's KL saturates near
+  ``p_k * 103`` nats there: when ``kl_floored > 0``, read KL as "at least", and prefer ``js``/``tv``
+  (bounded, no floor needed) to rank badly broken heads.
 
 Each is averaged over all query positions of all sequences (query 0, which can only attend to
 itself, included). ``residual`` is the injection residual ``max |W_Q_new^T W_K - target|`` of the
@@ -95,6 +99,7 @@ DIVERGENCE_COLUMNS = (
     "top1_agreement",
     "first_token_mass_orig",
     "first_token_mass_edited",
+    "kl_floored",
 )
 #: Head types scored, in TransformerLens' ``head_detector`` naming without the ``_head`` suffix.
 HEAD_SCORE_NAMES = ("previous_token", "duplicate_token", "induction")
@@ -233,7 +238,8 @@ def _stream_pattern_pairs(
 # ---------------------------------------------------------------------------- the statistics
 def _row_stats(p: torch.Tensor, r: torch.Tensor, floor: float) -> dict[str, torch.Tensor]:
     """Per-row statistics of two pattern slices ``[..., q, k]`` (float64); each value ``[..., q]``."""
-    r_safe = torch.where((p > 0) & (r <= 0), torch.full_like(r, floor), r)
+    underflow = (p > 0) & (r <= 0)
+    r_safe = torch.where(underflow, torch.full_like(r, floor), r)
     plogp = torch.special.xlogy(p, p)
     rlogr = torch.special.xlogy(r, r)
     kl = (plogp - torch.special.xlogy(p, r_safe)).sum(-1).clamp_min(0.0)
@@ -248,6 +254,7 @@ def _row_stats(p: torch.Tensor, r: torch.Tensor, floor: float) -> dict[str, torc
         "top1_agreement": (p.argmax(-1) == r.argmax(-1)).double(),
         "first_token_mass_orig": p[..., 0],
         "first_token_mass_edited": r[..., 0],
+        "kl_floored": underflow.any(-1).double(),
     }
 
 

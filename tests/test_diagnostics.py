@@ -131,6 +131,7 @@ def _reference_from_full_caches(model, toks, target) -> pd.DataFrame:
                     acc["top1_agreement"].append(float(p.argmax() == r.argmax()))
                     acc["first_token_mass_orig"].append(p[0])
                     acc["first_token_mass_edited"].append(r[0])
+                    acc["kl_floored"].append(float(((p > 0) & (r == 0)).any()))
             row = {"layer": layer, "head": h, **{c: float(np.mean(v)) for c, v in acc.items()}}
             for name in HEAD_SCORE_NAMES:
                 for which, cache in (("orig", r_o), ("edited", r_e)):
