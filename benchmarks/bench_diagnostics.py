@@ -7,7 +7,7 @@ report ``VmHWM - VmRSS before`` (the extra peak RSS of the call). Compared with 
 144 patterns of a 4 x 1024 batch held at once (``4 * 144 * 1024 * 1024 * 4`` bytes, float32).
 
     python benchmarks/bench_diagnostics.py                 # diagnostics at batch_size 4 and 1
-    python benchmarks/bench_diagnostics.py --full-cache    # also: run_with_cache of all patterns
+    python benchmarks/bench_diagnostics.py --forward --full-cache   # also: a plain forward, all patterns cached
 """
 
 from __future__ import annotations
@@ -18,16 +18,17 @@ import subprocess
 import sys
 import time
 
-GPT2_SHAPE = dict(
-    n_layers=12, d_model=768, n_heads=12, d_head=64, d_mlp=3072, n_ctx=1024, d_vocab=50257,
-    act_fn="gelu_new", normalization_type="LN",
-)
+GPT2_SHAPE = {
+    "n_layers": 12, "d_model": 768, "n_heads": 12, "d_head": 64, "d_mlp": 3072, "n_ctx": 1024,
+    "d_vocab": 50257, "act_fn": "gelu_new", "normalization_type": "LN",
+}
 
 
 def _status(field: str) -> int:
-    for line in open("/proc/self/status"):
-        if line.startswith(field + ":"):
-            return int(line.split()[1]) * 1024
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
     raise RuntimeError(field)
 
 
@@ -44,12 +45,17 @@ def child(mode: str, batch_size: int, n_seqs: int, ctx: int) -> None:
     target = qs.HeadPCA().fit(qs.qk_matrices(model)).reconstruct(10)
     # warm-up on a tiny input (allocator, lazy init), then reset the peak
     qs.attention_diagnostics(model, toks[:1, :16], target, head_scores=False)
-    open("/proc/self/clear_refs", "w").write("5")
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
     rss0 = _status("VmRSS")
     t0 = time.perf_counter()
     if mode == "diagnostics":
         df = qs.attention_diagnostics(model, toks, target, batch_size=batch_size)
         extra = {"max_kl": float(df["kl"].max())}
+    elif mode == "forward":  # one plain forward pass of the model (logits), for scale
+        logits = model(toks)
+        extra = {"logits_bytes": int(logits.numel() * logits.element_size())}
+        del logits
     else:  # all 144 patterns of the batch at once (original pass only)
         _, cache = model.run_with_cache(toks, names_filter=lambda n: n.endswith("hook_pattern"))
         extra = {"cached_bytes": int(sum(v.numel() * v.element_size() for v in cache.values()))}
@@ -66,12 +72,15 @@ def main() -> None:
     ap.add_argument("--n-seqs", type=int, default=4)
     ap.add_argument("--ctx", type=int, default=1024)
     ap.add_argument("--full-cache", action="store_true")
+    ap.add_argument("--forward", action="store_true", help="also: one plain forward pass")
     ap.add_argument("--bs", type=int, default=4)
     args = ap.parse_args()
     if args.child:
         child(args.child, args.bs, args.n_seqs, args.ctx)
         return
     runs = [("diagnostics", bs) for bs in args.batch_sizes]
+    if args.forward:
+        runs.append(("forward", args.n_seqs))
     if args.full_cache:
         runs.append(("full_cache", args.n_seqs))
     all_patterns = args.n_seqs * 144 * args.ctx * args.ctx * 4

@@ -104,6 +104,9 @@ DIVERGENCE_COLUMNS = (
 #: Head types scored, in TransformerLens' ``head_detector`` naming without the ``_head`` suffix.
 HEAD_SCORE_NAMES = ("previous_token", "duplicate_token", "induction")
 
+#: The float64 statistics work on slabs of at most this many pattern entries (16 MiB per temporary).
+SLAB_ELEMENTS = 1 << 21
+
 Plan = dict[str, torch.Tensor]
 #: ``on_layer(layer, pattern_orig, pattern_edited, tokens)``; patterns ``[b, n_heads, q, k]``.
 LayerFn = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], None]
@@ -267,11 +270,14 @@ class _DivergenceSums:
 
     def __call__(self, layer: int, P: torch.Tensor, R: torch.Tensor, tokens: torch.Tensor) -> None:
         floor = _smallest_positive(R.dtype)
-        for h in range(P.shape[1]):  # one head at a time bounds the float64 temporaries
-            stats = _row_stats(P[:, h].double(), R[:, h].double(), floor)
-            for c in DIVERGENCE_COLUMNS:
-                self.sums[c][layer, h] += float(stats[c].sum())
-        self.rows[layer] += P.shape[0] * P.shape[2]
+        b, n_heads, q, k = P.shape
+        step = max(1, SLAB_ELEMENTS // (q * k))
+        for h in range(n_heads):  # slabs of one head and a few sequences bound the float64 temporaries
+            for s in range(0, b, step):
+                stats = _row_stats(P[s : s + step, h].double(), R[s : s + step, h].double(), floor)
+                for c in DIVERGENCE_COLUMNS:
+                    self.sums[c][layer, h] += float(stats[c].sum())
+        self.rows[layer] += b * q
 
     def means(self) -> dict[str, torch.Tensor]:
         return {c: s / self.rows[:, None] for c, s in self.sums.items()}

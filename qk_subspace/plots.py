@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import html
 import os
 import shutil
 import warnings
@@ -147,25 +148,29 @@ def plot_pattern_comparison(pairs, token_labels, titles: dict | None = None) -> 
     pos = pairs[heads[0]][0].shape[-1]
     if len(token_labels) != pos:
         raise ValueError(f"token_labels: {len(token_labels)} labels for patterns over {pos} positions")
-    # plotly merges equal category labels: make repeated tokens unique with their position
-    labels = [f"{t}·{i}" if list(token_labels).count(t) > 1 else str(t) for i, t in enumerate(token_labels)]
+    # plotly tick text is HTML: escape tokens such as "<s>"; show newlines and bare spaces
+    labels = [html.escape(str(t).replace("\n", "\\n"), quote=False) if str(t).strip() else repr(str(t)) for t in token_labels]
+    ticks = list(range(pos))
     sub_titles = []
     for layer, head in heads:
         extra = f" ({titles[(layer, head)]})" if titles and (layer, head) in titles else ""
-        sub_titles += [f"L{layer}H{head} original{extra}", f"L{layer}H{head} edited"]
+        sub_titles += [f"L{layer}H{head} original", f"L{layer}H{head} edited{extra}"]
     fig = make_subplots(rows=len(heads), cols=2, subplot_titles=sub_titles,
-                        horizontal_spacing=0.12, vertical_spacing=0.3 / max(len(heads), 1))
+                        horizontal_spacing=0.1, vertical_spacing=0.25 / max(len(heads), 1))
     for r, key in enumerate(heads, start=1):
         for c, mat in enumerate(pairs[key], start=1):
+            # numeric axes with token tick labels (categorical axes would merge repeated tokens)
             fig.add_trace(
-                go.Heatmap(z=mat, x=labels, y=labels, zmin=0, zmax=1, colorscale="Blues",
-                           showscale=(r == 1 and c == 2),
-                           hovertemplate="query %{y}<br>key %{x}<br>%{z:.3f}<extra></extra>"),
+                go.Heatmap(z=mat, x=ticks, y=ticks, zmin=0, zmax=1, colorscale="Blues",
+                           showscale=(r == 1 and c == 2), customdata=[[(labels[i], labels[j]) for j in ticks] for i in ticks],
+                           hovertemplate="query %{customdata[0]}<br>key %{customdata[1]}<br>%{z:.3f}<extra></extra>"),
                 row=r, col=c,
             )
-            fig.update_yaxes(autorange="reversed", tickfont={"size": 8}, row=r, col=c)
-            fig.update_xaxes(tickfont={"size": 8}, tickangle=-60, row=r, col=c)
-    fig.update_layout(height=max(420, 380 * len(heads)), width=1000, template="plotly_white",
+            fig.update_yaxes(autorange="reversed", tickmode="array", tickvals=ticks, ticktext=labels,
+                             tickfont={"size": 8}, row=r, col=c)
+            fig.update_xaxes(tickmode="array", tickvals=ticks, ticktext=labels, tickfont={"size": 8},
+                             tickangle=-90, row=r, col=c)
+    fig.update_layout(height=max(480, 470 * len(heads)), width=1000, template="plotly_white",
                       title="Attention patterns: original vs edited (rows: query, columns: key)")
     return fig
 
