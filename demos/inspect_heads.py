@@ -57,8 +57,9 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--threshold", type=float, default=0.1, help="a head is broken when KL exceeds this (nats)")
     ap.add_argument("--top", type=int, default=3, help="heads shown side by side")
     ap.add_argument("--sample-tokens", type=int, default=32, help="length of the sample text in the pattern figure")
-    ap.add_argument("--batch-size", type=int, default=4)
+    ap.add_argument("--batch-size", type=int, default=None, help="sequences per micro-batch (default automatic)")
     ap.add_argument("--out", default="results/inspect_heads")
+    ap.add_argument("--docs-figure", default=None, help="also write the side-by-side PNG here (scale 1)")
     ap.add_argument("--no-png", action="store_true")
     args = ap.parse_args(argv)
 
@@ -83,9 +84,10 @@ def main(argv: list[str] | None = None) -> dict:
 
     summary = long.groupby("K").agg(
         mean_kl=("kl", "mean"), max_kl=("kl", "max"), mean_js=("js", "mean"),
-        mean_top1=("top1_agreement", "mean"), mean_induction_edited=("induction_edited", "mean"),
+        mean_tv=("tv", "mean"), mean_top1=("top1_agreement", "mean"),
+        kl_floored=("kl_floored", "mean"),
     )
-    print("\nper-K summary (KL, JS in nats):")
+    print("\nper-K summary (KL, JS in nats; kl_floored = fraction of rows where KL is a lower bound):")
     print(summary.to_string(float_format=lambda v: f"{v:.4g}"))
     table = qs.breaking_heads(long, threshold=args.threshold, top=10)
     out = Path(args.out)
@@ -104,6 +106,9 @@ def main(argv: list[str] | None = None) -> dict:
         titles = {lh: f"KL={at.loc[f'L{lh[0]}H{lh[1]}', 'kl']:.3g} at K={k_break}" for lh in top}
         fig = plots.plot_pattern_comparison(pairs, labels, titles=titles)
         written["patterns"] = plots.save_figure(fig, out, "patterns_side_by_side", png=png)
+        if args.docs_figure:
+            Path(args.docs_figure).parent.mkdir(parents=True, exist_ok=True)
+            fig.write_image(args.docs_figure, scale=1)
         written["breaking_table"] = plots.save_figure(plots.plot_breaking_heads_table(table), out, "breaking_heads", png=png)
     written["kl_heatmap"] = plots.save_figure(plots.plot_head_metric_heatmap(long, "kl"), out, "kl_heatmap", png=png)
     written["layer_kl_vs_k"] = plots.save_figure(plots.plot_layer_metric_vs_k(long, "kl"), out, "layer_kl_vs_k", png=png)

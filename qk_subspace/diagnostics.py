@@ -10,7 +10,8 @@ and for layer ``l`` the block is run once in the original state (its pattern
 ``[b, n_heads, q, k]`` is kept) and once in the edited state, whose ``hook_pattern`` hook reduces
 both patterns to per-head sums on the fly. So at most one layer's original pattern plus the
 edited pattern being hooked are alive, never a cache of all layers, and no logits are computed.
-Micro-batches of ``batch_size`` sequences bound it further. Switching states between the two
+Micro-batches of ``batch_size`` sequences bound it further (default: automatic, so that one
+layer's pattern has at most 2^24 entries). Switching states between the two
 half-steps is done with :class:`~qk_subspace.injection.ParameterEdit` (exact, bit-for-bit restore).
 
 Two ways to say what "edited" means:
@@ -107,6 +108,10 @@ HEAD_SCORE_NAMES = ("previous_token", "duplicate_token", "induction")
 #: The float64 statistics work on slabs of at most this many pattern entries (16 MiB per temporary).
 SLAB_ELEMENTS = 1 << 21
 
+#: ``batch_size=None`` picks micro-batches whose one-layer pattern has at most this many entries
+#: (64 MiB in float32).
+AUTO_BATCH_ENTRIES = 1 << 24
+
 Plan = dict[str, torch.Tensor]
 #: ``on_layer(layer, pattern_orig, pattern_edited, tokens)``; patterns ``[b, n_heads, q, k]``.
 LayerFn = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], None]
@@ -185,7 +190,7 @@ def _stream_pattern_pairs(
     original: Plan | None,
     edited: Plan | None,
     on_layer: LayerFn,
-    batch_size: int,
+    batch_size: int | None,
     progress: bool,
     desc: str,
 ) -> None:
@@ -193,8 +198,10 @@ def _stream_pattern_pairs(
     ``[b, n_heads, q, k]`` to ``on_layer`` (called inside the edited pass's ``hook_pattern`` hook).
     Only the current layer's patterns and the two residual streams are alive at any time."""
     validate_tokens(model, tokens)
+    if batch_size is None:
+        batch_size = auto_batch_size(model, tokens.shape[1])
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+        raise ValueError(f"batch_size must be a positive integer or None (automatic), got {batch_size!r}")
     n_layers = model.cfg.n_layers
     device = model.W_U.device
     tokens = tokens.long()
@@ -236,6 +243,12 @@ def _stream_pattern_pairs(
                     bar.update(1)
     finally:
         bar.close()
+
+
+def auto_batch_size(model: HookedTransformer, pos: int) -> int:
+    """Sequences per micro-batch so that one layer's pattern ``[b, n_heads, pos, pos]`` has at most
+    :data:`AUTO_BATCH_ENTRIES` entries (at least 1): 1 for GPT-2 small at 1024 tokens."""
+    return max(1, AUTO_BATCH_ENTRIES // (model.cfg.n_heads * pos * pos))
 
 
 # ---------------------------------------------------------------------------- the statistics
@@ -422,7 +435,7 @@ def attention_diagnostics(
     method: Literal["exact", "pinv"] = "exact",
     head_scores: bool = True,
     rep_tokens: torch.Tensor | None = None,
-    batch_size: int = 4,
+    batch_size: int | None = None,
     progress: bool = False,
 ) -> pd.DataFrame:
     """Compare every head's attention pattern before and after an edit, on the same tokens.
@@ -440,7 +453,8 @@ def attention_diagnostics(
             after, on ``rep_tokens``.
         rep_tokens: ``[n, pos]`` sequences for the head scores (default
             :func:`repeated_random_tokens` ``(model)``: 4 sequences ``[BOS] R R``, ``|R| = 64``).
-        batch_size: sequences per micro-batch (memory scales with it; results do not).
+        batch_size: sequences per micro-batch (memory scales with it; results do not). ``None``:
+            automatic, one layer's pattern at most 2^24 entries (1 sequence for GPT-2 at 1024).
         progress: show a tqdm bar.
 
     Returns:
@@ -531,7 +545,7 @@ def diagnostics_sweep(
     method: Literal["exact", "pinv"] = "exact",
     head_scores: bool = True,
     rep_tokens: torch.Tensor | None = None,
-    batch_size: int = 4,
+    batch_size: int | None = None,
     progress: bool = True,
     on_k: Callable[[int, pd.DataFrame], None] | None = None,
 ) -> pd.DataFrame:
