@@ -134,7 +134,8 @@ def _weight_states(
     """
     cfg = model.cfg
     if target is not None:
-        with inject_qk(model, target, heads=heads, method=method) as edit:
+        edit = inject_qk(model, target, heads=heads, method=method)
+        with edit:
             names = _param_names(model)
             edited = {names[id(p)]: p.detach().clone() for p, _ in (edit._saved or [])}
             residual = edit.residual.detach().clone()
@@ -152,8 +153,8 @@ def _weight_states(
         )
     names = _param_names(model)
     original: Plan = {}
-    for edit in reversed(stack):  # innermost first, so the outermost snapshot wins
-        for p, old in edit._saved or []:
+    for active in reversed(stack):  # innermost first, so the outermost snapshot wins
+        for p, old in active._saved or []:
             original[names[id(p)]] = old
     qk_edits = [e for e in stack if isinstance(e, QKEdit)]
     residual = (
