@@ -51,6 +51,17 @@ from .importance import (
     rank_correlation,
 )
 from .plots import head_importance_figure, importance_overlay_figure
+from .diagnostics import (
+    attention_diagnostics,
+    breaking_heads,
+    diagnostic_batch,
+    diagnostics_sweep,
+    diagnostics_to_records,
+    head_patterns,
+    head_type_scores,
+    repeated_random_tokens,
+    show_patterns,
+)
 
 __version__ = "0.1.0"
 
@@ -114,4 +125,13 @@ __all__ = [
     "k_reaching",
     "importance_overlay_figure",
     "head_importance_figure",
+    "attention_diagnostics",
+    "diagnostics_sweep",
+    "diagnostics_to_records",
+    "breaking_heads",
+    "head_patterns",
+    "head_type_scores",
+    "repeated_random_tokens",
+    "diagnostic_batch",
+    "show_patterns",
 ]

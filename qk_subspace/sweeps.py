@@ -77,6 +77,9 @@ def sweep_k(
     order: str = "variance",
     importance: Any = None,
     circuit: str = "qk",
+    diagnostics: bool = False,
+    diag_tokens: torch.Tensor | None = None,
+    diagnostics_options: dict[str, Any] | None = None,
 ) -> pd.DataFrame:
     """Perplexity vs the number of kept components K (the report's 6B).
 
@@ -94,6 +97,12 @@ def sweep_k(
             most important first. Components it does not rank follow in variance order.
         circuit: ``"qk"`` (default, ``pca`` fitted on ``qs.qk_matrices``) or ``"ov"``
             (``qs.ov_matrices``, injected through ``W_V``).
+        diagnostics: also compare every head's attention pattern with the original, per K
+            (:func:`qk_subspace.diagnostics.attention_diagnostics`, run while the edit is active).
+        diag_tokens: ``[n_seqs, pos]`` the small diagnostic batch (e.g. 8 x 128), separate from
+            ``tokens``; required with ``diagnostics=True``.
+        diagnostics_options: extra keyword arguments for ``attention_diagnostics``
+            (``head_scores``, ``rep_tokens``, ``batch_size``).
 
     Returns:
         DataFrame, one row per K: ``K``, ``n_components`` (components actually kept),
@@ -103,6 +112,11 @@ def sweep_k(
         ``k_all_ratio`` and ``k_all_ok`` (``|ratio - 1| <= K_ALL_TOLERANCE``); also (JSON-friendly)
         ``order``, ``circuit``, ``component_order`` (the full ordering used: component indices,
         K keeps its first K) and ``variance_order``.
+        With ``diagnostics``, each row also has ``diag_mean_kl``, ``diag_max_kl``,
+        ``diag_max_kl_head``, ``diag_mean_js``, ``diag_mean_top1_agreement``, and
+        ``df.attrs["attention_diagnostics"]`` holds the per-head records of every K (JSON-ready,
+        with a ``K`` field; ``pd.DataFrame(records)`` is the long frame). The row passed to
+        ``on_row`` carries that K's records under ``"attention_diagnostics"``.
     """
     ks = [validate_k(k, pca.n_heads_) for k in ks]
     imp_circuit = getattr(importance, "attrs", {}).get("circuit", circuit)
@@ -118,6 +132,22 @@ def sweep_k(
             f"pca was fitted on heads {pca.head_shape_} of shape {pca.matrix_shape_}; this model needs "
             f"{expected[0]} heads of shape {expected[1]} (fit it on qs.qk_matrices(model))"
         )
+    inside: Callable[[HookedTransformer], dict[str, Any]] | None = None
+    diag_records: list[dict[str, Any]] = []
+    if diagnostics:
+        from .diagnostics import attention_diagnostics, diagnostics_to_records, summarize_diagnostics
+
+        if diag_tokens is None:
+            raise ValueError(
+                "diag_tokens: diagnostics=True needs a small diagnostic batch [n_seqs, pos] (e.g. 8 x 128), "
+                "separate from the perplexity tokens; see qk_subspace.diagnostics.diagnostic_batch"
+            )
+        options = dict(diagnostics_options or {})
+
+        def _diag_inside(m: HookedTransformer) -> dict[str, Any]:
+            return {"_diag": attention_diagnostics(m, diag_tokens, **options)}
+
+        inside = _diag_inside
     if baseline is None:
         baseline = perplexity(model, tokens, batch_size=batch_size, progress=progress, desc="baseline")
     rows = []
@@ -135,13 +165,23 @@ def sweep_k(
                 model, tokens, target.to(model.W_U.device), baseline,
                 batch_size=batch_size, progress=progress, n_boot=n_boot, seed=seed, desc=f"K={K}",
                 circuit=circuit,
+                inside=inside,
             )
         )
         row["is_all"] = set(range(pca.n_nonzero_components_)) <= set(kept)
+        diag = row.pop("_diag", None)
+        records: list[dict[str, Any]] = []
+        if diag is not None:
+            row.update(summarize_diagnostics(diag))
+            diag.insert(0, "K", K)
+            records = diagnostics_to_records(diag)
+            diag_records.extend(records)
         rows.append(row)
         if on_row is not None:
-            on_row(row)
+            on_row({**row, "attention_diagnostics": records} if diag is not None else row)
     df = pd.DataFrame(rows)
+    if diagnostics:
+        df.attrs["attention_diagnostics"] = diag_records
     df.attrs["baseline_ppl"] = baseline.ppl
     df.attrs["order"] = order
     df.attrs["circuit"] = circuit
