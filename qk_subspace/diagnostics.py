@@ -118,10 +118,6 @@ LayerFn = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], None]
 
 
 # --------------------------------------------------------------------------- weight states
-def _param_names(model: torch.nn.Module) -> dict[int, str]:
-    return {id(p): name for name, p in model.named_parameters()}
-
-
 def _weight_states(
     model: HookedTransformer,
     target: torch.Tensor | None,
@@ -136,8 +132,8 @@ def _weight_states(
     if target is not None:
         edit = inject_qk(model, target, heads=heads, method=method)
         with edit:
-            names = _param_names(model)
-            edited = {names[id(p)]: p.detach().clone() for p, _ in (edit._saved or [])}
+            params = dict(model.named_parameters())
+            edited = {name: params[name].detach().clone() for name in edit.original_values()}
             residual = edit.residual.detach().clone()
         return None, edited, residual
     if heads is not None:
@@ -151,11 +147,9 @@ def _weight_states(
             "target is None and no qk_subspace edit is active on the model: pass target=W_QK "
             "[n_layers, n_heads, d_head, d_head], or call inside `with qs.inject_qk(model, W):`"
         )
-    names = _param_names(model)
     original: Plan = {}
     for active in reversed(stack):  # innermost first, so the outermost snapshot wins
-        for p, old in active._saved or []:
-            original[names[id(p)]] = old
+        original.update(active.original_values())
     qk_edits = [e for e in stack if isinstance(e, QKEdit)]
     residual = (
         qk_edits[-1].residual.detach().clone()

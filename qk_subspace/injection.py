@@ -282,6 +282,13 @@ class ParameterEdit:
         """Whether the edit is currently applied."""
         return self._saved is not None
 
+    def original_values(self) -> dict[str, torch.Tensor]:
+        """``{parameter name: value before this edit}`` for every parameter it wrote ({} if inactive).
+
+        The tensors are the edit's own snapshots: read them, never modify them.
+        """
+        return {name: old for name, _, old in (self._saved or [])}
+
 
 def _check_target(model: HookedTransformer, target: torch.Tensor) -> None:
     cfg = model.cfg
