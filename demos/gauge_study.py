@@ -20,8 +20,8 @@ import pandas as pd
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run from a checkout without installing
 
-import qk_subspace as qs  # noqa: E402
-from qk_subspace.plots import save_figure  # noqa: E402
+import qk_subspace as qs
+from qk_subspace.plots import save_figure
 
 SHARED = ROOT.parent / "shared" / "data"
 
@@ -32,8 +32,12 @@ def _tokens(model: object, text: str, n_chunks: int, ctx: int):  # type: ignore[
         return qs.chunk_text(model.tokenizer, raw[: 40 * n_chunks * ctx], n_chunks * ctx, ctx)  # type: ignore[attr-defined]
     if text == "wikitext":
         local = SHARED / "wikitext-2-raw" / "wiki.test.raw"
-        return qs.load_wikitext2(model.tokenizer, n_tokens=n_chunks * ctx, ctx=ctx,  # type: ignore[attr-defined]
-                                 text_file=local if local.is_file() else None)
+        return qs.load_wikitext2(
+            model.tokenizer,
+            n_tokens=n_chunks * ctx,
+            ctx=ctx,  # type: ignore[attr-defined]
+            text_file=local if local.is_file() else None,
+        )
     return qs.chunk_text(model.tokenizer, Path(text).read_text(encoding="utf-8"), n_chunks * ctx, ctx)  # type: ignore[attr-defined]
 
 
@@ -69,32 +73,58 @@ def main() -> None:
     result: dict[str, object] = {"model": args.model, "text": text, "tokens": list(tokens.shape)}
 
     t = time.time()
-    study = qs.gauge_study(model, tokens, ks, n_gauges=args.n_gauges, cond=args.cond, seed=args.seed,
-                           batch_size=args.batch_size, progress=progress)
+    study = qs.gauge_study(
+        model,
+        tokens,
+        ks,
+        n_gauges=args.n_gauges,
+        cond=args.cond,
+        seed=args.seed,
+        batch_size=args.batch_size,
+        progress=progress,
+    )
     timings["gauge_study"] = time.time() - t
-    save_figure(qs.gauge_figure(study, title=f"Gauge dependence of the QK PCA ({Path(args.model).name})"), out, "gauge")
+    save_figure(
+        qs.gauge_figure(study, title=f"Gauge dependence of the QK PCA ({Path(args.model).name})"),
+        out,
+        "gauge",
+    )
     study.table.to_csv(out / "gauge_table.csv", index=False)
     result["gauge_study"] = study.summary()
     base = qs.perplexity(model, tokens, batch_size=args.batch_size, progress=False)
 
     t = time.time()
-    canon = qs.sweep_space(model, tokens, ks, space="canonical", baseline=base, batch_size=args.batch_size,
-                           progress=progress)
+    canon = qs.sweep_space(
+        model, tokens, ks, space="canonical", baseline=base, batch_size=args.batch_size, progress=progress
+    )
     timings["canonical_sweep"] = time.time() - t
     result["canonical_sweep"] = canon.to_dict(orient="records")
 
-    real = {sp: study.table[(study.table.gauge == 0) & (study.table.space == sp)] for sp in ("raw", "circuit")}
+    real = {
+        sp: study.table[(study.table.gauge == 0) & (study.table.space == sp)] for sp in ("raw", "circuit")
+    }
     if args.random_seeds > 0:
         ks_rand = [int(x) for x in args.ks_random.split(",") if int(x) < n_heads - 1]
         result["baselines"] = {}
         for sp in ("raw", "circuit"):
             t = time.time()
             nulls = qs.spectrum_nulls(model, sp, n_seeds=5, seed=0)
-            rand = qs.random_subspace_sweep(model, tokens, ks_rand, space=sp, n_seeds=args.random_seeds,
-                                            baseline=base, batch_size=args.batch_size, progress=progress)
+            rand = qs.random_subspace_sweep(
+                model,
+                tokens,
+                ks_rand,
+                space=sp,
+                n_seeds=args.random_seeds,
+                baseline=base,
+                batch_size=args.batch_size,
+                progress=progress,
+            )
             timings[f"baselines_{sp}"] = time.time() - t
-            save_figure(qs.baselines_figure(nulls, real[sp], rand, title=f"{sp} space: real PCA vs null baselines"),
-                        out, f"baselines_{sp}")
+            save_figure(
+                qs.baselines_figure(nulls, real[sp], rand, title=f"{sp} space: real PCA vs null baselines"),
+                out,
+                f"baselines_{sp}",
+            )
             rand.to_csv(out / f"random_subspace_{sp}.csv", index=False)
             result["baselines"][sp] = {  # type: ignore[index]
                 "spectrum_nulls": nulls.to_dict(orient="records"),
@@ -103,16 +133,29 @@ def main() -> None:
             }
 
     if not args.no_layerwise:
-        ks_layer = ([int(x) for x in args.ks_layer.split(",")] if args.ks_layer
-                    else list(range(model.cfg.n_heads)))
+        ks_layer = (
+            [int(x) for x in args.ks_layer.split(",")] if args.ks_layer else list(range(model.cfg.n_heads))
+        )
         result["layerwise"] = {}
         for sp in ("raw", "circuit"):
             t = time.time()
-            lw = qs.compare_layerwise_global(model, tokens, ks_layer, space=sp, baseline=base,
-                                             batch_size=args.batch_size, progress=progress)
+            lw = qs.compare_layerwise_global(
+                model,
+                tokens,
+                ks_layer,
+                space=sp,
+                baseline=base,
+                batch_size=args.batch_size,
+                progress=progress,
+            )
             timings[f"layerwise_{sp}"] = time.time() - t
-            save_figure(qs.layerwise_figure(lw, title=f"{sp} space: per-layer vs global PCA at equal parameter count"),
-                        out, f"layerwise_{sp}")
+            save_figure(
+                qs.layerwise_figure(
+                    lw, title=f"{sp} space: per-layer vs global PCA at equal parameter count"
+                ),
+                out,
+                f"layerwise_{sp}",
+            )
             lw.to_csv(out / f"layerwise_{sp}.csv", index=False)
             result["layerwise"][sp] = lw.to_dict(orient="records")  # type: ignore[index]
 
@@ -124,7 +167,10 @@ def main() -> None:
     piv = study.table.pivot_table(index="K", columns=["space", "gauge"], values="ratio")
     print("\nPPL ratio vs K (columns: space, gauge; gauge 0 = as loaded)\n", piv.round(3).to_string())
     print("\ncanonical:", canon.set_index("K")["ratio"].round(3).to_dict())
-    print(f"\nbaseline max rel change under gauges: {study.baseline_max_rel_change:.2e} (ok={study.baseline_ok})")
+    print(
+        f"\nbaseline max rel change under gauges: {study.baseline_max_rel_change:.2e} "
+        f"(ok={study.baseline_ok})"
+    )
     print("timings (s):", {k: round(v, 1) for k, v in timings.items()})
     print("wrote", out)
 

@@ -93,8 +93,14 @@ def spectrum_nulls(
 
     def add(curve: str, values: np.ndarray, std: np.ndarray | None = None) -> None:
         for k, v in enumerate(values, start=1):
-            rows.append({"curve": curve, "K": k, "cumulative_variance": float(v),
-                         "std": float(std[k - 1]) if std is not None else 0.0})
+            rows.append(
+                {
+                    "curve": curve,
+                    "K": k,
+                    "cumulative_variance": float(v),
+                    "std": float(std[k - 1]) if std is not None else 0.0,
+                }
+            )
 
     with space_context(model, space):
         if space == "circuit":
@@ -113,6 +119,7 @@ def spectrum_nulls(
                             new = g * flat.norm() / g.norm()
                         F[h] = new.reshape(F[h].shape)
                 return _curve(CircuitPCA(groupby=groupby).fit((Q.reshape(W_Q.shape), K.reshape(W_K.shape))))  # type: ignore[arg-type]
+
             n_feat = model.cfg.d_model**2
         else:
             W = qk_matrices(model).cpu()
@@ -127,6 +134,7 @@ def spectrum_nulls(
                         g = torch.from_numpy(rng.standard_normal(X.shape[1]))
                         X[h] = g * X[h].norm() / g.norm()
                 return _curve(LayerwisePCA(groupby=groupby).fit(X.reshape(W.shape)))  # type: ignore[arg-type]
+
             n_feat = model.cfg.d_head**2
     add("real", _curve(real))
     for kind in ("shuffled", "gaussian"):
@@ -178,7 +186,11 @@ def random_subspace_variance(
                     raise TypeError("within='span' needs a fitted GramPCA (LayerwisePCA or CircuitPCA)")
                 _, kept = pca.random_mixing_matrix(K, rng)
             elif within == "ambient":
-                arr = pca.detach().cpu().double().numpy() if isinstance(pca, torch.Tensor) else np.asarray(pca, float)
+                arr = (
+                    pca.detach().cpu().double().numpy()
+                    if isinstance(pca, torch.Tensor)
+                    else np.asarray(pca, float)
+                )
                 _, kept = _ambient_reconstruction(arr.reshape(-1, arr.shape[-1] * arr.shape[-2]), K, rng)
             else:
                 raise ValueError(f"within must be 'span' or 'ambient', got {within!r}")
@@ -209,7 +221,9 @@ def random_subspace_sweep(
         ``ratio_high``, ``max_residual``. Summarise with :func:`summarize_random`.
     """
     if within == "ambient" and space == "circuit":
-        raise ValueError("within='ambient' is only available for raw/canonical spaces (d_model^2 is too large)")
+        raise ValueError(
+            "within='ambient' is only available for raw/canonical spaces (d_model^2 is too large)"
+        )
     rng = np.random.default_rng(seed)
     rows: list[dict[str, Any]] = []
     with space_context(model, space):
@@ -224,7 +238,12 @@ def random_subspace_sweep(
         for K in tqdm(list(ks), desc=f"random subspaces ({space})", disable=not progress):
             K = validate_k(K, pca.n_components_)
             for s in range(n_seeds):
-                common = {"batch_size": batch_size, "progress": progress, "n_boot": n_boot, "desc": f"rand K={K} s={s}"}
+                common = {
+                    "batch_size": batch_size,
+                    "progress": progress,
+                    "n_boot": n_boot,
+                    "desc": f"rand K={K} s={s}",
+                }
                 if within == "ambient":
                     X, kept = _ambient_reconstruction(pca.X_, K, rng)  # type: ignore[attr-defined]
                     target = torch.from_numpy(X).reshape(W.shape).to(device)
@@ -232,12 +251,23 @@ def random_subspace_sweep(
                 else:
                     A, kept = pca.random_mixing_matrix(K, rng)
                     if space == "circuit":
-                        res = evaluate_parameter_edit(model, tokens, pca.inject(model, A=A), baseline, **common)  # type: ignore[attr-defined]
+                        res = evaluate_parameter_edit(
+                            model, tokens, pca.inject(model, A=A), baseline, **common
+                        )  # type: ignore[attr-defined]
                     else:
                         target = torch.from_numpy(A @ pca.X_).reshape(W.shape).to(device)  # type: ignore[attr-defined]
                         res = evaluate_edit(model, tokens, target, baseline, **common)
-                rows.append({"K": K, "seed": s, "space": space, "groupby": groupby or "none", "within": within,
-                             "variance": kept, **res})
+                rows.append(
+                    {
+                        "K": K,
+                        "seed": s,
+                        "space": space,
+                        "groupby": groupby or "none",
+                        "within": within,
+                        "variance": kept,
+                        **res,
+                    }
+                )
     df = pd.DataFrame(rows)
     df.attrs["baseline_ppl"] = baseline.ppl
     return df

@@ -50,7 +50,9 @@ from .subspace import validate_k
 __all__ = ["CircuitEdit", "CircuitPCA", "circuit_factors", "circuit_gram", "materialize_circuits"]
 
 
-def circuit_factors(model: HookedTransformer, dtype: torch.dtype = torch.float64) -> tuple[torch.Tensor, torch.Tensor]:
+def circuit_factors(
+    model: HookedTransformer, dtype: torch.dtype = torch.float64
+) -> tuple[torch.Tensor, torch.Tensor]:
     """``(W_Q, W_K)``, each ``[n_layers, n_heads, d_model, d_head]`` (GQA: W_K repeated per query head)."""
     with torch.no_grad():
         W_Q = torch.stack([b.attn.W_Q.detach().to(dtype) for b in model.blocks])
@@ -124,12 +126,16 @@ class CircuitPCA(GramPCA):
     ``W_Q_``, ``W_K_`` (the fitted factors, float64) and ``circuit_norms_`` ``[n]``.
     """
 
-    def __init__(self, n_components: int | None = None, groupby: GroupBy = None, materialize: bool = False) -> None:
+    def __init__(
+        self, n_components: int | None = None, groupby: GroupBy = None, materialize: bool = False
+    ) -> None:
         super().__init__(groupby=groupby)
         self.n_components = n_components
         self.materialize = materialize
 
-    def fit(self, model_or_factors: HookedTransformer | tuple[torch.Tensor, torch.Tensor] | Any) -> CircuitPCA:
+    def fit(
+        self, model_or_factors: HookedTransformer | tuple[torch.Tensor, torch.Tensor] | Any
+    ) -> CircuitPCA:
         if isinstance(model_or_factors, HookedTransformer):
             W_Q, W_K = circuit_factors(model_or_factors)
         elif isinstance(model_or_factors, (tuple, list)) and len(model_or_factors) == 2:
@@ -140,7 +146,10 @@ class CircuitPCA(GramPCA):
                 f"[n_layers, n_heads, d_model, d_head]; got {type(model_or_factors).__name__}"
             )
         if W_Q.shape != W_K.shape or W_Q.ndim < 3:
-            raise ValueError(f"W_Q and W_K must have the same shape [..., d_model, d_head], got {tuple(W_Q.shape)} and {tuple(W_K.shape)}")
+            raise ValueError(
+                f"W_Q and W_K must have the same shape [..., d_model, d_head], "
+                f"got {tuple(W_Q.shape)} and {tuple(W_K.shape)}"
+            )
         if not (torch.isfinite(W_Q).all() and torch.isfinite(W_K).all()):
             raise ValueError("W_Q / W_K contain NaN or Inf values")
         self.W_Q_, self.W_K_ = W_Q, W_K
@@ -253,11 +262,17 @@ class CircuitPCA(GramPCA):
 
     def residual_table(self, residual: torch.Tensor) -> dict[str, float]:
         """``{head label: residual}`` for reporting."""
-        labels = head_labels(*self.head_shape_) if len(self.head_shape_) == 2 else [str(i) for i in range(self.n_heads_)]
+        labels = (
+            head_labels(*self.head_shape_)
+            if len(self.head_shape_) == 2
+            else [str(i) for i in range(self.n_heads_)]
+        )
         return dict(zip(labels, residual.flatten().tolist()))
 
     def __repr__(self) -> str:
         if hasattr(self, "eigvals_"):
-            return (f"CircuitPCA(groupby={self.groupby!r}, n_heads={self.n_heads_}, d_model={self.d_model_}, "
-                    f"nonzero={self.n_nonzero_components_})")
+            return (
+                f"CircuitPCA(groupby={self.groupby!r}, n_heads={self.n_heads_}, d_model={self.d_model_}, "
+                f"nonzero={self.n_nonzero_components_})"
+            )
         return f"CircuitPCA(groupby={self.groupby!r})"

@@ -77,7 +77,11 @@ def check_gauge_support(model: HookedTransformer) -> None:
     problems = []
     if getattr(cfg, "use_qk_norm", False):
         problems.append("use_qk_norm=True (a norm on q/k per head is not gauge-covariant)")
-    if getattr(cfg, "original_architecture", None) in ("OlmoeForCausalLM", "Olmo2ForCausalLM", "Olmo3ForCausalLM"):
+    if getattr(cfg, "original_architecture", None) in (
+        "OlmoeForCausalLM",
+        "Olmo2ForCausalLM",
+        "Olmo3ForCausalLM",
+    ):
         problems.append(f"{cfg.original_architecture} applies a norm to q and k")
     if getattr(cfg, "clip_qkv", None) is not None:
         problems.append("clip_qkv clamps q and k entrywise")
@@ -131,9 +135,7 @@ def _well_conditioned(n: int, cond: float, gen: torch.Generator) -> torch.Tensor
     return U @ torch.diag(s) @ V.T
 
 
-def random_gauge_matrices(
-    model: HookedTransformer, seed: int = 0, cond: float = 10.0
-) -> torch.Tensor:
+def random_gauge_matrices(model: HookedTransformer, seed: int = 0, cond: float = 10.0) -> torch.Tensor:
     """Draw one random well-conditioned gauge per layer and key/value head (pure, float64).
 
     Non-rotary models: ``G = U diag(s) V^T`` with Haar-random orthogonal ``U, V`` and singular
@@ -184,7 +186,9 @@ def gauge_plan(model: HookedTransformer, G: torch.Tensor) -> dict[str, torch.Ten
     n_kv = _kv_heads(model)
     expected = (cfg.n_layers, n_kv, cfg.d_head, cfg.d_head)
     if tuple(G.shape) != expected:
-        raise ValueError(f"G must have shape [n_layers, n_kv_heads, d_head, d_head] = {expected}, got {tuple(G.shape)}")
+        raise ValueError(
+            f"G must have shape [n_layers, n_kv_heads, d_head, d_head] = {expected}, got {tuple(G.shape)}"
+        )
     rep = cfg.n_heads // n_kv
     params = dict(model.named_parameters())
     plan: dict[str, torch.Tensor] = {}
@@ -240,8 +244,12 @@ def random_gauge(model: HookedTransformer, seed: int = 0, cond: float = 10.0) ->
             g.G                           # [n_layers, n_kv_heads, d_head, d_head]
     """
     check_gauge_support(model)
-    edit = GaugeEdit(model, lambda: gauge_plan(model, edit.G), kind="random",  # type: ignore[arg-type]
-                     name=f"random_gauge(seed={seed}, cond={cond})")
+    edit = GaugeEdit(
+        model,
+        lambda: gauge_plan(model, edit.G),
+        kind="random",  # type: ignore[arg-type]
+        name=f"random_gauge(seed={seed}, cond={cond})",
+    )
     edit.G = random_gauge_matrices(model, seed=seed, cond=cond)
     edit.seed, edit.cond = int(seed), float(cond)
     return edit
@@ -316,18 +324,25 @@ def canonical_gauge(
     if pairs and rotary == "svd":
         warnings.warn(
             "canonical_gauge(rotary='svd') on a rotary model: the SVD basis does not commute with the rotary "
-            "rotations, so the model's outputs CHANGE inside this block (only the position-0 circuit is kept)",
+            "rotations, so the model's outputs CHANGE inside this block "
+            "(only the position-0 circuit is kept)",
             RuntimeWarning,
             stacklevel=2,
         )
     use_pairs = pairs if rotary == "commuting" else []
-    edit = GaugeEdit(model, lambda: _canonical_plan(model, edit, use_pairs), kind="canonical",  # type: ignore[arg-type]
-                     name=f"canonical_gauge(rotary={rotary!r})")
+    edit = GaugeEdit(
+        model,
+        lambda: _canonical_plan(model, edit, use_pairs),
+        kind="canonical",  # type: ignore[arg-type]
+        name=f"canonical_gauge(rotary={rotary!r})",
+    )
     edit.singular_values = None  # type: ignore[attr-defined]
     return edit
 
 
-def _canonical_plan(model: HookedTransformer, edit: GaugeEdit, pairs: list[tuple[int, int]]) -> dict[str, torch.Tensor]:
+def _canonical_plan(
+    model: HookedTransformer, edit: GaugeEdit, pairs: list[tuple[int, int]]
+) -> dict[str, torch.Tensor]:
     cfg = model.cfg
     n_kv = _kv_heads(model)
     rep = cfg.n_heads // n_kv
@@ -342,9 +357,17 @@ def _canonical_plan(model: HookedTransformer, edit: GaugeEdit, pairs: list[tuple
             pre = f"blocks.{layer}.attn."
             wk_name, bk_name = _key_names(model, layer)
             Wq = params[pre + "W_Q"].detach().double().cpu()  # [n_heads, d_model, d_head]
-            bq = params[pre + "b_Q"].detach().double().cpu() if pre + "b_Q" in params else torch.zeros(cfg.n_heads, d_head, dtype=torch.float64)
+            bq = (
+                params[pre + "b_Q"].detach().double().cpu()
+                if pre + "b_Q" in params
+                else torch.zeros(cfg.n_heads, d_head, dtype=torch.float64)
+            )
             Wk = params[wk_name].detach().double().cpu()  # [n_kv, d_model, d_head]
-            bk = params[bk_name].detach().double().cpu() if bk_name in params else torch.zeros(n_kv, d_head, dtype=torch.float64)
+            bk = (
+                params[bk_name].detach().double().cpu()
+                if bk_name in params
+                else torch.zeros(n_kv, d_head, dtype=torch.float64)
+            )
             new_q, new_bq = Wq.clone(), bq.clone()
             new_k, new_bk = Wk.clone(), bk.clone()
             for g in range(n_kv):
@@ -374,7 +397,12 @@ def _canonical_plan(model: HookedTransformer, edit: GaugeEdit, pairs: list[tuple
                     block = Qn[i * (d_model + 1) : (i + 1) * (d_model + 1)]
                     new_q[h], new_bq[h] = block[:d_model], block[d_model]
                 new_k[g], new_bk[g] = Kn[:d_model], Kn[d_model]
-            for name, value in ((pre + "W_Q", new_q), (pre + "b_Q", new_bq), (wk_name, new_k), (bk_name, new_bk)):
+            for name, value in (
+                (pre + "W_Q", new_q),
+                (pre + "b_Q", new_bq),
+                (wk_name, new_k),
+                (bk_name, new_bk),
+            ):
                 if name in params:
                     p = params[name]
                     plan[name] = value.to(device=p.device, dtype=p.dtype)

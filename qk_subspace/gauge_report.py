@@ -78,14 +78,21 @@ def _spread(table: pd.DataFrame) -> pd.DataFrame:
         r0 = float(ref["ratio"].iloc[0]) if len(ref) else float("nan")
         v0 = float(ref["cumulative_variance"].iloc[0]) if len(ref) else float("nan")
         ratio, var = grp["ratio"].to_numpy(), grp["cumulative_variance"].to_numpy()
-        rows.append({
-            "space": space, "K": int(K), "n_gauges": len(grp),
-            "ratio_min": float(ratio.min()), "ratio_max": float(ratio.max()),
-            "ratio_mean": float(ratio.mean()), "ratio_std": float(ratio.std(ddof=1)) if len(grp) > 1 else 0.0,
-            "ratio_max_rel_dev": float(np.max(np.abs(ratio / r0 - 1))),
-            "variance_min": float(var.min()), "variance_max": float(var.max()),
-            "variance_max_abs_dev": float(np.max(np.abs(var - v0))),
-        })
+        rows.append(
+            {
+                "space": space,
+                "K": int(K),
+                "n_gauges": len(grp),
+                "ratio_min": float(ratio.min()),
+                "ratio_max": float(ratio.max()),
+                "ratio_mean": float(ratio.mean()),
+                "ratio_std": float(ratio.std(ddof=1)) if len(grp) > 1 else 0.0,
+                "ratio_max_rel_dev": float(np.max(np.abs(ratio / r0 - 1))),
+                "variance_min": float(var.min()),
+                "variance_max": float(var.max()),
+                "variance_max_abs_dev": float(np.max(np.abs(var - v0))),
+            }
+        )
     return pd.DataFrame(rows)
 
 
@@ -127,8 +134,17 @@ def gauge_study(
             for space in spaces:
                 # canonical: sweep_space applies canonical_gauge on top of the random gauge
                 pca = None if space == "canonical" else fit_space_pca(model, space)  # type: ignore[arg-type]
-                df = sweep_space(model, tokens, ks, space=space, baseline=base, batch_size=batch_size,  # type: ignore[arg-type]
-                                 progress=progress, n_boot=n_boot, pca=pca)
+                df = sweep_space(
+                    model,
+                    tokens,
+                    ks,
+                    space=space,
+                    baseline=base,
+                    batch_size=batch_size,  # type: ignore[arg-type]
+                    progress=progress,
+                    n_boot=n_boot,
+                    pca=pca,
+                )
                 df.insert(0, "gauge", g)
                 df.insert(1, "gauge_seed", -1 if gseed is None else gseed)
                 df["baseline_ppl"] = base.ppl
@@ -145,8 +161,12 @@ def gauge_study(
         baseline_ok=bool(rel < BASELINE_RTOL),
         spread=_spread(table),
         config={
-            "ks": [int(k) for k in ks], "n_gauges": n_gauges, "cond": cond, "seed": seed,
-            "spaces": list(spaces), "tokens_shape": list(tokens.shape),
+            "ks": [int(k) for k in ks],
+            "n_gauges": n_gauges,
+            "cond": cond,
+            "seed": seed,
+            "spaces": list(spaces),
+            "tokens_shape": list(tokens.shape),
             "model": str(getattr(model, "qk_subspace_source", model.cfg.model_name)),
         },
     )

@@ -86,7 +86,10 @@ class GramPCA:
         if self.groupby == "layer":
             if len(head_shape) != 2:
                 raise ValueError(f"groupby='layer' needs heads shaped [n_layers, n_heads], got {head_shape}")
-            groups = [np.arange(layer * head_shape[1], (layer + 1) * head_shape[1]) for layer in range(head_shape[0])]
+            groups = [
+                np.arange(layer * head_shape[1], (layer + 1) * head_shape[1])
+                for layer in range(head_shape[0])
+            ]
         else:
             groups = [np.arange(n)]
         m = len(groups[0])
@@ -231,7 +234,11 @@ class LayerwisePCA(GramPCA):
         self.n_components = n_components
 
     def fit(self, W: torch.Tensor | np.ndarray) -> LayerwisePCA:
-        arr = W.detach().to("cpu", torch.float64).numpy() if isinstance(W, torch.Tensor) else np.asarray(W, dtype=np.float64)
+        arr = (
+            W.detach().to("cpu", torch.float64).numpy()
+            if isinstance(W, torch.Tensor)
+            else np.asarray(W, dtype=np.float64)
+        )
         if arr.ndim != 4 or arr.shape[-1] != arr.shape[-2]:
             raise ValueError(f"W must have shape [n_layers, n_heads, d, d], got {tuple(arr.shape)}")
         if not np.all(np.isfinite(arr)):
@@ -255,6 +262,8 @@ class LayerwisePCA(GramPCA):
 
     def __repr__(self) -> str:
         if hasattr(self, "eigvals_"):
-            return (f"LayerwisePCA(groupby={self.groupby!r}, n_heads={self.n_heads_}, "
-                    f"per_group={self.n_components_}, nonzero={self.n_nonzero_components_})")
+            return (
+                f"LayerwisePCA(groupby={self.groupby!r}, n_heads={self.n_heads_}, "
+                f"per_group={self.n_components_}, nonzero={self.n_nonzero_components_})"
+            )
         return f"LayerwisePCA(groupby={self.groupby!r})"

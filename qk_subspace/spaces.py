@@ -135,11 +135,21 @@ def sweep_space(
         for K in tqdm(ks, desc=f"K sweep ({space}{', per layer' if groupby else ''})", disable=not progress):
             n_comp, cum, glob = _variance(pca, K)
             row: dict[str, Any] = {
-                "K": K, "space": space, "groupby": groupby or "none", "n_components": n_comp,
-                "cumulative_variance": cum, "global_variance": glob,
+                "K": K,
+                "space": space,
+                "groupby": groupby or "none",
+                "n_components": n_comp,
+                "cumulative_variance": cum,
+                "global_variance": glob,
                 "n_params": pca_parameter_count(n_comp, D, n, n_groups),
             }
-            common = {"batch_size": batch_size, "progress": progress, "n_boot": n_boot, "seed": seed, "desc": f"K={K}"}
+            common = {
+                "batch_size": batch_size,
+                "progress": progress,
+                "n_boot": n_boot,
+                "seed": seed,
+                "desc": f"K={K}",
+            }
             if space == "circuit":
                 row.update(evaluate_parameter_edit(model, tokens, pca.inject(model, K=K), baseline, **common))
             else:

@@ -12,7 +12,11 @@ from tests.conftest import assert_params_equal, make_model, param_snapshot
 @pytest.mark.parametrize("space", ["raw", "circuit"])
 def test_random_subspace_variance_is_k_over_r_in_expectation(space: str) -> None:
     model = make_model("mha", n_layers=3, dtype=torch.float64)  # 12 heads -> r = 11
-    pca = qs.LayerwisePCA(groupby=None).fit(qs.qk_matrices(model)) if space == "raw" else qs.CircuitPCA().fit(model)
+    pca = (
+        qs.LayerwisePCA(groupby=None).fit(qs.qk_matrices(model))
+        if space == "raw"
+        else qs.CircuitPCA().fit(model)
+    )
     r = pca.n_nonzero_components_
     assert r == 11
     n_seeds = 400
@@ -48,13 +52,16 @@ def test_random_subspace_sweep_rows_and_restores(tokens: torch.Tensor) -> None:
     model = make_model("mha")
     snap = param_snapshot(model)
     for space in ("raw", "circuit"):
-        df = qs.random_subspace_sweep(model, tokens, [1, 7], space=space, n_seeds=2, progress=False, n_boot=50)
+        df = qs.random_subspace_sweep(
+            model, tokens, [1, 7], space=space, n_seeds=2, progress=False, n_boot=50
+        )
         assert len(df) == 4 and set(df["K"]) == {1, 7}
         assert np.allclose(df[df.K == 7]["ratio"], 1.0, atol=1e-5)  # K = all components: exact
         summ = qs.summarize_random(df)
         assert {"ratio_mean", "ratio_std", "variance_min", "variance_max"} <= set(summ.columns)
-    amb = qs.random_subspace_sweep(model, tokens, [2], space="raw", within="ambient", n_seeds=1, progress=False,
-                                   n_boot=50)
+    amb = qs.random_subspace_sweep(
+        model, tokens, [2], space="raw", within="ambient", n_seeds=1, progress=False, n_boot=50
+    )
     assert 0 < amb["variance"].iloc[0] < 1
     with pytest.raises(ValueError, match="ambient"):
         qs.random_subspace_sweep(model, tokens, [2], space="circuit", within="ambient", progress=False)
@@ -64,8 +71,12 @@ def test_random_subspace_sweep_rows_and_restores(tokens: torch.Tensor) -> None:
 def test_marchenko_pastur_matches_simulation() -> None:
     p, N = 40, 160
     rng = np.random.default_rng(0)
-    sims = np.stack([np.sort(np.linalg.eigvalsh(X @ X.T / N))[::-1]
-                     for X in (rng.standard_normal((p, N)) for _ in range(200))])
+    sims = np.stack(
+        [
+            np.sort(np.linalg.eigvalsh(X @ X.T / N))[::-1]
+            for X in (rng.standard_normal((p, N)) for _ in range(200))
+        ]
+    )
     mp = marchenko_pastur_quantiles(p, N)
     assert np.abs(sims.mean(axis=0) - mp)[2:-2].max() < 0.08  # bulk; edges fluctuate (Tracy-Widom)
     assert mp[0] <= (1 + np.sqrt(p / N)) ** 2 and mp[-1] >= (1 - np.sqrt(p / N)) ** 2

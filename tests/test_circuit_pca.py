@@ -9,8 +9,8 @@ from qk_subspace.circuit_pca import circuit_factors, materialize_circuits
 from tests.conftest import assert_params_equal, make_model, param_snapshot
 
 KINDS = {
-    "mha": dict(kind="mha"),
-    "gqa": dict(kind="gqa", n_heads=4, n_kv_heads=2),
+    "mha": {"kind": "mha"},
+    "gqa": {"kind": "gqa", "n_heads": 4, "n_kv_heads": 2},
 }
 
 
@@ -53,9 +53,15 @@ def test_circuit_variance_gauge_invariant_raw_not(name: str) -> None:
         with qs.random_gauge(model, seed=seed):
             circ = qs.HeadPCA(space="circuit").fit(model)
             raw = qs.HeadPCA().fit(qs.qk_matrices(model))
-        np.testing.assert_allclose(circ.explained_variance_ratio_, circ0.explained_variance_ratio_, rtol=0, atol=1e-8)
-        np.testing.assert_allclose(circ.explained_variance_, circ0.explained_variance_, rtol=1e-8,
-                                   atol=1e-12 * circ0.explained_variance_[0])
+        np.testing.assert_allclose(
+            circ.explained_variance_ratio_, circ0.explained_variance_ratio_, rtol=0, atol=1e-8
+        )
+        np.testing.assert_allclose(
+            circ.explained_variance_,
+            circ0.explained_variance_,
+            rtol=1e-8,
+            atol=1e-12 * circ0.explained_variance_[0],
+        )
         assert np.abs(np.abs(circ.coefficients_) - np.abs(circ0.coefficients_)).max() < 1e-6
         assert np.abs(raw.explained_variance_ratio_ - raw0.explained_variance_ratio_).max() > 1e-3
 
@@ -77,7 +83,7 @@ def test_injection_is_least_squares_and_residual_is_exact(name: str) -> None:
     pca = qs.CircuitPCA().fit(model)
     A = pca.mixing_matrix(K=2)
     W_new, resid = pca.injection_weights(A)
-    Wq, Wk = circuit_factors(model)
+    _Wq, Wk = circuit_factors(model)
     C_K = pca.reconstruct(2)  # [L, H, d_model, d_model]
     for layer in range(model.cfg.n_layers):
         for h in range(model.cfg.n_heads):
@@ -96,7 +102,9 @@ def test_residual_zero_when_target_in_span_of_W_K(tokens: torch.Tensor) -> None:
         with pca.inject(model, K=K) as edit:
             assert edit.residual.max() < 1e-6
             Wq, Wk = circuit_factors(model)
-            torch.testing.assert_close(materialize_circuits(Wq, Wk), pca.reconstruct(K), rtol=1e-9, atol=1e-10)
+            torch.testing.assert_close(
+                materialize_circuits(Wq, Wk), pca.reconstruct(K), rtol=1e-9, atol=1e-10
+            )
 
 
 def test_circuit_injection_ppl_is_gauge_invariant(tokens: torch.Tensor) -> None:
@@ -107,7 +115,10 @@ def test_circuit_injection_ppl_is_gauge_invariant(tokens: torch.Tensor) -> None:
             loss0 = model(tokens, return_type="loss")
         with qs.random_gauge(model, seed=4), pca.inject(model, K=2):
             loss1 = model(tokens, return_type="loss")
-        with qs.random_gauge(model, seed=4), qs.inject_qk(model, qs.HeadPCA().fit(qs.qk_matrices(model)).reconstruct(2)):
+        with (
+            qs.random_gauge(model, seed=4),
+            qs.inject_qk(model, qs.HeadPCA().fit(qs.qk_matrices(model)).reconstruct(2)),
+        ):
             loss_raw_gauged = model(tokens, return_type="loss")
         with qs.inject_qk(model, qs.HeadPCA().fit(qs.qk_matrices(model)).reconstruct(2)):
             loss_raw = model(tokens, return_type="loss")
@@ -141,9 +152,13 @@ def test_layerwise_pca_equals_separate_fits_per_layer() -> None:
     rec = lw.reconstruct(2)
     for layer in range(3):
         sk = qs.HeadPCA().fit(W[layer][None])
-        np.testing.assert_allclose(lw.explained_variance_[layer], sk.explained_variance_, rtol=1e-9, atol=1e-12)
+        np.testing.assert_allclose(
+            lw.explained_variance_[layer], sk.explained_variance_, rtol=1e-9, atol=1e-12
+        )
         torch.testing.assert_close(rec[layer], sk.reconstruct(2)[0], rtol=1e-9, atol=1e-11)
-        torch.testing.assert_close(lw.reconstruct(0)[layer], W[layer].mean(0).expand_as(W[layer]), rtol=0, atol=1e-12)
+        torch.testing.assert_close(
+            lw.reconstruct(0)[layer], W[layer].mean(0).expand_as(W[layer]), rtol=0, atol=1e-12
+        )
     torch.testing.assert_close(lw.reconstruct(4), W, rtol=0, atol=1e-12)
     # global measure: 1 - SSE/SST about the global mean, checked explicitly
     sst = float(((W - W.reshape(-1, 8, 8).mean(0)) ** 2).sum())
@@ -158,7 +173,9 @@ def test_parameter_count_and_matching() -> None:
     assert qs.pca_parameter_count(1, 64, 40, n_groups=5) == 5 * (64 + 64) + 40
     assert qs.pca_parameter_count(5, 64, 40) == 64 + 5 * 64 + 200
     assert qs.matched_global_k(1, 64, 40, 5, max_k=40) == 5  # 64 + 104 K <= 680
-    assert qs.pca_parameter_count(qs.matched_global_k(7, 64, 40, 5, 40), 64, 40) <= qs.pca_parameter_count(7, 64, 40, 5)
+    assert qs.pca_parameter_count(qs.matched_global_k(7, 64, 40, 5, 40), 64, 40) <= qs.pca_parameter_count(
+        7, 64, 40, 5
+    )
 
 
 def test_sweep_space_raw_matches_sweep_k_and_layerwise_all(tokens: torch.Tensor) -> None:
