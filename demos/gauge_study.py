@@ -4,7 +4,8 @@
     python demos/gauge_study.py --model gpt2 --text wikitext      # GPT-2 small by name (needs the hub)
 
 Writes to --out (default results/gauge_study): gauge.{html,png}, baselines_{raw,circuit}.{html,png},
-layerwise_{raw,circuit}.{html,png}, gauge_study.json (config, baselines, spread, every table) and CSVs.
+layerwise_{raw,circuit}.{html,png}, one JSON per section (gauge_study.json: config, baselines, spread,
+full table; canonical_sweep.json; baselines.json; layerwise.json) and CSVs.
 """
 
 from __future__ import annotations
@@ -58,6 +59,11 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--out", default="results/gauge_study")
     ap.add_argument("--quiet", action="store_true")
+    ap.add_argument(
+        "--sections",
+        default="gauge,canonical,baselines,layerwise",
+        help="comma-separated subset of gauge,canonical,baselines,layerwise",
+    )
     args = ap.parse_args()
 
     out = Path(args.out)
@@ -72,71 +78,101 @@ def main() -> None:
     timings: dict[str, float] = {"load": time.time() - t0}
     result: dict[str, object] = {"model": args.model, "text": text, "tokens": list(tokens.shape)}
 
-    t = time.time()
-    study = qs.gauge_study(
-        model,
-        tokens,
-        ks,
-        n_gauges=args.n_gauges,
-        cond=args.cond,
-        seed=args.seed,
-        batch_size=args.batch_size,
-        progress=progress,
-    )
-    timings["gauge_study"] = time.time() - t
-    save_figure(
-        qs.gauge_figure(study, title=f"Gauge dependence of the QK PCA ({Path(args.model).name})"),
-        out,
-        "gauge",
-    )
-    study.table.to_csv(out / "gauge_table.csv", index=False)
-    result["gauge_study"] = study.summary()
+    sections = set(args.sections.split(","))
+    unknown = sections - {"gauge", "canonical", "baselines", "layerwise"}
+    if unknown:
+        raise SystemExit(f"--sections: unknown {sorted(unknown)}")
     base = qs.perplexity(model, tokens, batch_size=args.batch_size, progress=False)
+    result["baseline_ppl"] = base.ppl
+    pd.set_option("display.width", 160)
 
-    t = time.time()
-    canon = qs.sweep_space(
-        model, tokens, ks, space="canonical", baseline=base, batch_size=args.batch_size, progress=progress
-    )
-    timings["canonical_sweep"] = time.time() - t
-    result["canonical_sweep"] = canon.to_dict(orient="records")
+    def dump(name: str, payload: object) -> None:
+        (out / f"{name}.json").write_text(json.dumps(payload, indent=2, default=float))
 
-    real = {
-        sp: study.table[(study.table.gauge == 0) & (study.table.space == sp)] for sp in ("raw", "circuit")
-    }
-    if args.random_seeds > 0:
+    real: dict[str, pd.DataFrame] = {}
+    if "gauge" in sections:
+        t = time.time()
+        study = qs.gauge_study(
+            model,
+            tokens,
+            ks,
+            n_gauges=args.n_gauges,
+            cond=args.cond,
+            seed=args.seed,
+            batch_size=args.batch_size,
+            progress=progress,
+        )
+        timings["gauge_study"] = time.time() - t
+        title = f"Gauge dependence of the QK PCA ({Path(args.model).name}, {tokens.shape[0]}x{tokens.shape[1]} tokens)"
+        save_figure(qs.gauge_figure(study, title=title), out, "gauge")
+        study.table.to_csv(out / "gauge_table.csv", index=False)
+        dump("gauge_study", {**result, **study.summary(), "timings_s": timings})
+        real = {
+            sp: study.table[(study.table.gauge == 0) & (study.table.space == sp)] for sp in ("raw", "circuit")
+        }
+        piv = study.table.pivot_table(index="K", columns=["space", "gauge"], values="ratio")
+        print("\nPPL ratio vs K (columns: space, gauge; gauge 0 = as loaded)\n", piv.round(3).to_string())
+        print(
+            f"baseline max rel change under gauges: {study.baseline_max_rel_change:.2e} (ok={study.baseline_ok})"
+        )
+
+    if "canonical" in sections:
+        t = time.time()
+        canon = qs.sweep_space(
+            model, tokens, ks, space="canonical", baseline=base, batch_size=args.batch_size, progress=progress
+        )
+        timings["canonical_sweep"] = time.time() - t
+        canon.to_csv(out / "canonical_sweep.csv", index=False)
+        dump("canonical_sweep", {**result, "table": canon.to_dict(orient="records")})
+        print("\ncanonical:", canon.set_index("K")["ratio"].round(3).to_dict())
+
+    if "baselines" in sections and args.random_seeds > 0:
         ks_rand = [int(x) for x in args.ks_random.split(",") if int(x) < n_heads - 1]
-        result["baselines"] = {}
+        payload: dict[str, object] = dict(result)
         for sp in ("raw", "circuit"):
             t = time.time()
-            nulls = qs.spectrum_nulls(model, sp, n_seeds=5, seed=0)
+            real_sp = real.get(sp)
+            if real_sp is None:  # the real PCA's curve on the same K grid (gauge section not run)
+                real_sp = qs.sweep_space(
+                    model,
+                    tokens,
+                    [0, *ks_rand],
+                    space=sp,
+                    baseline=base,  # type: ignore[arg-type]
+                    batch_size=args.batch_size,
+                    progress=progress,
+                )
+            nulls = qs.spectrum_nulls(model, sp, n_seeds=5, seed=0)  # type: ignore[arg-type]
             rand = qs.random_subspace_sweep(
                 model,
                 tokens,
                 ks_rand,
                 space=sp,
-                n_seeds=args.random_seeds,
+                n_seeds=args.random_seeds,  # type: ignore[arg-type]
                 baseline=base,
                 batch_size=args.batch_size,
                 progress=progress,
             )
             timings[f"baselines_{sp}"] = time.time() - t
-            save_figure(
-                qs.baselines_figure(nulls, real[sp], rand, title=f"{sp} space: real PCA vs null baselines"),
-                out,
-                f"baselines_{sp}",
-            )
+            fig = qs.baselines_figure(nulls, real_sp, rand, title=f"{sp} space: real PCA vs null baselines")
+            save_figure(fig, out, f"baselines_{sp}")
             rand.to_csv(out / f"random_subspace_{sp}.csv", index=False)
-            result["baselines"][sp] = {  # type: ignore[index]
+            summ = qs.summarize_random(rand)
+            payload[sp] = {
+                "real": real_sp[["K", "cumulative_variance", "ratio"]].to_dict(orient="records"),
                 "spectrum_nulls": nulls.to_dict(orient="records"),
                 "random_subspace": rand.to_dict(orient="records"),
-                "random_subspace_summary": qs.summarize_random(rand).to_dict(orient="records"),
+                "random_subspace_summary": summ.to_dict(orient="records"),
             }
+            print(f"\n{sp}: real", real_sp.set_index("K")["ratio"].round(3).to_dict())
+            print(f"{sp}: random subspace\n", summ.round(3).to_string(index=False))
+        dump("baselines", {**payload, "timings_s": timings})
 
-    if not args.no_layerwise:
+    if "layerwise" in sections:
         ks_layer = (
             [int(x) for x in args.ks_layer.split(",")] if args.ks_layer else list(range(model.cfg.n_heads))
         )
-        result["layerwise"] = {}
+        payload = dict(result)
         for sp in ("raw", "circuit"):
             t = time.time()
             lw = qs.compare_layerwise_global(
@@ -144,33 +180,20 @@ def main() -> None:
                 tokens,
                 ks_layer,
                 space=sp,
-                baseline=base,
+                baseline=base,  # type: ignore[arg-type]
                 batch_size=args.batch_size,
                 progress=progress,
             )
             timings[f"layerwise_{sp}"] = time.time() - t
-            save_figure(
-                qs.layerwise_figure(
-                    lw, title=f"{sp} space: per-layer vs global PCA at equal parameter count"
-                ),
-                out,
-                f"layerwise_{sp}",
-            )
+            title = f"{sp} space: per-layer vs global PCA at equal parameter count"
+            save_figure(qs.layerwise_figure(lw, title=title), out, f"layerwise_{sp}")
             lw.to_csv(out / f"layerwise_{sp}.csv", index=False)
-            result["layerwise"][sp] = lw.to_dict(orient="records")  # type: ignore[index]
+            payload[sp] = lw.to_dict(orient="records")
+            cols = ["groupby", "K_layer", "K", "n_params", "global_variance", "ratio", "max_residual"]
+            print(f"\n{sp} per layer vs global\n", lw[cols].round(4).to_string(index=False))
+        dump("layerwise", {**payload, "timings_s": timings})
 
     timings["total"] = time.time() - t0
-    result["timings_s"] = timings
-    (out / "gauge_study.json").write_text(json.dumps(result, indent=2, default=float))
-
-    pd.set_option("display.width", 160)
-    piv = study.table.pivot_table(index="K", columns=["space", "gauge"], values="ratio")
-    print("\nPPL ratio vs K (columns: space, gauge; gauge 0 = as loaded)\n", piv.round(3).to_string())
-    print("\ncanonical:", canon.set_index("K")["ratio"].round(3).to_dict())
-    print(
-        f"\nbaseline max rel change under gauges: {study.baseline_max_rel_change:.2e} "
-        f"(ok={study.baseline_ok})"
-    )
     print("timings (s):", {k: round(v, 1) for k, v in timings.items()})
     print("wrote", out)
 

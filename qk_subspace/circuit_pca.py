@@ -87,11 +87,16 @@ def circuit_gram(
     B_k = A_k if W_K2 is None else _flat(W_K2)
     if A_q.shape != A_k.shape or B_q.shape != B_k.shape or A_q.shape[1:] != B_q.shape[1:]:
         raise ValueError("circuit_gram: W_Q and W_K must have the same shape [..., d_model, d_head]")
+    symmetric = W_Q2 is None and W_K2 is None
     out = torch.empty(A_q.shape[0], B_q.shape[0], dtype=torch.float64)
     for s in range(0, A_q.shape[0], chunk):
-        qq = torch.einsum("imd,jme->ijde", A_q[s : s + chunk], B_q)
-        kk = torch.einsum("imd,jme->ijde", A_k[s : s + chunk], B_k)
-        out[s : s + chunk] = (qq * kk).sum(dim=(-1, -2))
+        j0 = s if symmetric else 0  # the self-Gram is symmetric: compute the blocks right of the diagonal
+        qq = torch.einsum("imd,jme->ijde", A_q[s : s + chunk], B_q[j0:])
+        kk = torch.einsum("imd,jme->ijde", A_k[s : s + chunk], B_k[j0:])
+        block = (qq * kk).sum(dim=(-1, -2))
+        out[s : s + chunk, j0:] = block
+        if symmetric:
+            out[j0:, s : s + chunk] = block.T
     return out
 
 

@@ -153,6 +153,14 @@ class GramPCA:
         K = validate_k(K, self.n_components_)
         return float(self.cumulative_variance_[K - 1]) if K else 0.0
 
+    def n_components_for(self, threshold: float) -> int:
+        """Smallest K whose (pooled) cumulative explained variance reaches ``threshold`` (in (0, 1])."""
+        self._check_fitted()
+        if not 0.0 < float(threshold) <= 1.0:
+            raise ValueError(f"threshold must be in (0, 1], got {threshold}")
+        reached = np.nonzero(self.cumulative_variance_ >= float(threshold) - 1e-12)[0]
+        return int(reached[0]) + 1 if len(reached) else self.n_components_
+
     def mixing_matrix(self, K: int | None = None, components: Sequence[int] | None = None) -> np.ndarray:
         """``A`` ``[n, n]`` with ``x_h(K) = sum_j A[h, j] x_j`` (block-diagonal per group).
 

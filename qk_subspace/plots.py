@@ -103,7 +103,10 @@ def baselines_figure(
     for curve, grp in nulls.groupby("curve", sort=False):  # type: ignore[attr-defined]
         color, dash = styles.get(str(curve), ("#333333", "solid"))
         err = dict(type="data", array=grp["std"], visible=True, thickness=1) if grp["std"].abs().sum() > 0 else None
-        fig.add_trace(go.Scatter(x=grp["K"], y=grp["cumulative_variance"], mode="lines", name=str(curve),
+        label = {"real": "real heads", "shuffled": "entries shuffled within heads",
+                 "gaussian": "Gaussian heads, matched norms", "random_subspace": "random K-dim subspace (K/r)",
+                 "marchenko_pastur": "Marchenko-Pastur (i.i.d.)"}.get(str(curve), str(curve))
+        fig.add_trace(go.Scatter(x=grp["K"], y=grp["cumulative_variance"], mode="lines", name=label,
                                  line=dict(color=color, dash=dash), error_y=err), row=1, col=1)
     if real_sweep is not None:
         fig.add_trace(go.Scatter(x=real_sweep["K"], y=real_sweep["ratio"], mode="lines+markers", name="real PCA",  # type: ignore[index]

@@ -163,6 +163,7 @@ def test_layerwise_pca_equals_separate_fits_per_layer() -> None:
     # global measure: 1 - SSE/SST about the global mean, checked explicitly
     sst = float(((W - W.reshape(-1, 8, 8).mean(0)) ** 2).sum())
     assert abs(lw.global_variance_explained(2) - (1 - float(((W - rec) ** 2).sum()) / sst)) < 1e-10
+    assert lw.n_components_for(1.0) <= 4 and lw.n_components_for(1e-9) == 1
     # the pooled within-layer fraction
     lam = lw.eigvals_
     assert abs(lw.variance_explained(1) - lam[:, :1].sum() / lam.sum()) < 1e-12
