@@ -77,7 +77,7 @@ def circuit_gram(
 
     Args:
         W_Q, W_K: ``[..., d_model, d_head]`` (n heads); W_Q2, W_K2: a second set (default the first).
-        chunk: heads per row block (memory ``chunk * m * d_head^2`` float64).
+        chunk: heads per row block (memory ``2 * chunk * m * d_head^2`` float64).
 
     Returns:
         ``[n, m]`` float64: ``trace((W_Q_i^T W_Q2_j)(W_K2_j^T W_K_i))``.
@@ -88,15 +88,20 @@ def circuit_gram(
     if A_q.shape != A_k.shape or B_q.shape != B_k.shape or A_q.shape[1:] != B_q.shape[1:]:
         raise ValueError("circuit_gram: W_Q and W_K must have the same shape [..., d_model, d_head]")
     symmetric = W_Q2 is None and W_K2 is None
-    out = torch.empty(A_q.shape[0], B_q.shape[0], dtype=torch.float64)
-    for s in range(0, A_q.shape[0], chunk):
+    n, m, dh = A_q.shape[0], B_q.shape[0], A_q.shape[-1]
+    # [d_model, heads * d_head]: one GEMM per row block gives every W_Q_i^T W_Q_j at once
+    aq, ak = (F.permute(1, 0, 2).reshape(F.shape[1], -1) for F in (A_q, A_k))
+    bq, bk = (F.permute(1, 0, 2).reshape(F.shape[1], -1) for F in (B_q, B_k))
+    out = torch.empty(n, m, dtype=torch.float64)
+    for s in range(0, n, chunk):
+        c = min(chunk, n - s)
         j0 = s if symmetric else 0  # the self-Gram is symmetric: compute the blocks right of the diagonal
-        qq = torch.einsum("imd,jme->ijde", A_q[s : s + chunk], B_q[j0:])
-        kk = torch.einsum("imd,jme->ijde", A_k[s : s + chunk], B_k[j0:])
-        block = (qq * kk).sum(dim=(-1, -2))
-        out[s : s + chunk, j0:] = block
+        qq = aq[:, s * dh : (s + c) * dh].T @ bq[:, j0 * dh :]  # [c*dh, (m-j0)*dh]
+        kk = ak[:, s * dh : (s + c) * dh].T @ bk[:, j0 * dh :]
+        block = (qq * kk).reshape(c, dh, m - j0, dh).sum(dim=(1, 3))
+        out[s : s + c, j0:] = block
         if symmetric:
-            out[j0:, s : s + chunk] = block.T
+            out[j0:, s : s + c] = block.T
     return out
 
 
@@ -207,21 +212,30 @@ class CircuitPCA(GramPCA):
         Wk_cur = Wk if W_K is None else _flat(W_K.cpu())
         if Wk_cur.shape != Wk.shape:
             raise ValueError(f"W_K must have shape {tuple(self.W_K_.shape)}, got {tuple(W_K.shape)}")  # type: ignore[union-attr]
-        n = self.n_heads_
+        n, dh = self.n_heads_, self.d_head_
         gram = torch.from_numpy(self.gram_)
+        wq = Wq.permute(1, 0, 2).reshape(self.d_model_, n * dh)  # [d_model, n*dh]
+        wk = Wk.permute(1, 0, 2).reshape(self.d_model_, n * dh)
         new = torch.empty_like(Wq)
         resid = torch.zeros(n, dtype=torch.float64)
-        for h in range(n):
-            js = torch.nonzero(A_t[h]).flatten()
-            Kh = Wk_cur[h]
-            KtK = Kh.T @ Kh
-            cross = torch.einsum("jmd,me->jde", Wk[js], Kh)  # W_K_j^T W_K_h
-            T = torch.einsum("j,jmd,jde->me", A_t[h, js], Wq[js], cross)  # C_h(K) W_K_h
-            Wn = torch.linalg.solve(KtK, T.T).T  # T (W_K^T W_K)^{-1}
-            new[h] = Wn
-            c2 = float(A_t[h] @ gram @ A_t[h])
-            cp2 = float(torch.trace(Wn.T @ Wn @ KtK))
-            resid[h] = np.sqrt(max(c2 - cp2, 0.0) / c2) if c2 > 0 else 0.0
+        chunk = 16
+        for s in range(0, n, chunk):
+            hs = torch.arange(s, min(s + chunk, n))
+            c = len(hs)
+            Kc = Wk_cur[hs]  # [c, d_model, dh]
+            # cross[j, :, h, :] = W_K_j^T W_K_h, scaled by A[h, j]; then T_h = sum_j W_Q_j cross[j, :, h, :]
+            cross = (wk.T @ Kc.permute(1, 0, 2).reshape(self.d_model_, c * dh)).reshape(n, dh, c, dh)
+            cross = cross * A_t[hs].T[:, None, :, None]
+            T = (
+                (wq @ cross.reshape(n * dh, c * dh)).reshape(self.d_model_, c, dh).permute(1, 0, 2)
+            )  # C_h(K) W_K_h
+            KtK = Kc.transpose(-1, -2) @ Kc
+            Wn = torch.linalg.solve(KtK, T.transpose(-1, -2)).transpose(-1, -2)  # T (W_K^T W_K)^{-1}
+            new[hs] = Wn
+            c2 = torch.einsum("hi,ij,hj->h", A_t[hs], gram, A_t[hs])
+            cp2 = torch.einsum("hmd,hme,hed->h", Wn, Wn, KtK)  # trace(Wn^T Wn KtK)
+            ratio = torch.clamp(c2 - cp2, min=0.0) / torch.where(c2 > 0, c2, torch.ones_like(c2))
+            resid[hs] = torch.where(c2 > 0, ratio.sqrt(), torch.zeros_like(c2))
         return new.reshape(self.W_Q_.shape), resid.reshape(self.head_shape_)
 
     def inject(
