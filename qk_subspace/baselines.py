@@ -105,7 +105,7 @@ def spectrum_nulls(
     with space_context(model, space):
         if space == "circuit":
             W_Q, W_K = circuit_factors(model)
-            real = CircuitPCA(groupby=groupby).fit((W_Q, W_K))  # type: ignore[arg-type]
+            real: GramPCA = CircuitPCA(groupby=groupby).fit((W_Q, W_K))  # type: ignore[arg-type]
 
             def fit_null(kind: str) -> np.ndarray:
                 Q, K = W_Q.reshape(-1, *W_Q.shape[-2:]).clone(), W_K.reshape(-1, *W_K.shape[-2:]).clone()
@@ -230,7 +230,7 @@ def random_subspace_sweep(
         if baseline is None:
             baseline = perplexity(model, tokens, batch_size=batch_size, progress=progress, desc="baseline")
         if space == "circuit":
-            pca: GramPCA = CircuitPCA(groupby=groupby).fit(model)  # type: ignore[arg-type]
+            pca: Any = CircuitPCA(groupby=groupby).fit(model)  # type: ignore[arg-type]
         else:
             W = qk_matrices(model)
             pca = LayerwisePCA(groupby=groupby).fit(W)  # type: ignore[arg-type]
@@ -238,7 +238,7 @@ def random_subspace_sweep(
         for K in tqdm(list(ks), desc=f"random subspaces ({space})", disable=not progress):
             K = validate_k(K, pca.n_components_)
             for s in range(n_seeds):
-                common = {
+                common: dict[str, Any] = {
                     "batch_size": batch_size,
                     "progress": progress,
                     "n_boot": n_boot,

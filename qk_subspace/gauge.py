@@ -52,6 +52,7 @@ restores every parameter bit for bit.
 from __future__ import annotations
 
 import warnings
+from collections.abc import Callable
 from typing import Literal
 
 import torch
@@ -222,12 +223,20 @@ class GaugeEdit(ParameterEdit):
         seed, cond: the random gauge's parameters (``None`` for canonical).
     """
 
-    def __init__(self, model: HookedTransformer, plan_fn, kind: str, name: str) -> None:  # type: ignore[no-untyped-def]
-        super().__init__(model, plan_fn, name=name)
+    def __init__(
+        self,
+        model: HookedTransformer,
+        plan_fn: Callable[[GaugeEdit], dict[str, torch.Tensor]],
+        kind: str,
+        name: str,
+    ) -> None:
+        # the plan is computed on entry, from this edit's attributes (G, ...)
+        super().__init__(model, lambda: plan_fn(self), name=name)
         self.kind = kind
         self.G: torch.Tensor | None = None
         self.seed: int | None = None
         self.cond: float | None = None
+        self.singular_values: torch.Tensor | None = None
 
 
 def random_gauge(model: HookedTransformer, seed: int = 0, cond: float = 10.0) -> GaugeEdit:
@@ -246,8 +255,8 @@ def random_gauge(model: HookedTransformer, seed: int = 0, cond: float = 10.0) ->
     check_gauge_support(model)
     edit = GaugeEdit(
         model,
-        lambda: gauge_plan(model, edit.G),
-        kind="random",  # type: ignore[arg-type]
+        lambda e: gauge_plan(model, e.G),  # type: ignore[arg-type]
+        kind="random",
         name=f"random_gauge(seed={seed}, cond={cond})",
     )
     edit.G = random_gauge_matrices(model, seed=seed, cond=cond)
@@ -330,14 +339,12 @@ def canonical_gauge(
             stacklevel=2,
         )
     use_pairs = pairs if rotary == "commuting" else []
-    edit = GaugeEdit(
+    return GaugeEdit(
         model,
-        lambda: _canonical_plan(model, edit, use_pairs),
-        kind="canonical",  # type: ignore[arg-type]
+        lambda e: _canonical_plan(model, e, use_pairs),
+        kind="canonical",
         name=f"canonical_gauge(rotary={rotary!r})",
     )
-    edit.singular_values = None  # type: ignore[attr-defined]
-    return edit
 
 
 def _canonical_plan(
@@ -406,6 +413,6 @@ def _canonical_plan(
                 if name in params:
                     p = params[name]
                     plan[name] = value.to(device=p.device, dtype=p.dtype)
-    edit.singular_values = None if pairs else svals  # type: ignore[attr-defined]
+    edit.singular_values = None if pairs else svals
     edit.G = Gs if pairs else None
     return plan

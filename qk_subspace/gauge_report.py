@@ -23,7 +23,7 @@ from transformer_lens import HookedTransformer
 
 from .evaluation import perplexity
 from .gauge import random_gauge
-from .spaces import fit_space_pca, sweep_space
+from .spaces import Space, fit_space_pca, sweep_space
 
 __all__ = ["BASELINE_RTOL", "GaugeStudy", "gauge_study"]
 
@@ -104,7 +104,7 @@ def gauge_study(
     *,
     cond: float = 10.0,
     seed: int = 1,
-    spaces: Sequence[str] = ("raw", "circuit"),
+    spaces: Sequence[Space] = ("raw", "circuit"),
     batch_size: int = 8,
     progress: bool = True,
     n_boot: int = 1000,

@@ -143,7 +143,7 @@ def sweep_space(
                 "global_variance": glob,
                 "n_params": pca_parameter_count(n_comp, D, n, n_groups),
             }
-            common = {
+            common: dict[str, Any] = {
                 "batch_size": batch_size,
                 "progress": progress,
                 "n_boot": n_boot,
@@ -198,7 +198,12 @@ def compare_layerwise_global(
     with space_context(model, space):
         if baseline is None:
             baseline = perplexity(model, tokens, batch_size=batch_size, progress=progress, desc="baseline")
-        kw = {"baseline": baseline, "batch_size": batch_size, "progress": progress, "n_boot": n_boot}
+        kw: dict[str, Any] = {
+            "baseline": baseline,
+            "batch_size": batch_size,
+            "progress": progress,
+            "n_boot": n_boot,
+        }
         inner = "raw" if space == "canonical" else space  # already inside the canonical gauge
         per_layer = sweep_space(model, tokens, ks_layer, space=inner, groupby="layer", **kw)  # type: ignore[arg-type]
         glob = sweep_space(model, tokens, ks_global, space=inner, groupby=None, **kw)  # type: ignore[arg-type]

@@ -149,7 +149,7 @@ def evaluate_parameter_edit(
         "ratio_low": ci.low,
         "ratio_high": ci.high,
     }
-    residual = getattr(edit, "residual", None)
+    residual = getattr(edit, "residual", None)  # set on entry by QKEdit / CircuitEdit
     if isinstance(residual, torch.Tensor):
         row["max_residual"] = float(residual.max())
         row["mean_residual"] = float(residual.mean())
