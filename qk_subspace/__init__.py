@@ -62,6 +62,20 @@ from .diagnostics import (
     repeated_random_tokens,
     show_patterns,
 )
+from .sweeps import evaluate_parameter_edit
+from .gauge import GaugeEdit, canonical_gauge, gauge_plan, random_gauge, random_gauge_matrices, rotary_pairs
+from .grouped_pca import GramPCA, LayerwisePCA, matched_global_k, pca_parameter_count
+from .circuit_pca import CircuitEdit, CircuitPCA, circuit_factors, circuit_gram, materialize_circuits
+from .spaces import SPACES, compare_layerwise_global, fit_space_pca, space_context, sweep_space
+from .baselines import (
+    marchenko_pastur_curve,
+    random_subspace_sweep,
+    random_subspace_variance,
+    spectrum_nulls,
+    summarize_random,
+)
+from .gauge_report import GaugeStudy, gauge_study
+from .plots import baselines_figure, gauge_figure, layerwise_figure
 
 __version__ = "0.1.0"
 
@@ -134,4 +148,35 @@ __all__ = [
     "repeated_random_tokens",
     "diagnostic_batch",
     "show_patterns",
+    "evaluate_parameter_edit",
+    "random_gauge",
+    "canonical_gauge",
+    "GaugeEdit",
+    "gauge_plan",
+    "random_gauge_matrices",
+    "rotary_pairs",
+    "GramPCA",
+    "LayerwisePCA",
+    "pca_parameter_count",
+    "matched_global_k",
+    "CircuitPCA",
+    "CircuitEdit",
+    "circuit_factors",
+    "circuit_gram",
+    "materialize_circuits",
+    "SPACES",
+    "sweep_space",
+    "fit_space_pca",
+    "space_context",
+    "compare_layerwise_global",
+    "random_subspace_sweep",
+    "random_subspace_variance",
+    "spectrum_nulls",
+    "summarize_random",
+    "marchenko_pastur_curve",
+    "gauge_study",
+    "GaugeStudy",
+    "gauge_figure",
+    "baselines_figure",
+    "layerwise_figure",
 ]

@@ -42,6 +42,11 @@ class HeadPCA:
 
     Args:
         n_components: number of components to keep (``None``: all, ``min(n_heads, d*d)``).
+        space: ``"raw"`` (default, this class: PCA of ``W_Q^T W_K``) or ``"circuit"``: returns a
+            :class:`qk_subspace.circuit_pca.CircuitPCA` (gauge-invariant PCA of ``W_Q W_K^T``).
+        groupby: ``None`` (default, one PCA across all heads) or ``"layer"``: returns a
+            :class:`qk_subspace.grouped_pca.LayerwisePCA` (one PCA per layer), or a per-layer
+            ``CircuitPCA`` with ``space="circuit"``.
 
     Fitted attributes (after :meth:`fit`):
         head_shape_: leading shape of the fitted tensor, e.g. ``(n_layers, n_heads)``.
@@ -58,8 +63,31 @@ class HeadPCA:
         pca_: the underlying fitted :class:`sklearn.decomposition.PCA`.
     """
 
-    def __init__(self, n_components: int | None = None) -> None:
+    def __new__(cls, n_components: int | None = None, *, space: str = "raw", groupby: str | None = None) -> Any:
+        # HeadPCA(space="circuit") / HeadPCA(groupby="layer") return the Gram-based estimators
+        # (qk_subspace.circuit_pca.CircuitPCA, qk_subspace.grouped_pca.LayerwisePCA); the default
+        # raw, global PCA is this class.
+        if space not in ("raw", "circuit"):
+            raise ValueError(
+                f"space must be 'raw' (W_Q^T W_K) or 'circuit' (W_Q W_K^T), got {space!r}; "
+                "for the canonical basis fit a raw HeadPCA inside qs.canonical_gauge(model)"
+            )
+        if groupby not in (None, "layer"):
+            raise ValueError(f"groupby must be None or 'layer', got {groupby!r}")
+        if space == "circuit":
+            from .circuit_pca import CircuitPCA
+
+            return CircuitPCA(n_components=n_components, groupby=groupby)  # type: ignore[arg-type]
+        if groupby == "layer":
+            from .grouped_pca import LayerwisePCA
+
+            return LayerwisePCA(n_components=n_components, groupby="layer")
+        return super().__new__(cls)
+
+    def __init__(self, n_components: int | None = None, *, space: str = "raw", groupby: str | None = None) -> None:
         self.n_components = n_components
+        self.space = space
+        self.groupby = groupby
 
     # ------------------------------------------------------------------ fitting
     def fit(self, W: torch.Tensor | np.ndarray) -> HeadPCA:

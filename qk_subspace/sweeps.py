@@ -15,7 +15,7 @@ from .evaluation import PerplexityResult, paired_ratio, perplexity
 from .ov import inject_circuit
 from .subspace import HeadPCA, validate_k
 
-__all__ = ["sweep_k", "evaluate_edit", "REPORT_K_GRID", "K_ALL_TOLERANCE"]
+__all__ = ["sweep_k", "evaluate_edit", "REPORT_K_GRID", "K_ALL_TOLERANCE", "evaluate_parameter_edit"]
 
 #: The seed report's K grid (GPT-2 small; 144 = all components).
 REPORT_K_GRID = (1, 3, 10, 32, 64, 80, 100, 110, 120, 130, 140, 144)
@@ -218,3 +218,36 @@ def _component_order(pca: HeadPCA, order: str, importance: Any) -> list[int]:
             f"got {ranked}"
         )
     return ranked + [c for c in range(pca.n_components_) if c not in set(ranked)]
+def evaluate_parameter_edit(
+    model: HookedTransformer,
+    tokens: torch.Tensor,
+    edit: Any,
+    baseline: PerplexityResult,
+    *,
+    batch_size: int = 8,
+    progress: bool = True,
+    n_boot: int = 2000,
+    seed: int = 0,
+    desc: str = "eval",
+) -> dict[str, Any]:
+    """Like :func:`evaluate_edit` for any prepared edit (a :class:`~qk_subspace.injection.ParameterEdit`).
+
+    Enters ``edit``, measures perplexity, restores. The row has ``ppl``, ``mean_nll``, ``ratio``,
+    ``ratio_low``, ``ratio_high`` and, if the edit reports one (``edit.residual``, ``[n_layers,
+    n_heads]``), ``max_residual`` and ``mean_residual``.
+    """
+    with edit:
+        res = perplexity(model, tokens, batch_size=batch_size, progress=progress, desc=desc)
+    ci = paired_ratio(baseline, res, n_boot=n_boot, seed=seed)
+    row: dict[str, Any] = {
+        "ppl": res.ppl,
+        "mean_nll": res.mean_nll,
+        "ratio": res.ppl / baseline.ppl,
+        "ratio_low": ci.low,
+        "ratio_high": ci.high,
+    }
+    residual = getattr(edit, "residual", None)  # set on entry by QKEdit / CircuitEdit
+    if isinstance(residual, torch.Tensor):
+        row["max_residual"] = float(residual.max())
+        row["mean_residual"] = float(residual.mean())
+    return row

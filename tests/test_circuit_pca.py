@@ -1,0 +1,195 @@
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+import qk_subspace as qs
+from qk_subspace.circuit_pca import circuit_factors, materialize_circuits
+from tests.conftest import assert_params_equal, make_model, param_snapshot
+
+KINDS = {
+    "mha": {"kind": "mha"},
+    "gqa": {"kind": "gqa", "n_heads": 4, "n_kv_heads": 2},
+}
+
+
+def _model(name: str, dtype: torch.dtype = torch.float64):  # type: ignore[no-untyped-def]
+    return make_model(dtype=dtype, **KINDS[name])  # type: ignore[arg-type]
+
+
+def _explicit_pca(model) -> tuple[np.ndarray, np.ndarray]:  # type: ignore[no-untyped-def]
+    """Materialised circuits -> sklearn-convention variances via an explicit SVD (independent path)."""
+    Wq, Wk = circuit_factors(model)
+    C = materialize_circuits(Wq, Wk).reshape(-1, model.cfg.d_model**2).numpy()
+    Xc = C - C.mean(axis=0)
+    s = np.linalg.svd(Xc, compute_uv=False)
+    ev = s**2 / (len(C) - 1)
+    return ev, C
+
+
+@pytest.mark.parametrize("name", sorted(KINDS))
+def test_gram_trick_equals_materialised_circuits(name: str) -> None:
+    model = _model(name)
+    pca = qs.HeadPCA(space="circuit").fit(model)
+    assert isinstance(pca, qs.CircuitPCA)
+    ev, C = _explicit_pca(model)
+    np.testing.assert_allclose(pca.explained_variance_, ev[: pca.n_components_], rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(pca.gram_, C @ C.T, rtol=1e-11, atol=1e-12)
+    # reconstruction as a mixing of heads equals the projection of the explicit circuits
+    Xc = C - C.mean(axis=0)
+    _, _, Vt = np.linalg.svd(Xc, full_matrices=False)
+    explicit = C.mean(axis=0) + Xc @ Vt[:3].T @ Vt[:3]
+    got = pca.reconstruct(3).reshape(len(C), -1).numpy()
+    np.testing.assert_allclose(got, explicit, rtol=1e-9, atol=1e-10)
+
+
+@pytest.mark.parametrize("name", sorted(KINDS))
+def test_circuit_variance_gauge_invariant_raw_not(name: str) -> None:
+    model = _model(name)
+    circ0 = qs.HeadPCA(space="circuit").fit(model)
+    raw0 = qs.HeadPCA().fit(qs.qk_matrices(model))
+    for seed in (1, 2):
+        with qs.random_gauge(model, seed=seed):
+            circ = qs.HeadPCA(space="circuit").fit(model)
+            raw = qs.HeadPCA().fit(qs.qk_matrices(model))
+        np.testing.assert_allclose(
+            circ.explained_variance_ratio_, circ0.explained_variance_ratio_, rtol=0, atol=1e-8
+        )
+        np.testing.assert_allclose(
+            circ.explained_variance_,
+            circ0.explained_variance_,
+            rtol=1e-8,
+            atol=1e-12 * circ0.explained_variance_[0],
+        )
+        assert np.abs(np.abs(circ.coefficients_) - np.abs(circ0.coefficients_)).max() < 1e-6
+        assert np.abs(raw.explained_variance_ratio_ - raw0.explained_variance_ratio_).max() > 1e-3
+
+
+@pytest.mark.parametrize("name", sorted(KINDS))
+def test_circuit_k_all_reproduces_baseline(name: str, tokens: torch.Tensor) -> None:
+    model = _model(name, torch.float32)
+    snap = param_snapshot(model)
+    df = qs.sweep_space(model, tokens, [0, 2, 8], space="circuit", progress=False, n_boot=50)
+    assert df.attrs["k_all_ok"] and abs(df.attrs["k_all_ratio"] - 1) < 1e-5
+    assert df.set_index("K").loc[8, "max_residual"] < 1e-6
+    assert df.set_index("K").loc[2, "max_residual"] > 1e-2  # the unrepresentable part is reported
+    assert_params_equal(model, snap)
+
+
+@pytest.mark.parametrize("name", sorted(KINDS))
+def test_injection_is_least_squares_and_residual_is_exact(name: str) -> None:
+    model = _model(name)
+    pca = qs.CircuitPCA().fit(model)
+    A = pca.mixing_matrix(K=2)
+    W_new, resid = pca.injection_weights(A)
+    _Wq, Wk = circuit_factors(model)
+    C_K = pca.reconstruct(2)  # [L, H, d_model, d_model]
+    for layer in range(model.cfg.n_layers):
+        for h in range(model.cfg.n_heads):
+            K_h = Wk[layer, h]
+            explicit = torch.linalg.lstsq(K_h, C_K[layer, h].T).solution.T  # argmin ||W K^T - C||
+            torch.testing.assert_close(W_new[layer, h], explicit, rtol=1e-8, atol=1e-10)
+            R = C_K[layer, h] - W_new[layer, h] @ K_h.T
+            assert abs(resid[layer, h] - R.norm() / C_K[layer, h].norm()) < 1e-7
+
+
+def test_residual_zero_when_target_in_span_of_W_K(tokens: torch.Tensor) -> None:
+    # one key/value head per layer and a per-layer PCA: every C_h(K) lies in span(W_K) of its layer
+    model = make_model("gqa", n_heads=4, n_kv_heads=1, dtype=torch.float64)
+    pca = qs.HeadPCA(space="circuit", groupby="layer").fit(model)
+    for K in (0, 1, 2):
+        with pca.inject(model, K=K) as edit:
+            assert edit.residual.max() < 1e-6
+            Wq, Wk = circuit_factors(model)
+            torch.testing.assert_close(
+                materialize_circuits(Wq, Wk), pca.reconstruct(K), rtol=1e-9, atol=1e-10
+            )
+
+
+def test_circuit_injection_ppl_is_gauge_invariant(tokens: torch.Tensor) -> None:
+    model = _model("gqa")
+    pca = qs.CircuitPCA().fit(model)  # fitted in the original gauge
+    with torch.no_grad():
+        with pca.inject(model, K=2):
+            loss0 = model(tokens, return_type="loss")
+        with qs.random_gauge(model, seed=4), pca.inject(model, K=2):
+            loss1 = model(tokens, return_type="loss")
+        with (
+            qs.random_gauge(model, seed=4),
+            qs.inject_qk(model, qs.HeadPCA().fit(qs.qk_matrices(model)).reconstruct(2)),
+        ):
+            loss_raw_gauged = model(tokens, return_type="loss")
+        with qs.inject_qk(model, qs.HeadPCA().fit(qs.qk_matrices(model)).reconstruct(2)):
+            loss_raw = model(tokens, return_type="loss")
+    assert abs(float(loss1 - loss0)) < 1e-10
+    assert abs(float(loss_raw_gauged - loss_raw)) > 1e-6
+
+
+def test_head_pca_dispatch_and_validation() -> None:
+    W = qs.qk_matrices(make_model("mha"))
+    raw = qs.HeadPCA(3)
+    assert type(raw) is qs.HeadPCA and raw.n_components == 3 and raw.space == "raw"
+    raw.fit(W)
+    assert raw.components_.shape[0] == 3
+    assert isinstance(qs.HeadPCA(space="circuit"), qs.CircuitPCA)
+    assert isinstance(qs.HeadPCA(groupby="layer"), qs.LayerwisePCA)
+    assert qs.HeadPCA(space="circuit", groupby="layer").groupby == "layer"
+    with pytest.raises(ValueError, match="space must be"):
+        qs.HeadPCA(space="canonical")
+    with pytest.raises(ValueError, match="groupby must be"):
+        qs.HeadPCA(groupby="head")
+    with pytest.raises(TypeError, match="HookedTransformer or a tuple"):
+        qs.CircuitPCA().fit(W)
+    with pytest.raises(RuntimeError, match="not fitted"):
+        qs.CircuitPCA().mixing_matrix(K=1)
+
+
+def test_layerwise_pca_equals_separate_fits_per_layer() -> None:
+    model = make_model("mha", n_layers=3, dtype=torch.float64)
+    W = qs.qk_matrices(model)
+    lw = qs.HeadPCA(groupby="layer").fit(W)
+    rec = lw.reconstruct(2)
+    for layer in range(3):
+        sk = qs.HeadPCA().fit(W[layer][None])
+        np.testing.assert_allclose(
+            lw.explained_variance_[layer], sk.explained_variance_, rtol=1e-9, atol=1e-12
+        )
+        torch.testing.assert_close(rec[layer], sk.reconstruct(2)[0], rtol=1e-9, atol=1e-11)
+        torch.testing.assert_close(
+            lw.reconstruct(0)[layer], W[layer].mean(0).expand_as(W[layer]), rtol=0, atol=1e-12
+        )
+    torch.testing.assert_close(lw.reconstruct(4), W, rtol=0, atol=1e-12)
+    # global measure: 1 - SSE/SST about the global mean, checked explicitly
+    sst = float(((W - W.reshape(-1, 8, 8).mean(0)) ** 2).sum())
+    assert abs(lw.global_variance_explained(2) - (1 - float(((W - rec) ** 2).sum()) / sst)) < 1e-10
+    assert lw.n_components_for(1.0) <= 4 and lw.n_components_for(1e-9) == 1
+    # the pooled within-layer fraction
+    lam = lw.eigvals_
+    assert abs(lw.variance_explained(1) - lam[:, :1].sum() / lam.sum()) < 1e-12
+
+
+def test_parameter_count_and_matching() -> None:
+    # stories260K shape: 5 layers x 8 heads, d_head 8 -> D = 64
+    assert qs.pca_parameter_count(1, 64, 40, n_groups=5) == 5 * (64 + 64) + 40
+    assert qs.pca_parameter_count(5, 64, 40) == 64 + 5 * 64 + 200
+    assert qs.matched_global_k(1, 64, 40, 5, max_k=40) == 5  # 64 + 104 K <= 680
+    assert qs.pca_parameter_count(qs.matched_global_k(7, 64, 40, 5, 40), 64, 40) <= qs.pca_parameter_count(
+        7, 64, 40, 5
+    )
+
+
+def test_sweep_space_raw_matches_sweep_k_and_layerwise_all(tokens: torch.Tensor) -> None:
+    model = make_model("mha")
+    pca = qs.HeadPCA().fit(qs.qk_matrices(model))
+    a = qs.sweep_k(model, pca, tokens, [0, 3], progress=False, n_boot=50)
+    b = qs.sweep_space(model, tokens, [0, 3], space="raw", progress=False, n_boot=50)
+    np.testing.assert_allclose(a["ratio"], b["ratio"], rtol=1e-12)
+    lw = qs.sweep_space(model, tokens, [0, 4], space="raw", groupby="layer", progress=False, n_boot=50)
+    assert lw.attrs["k_all_ok"]
+    can = qs.sweep_space(model, tokens, [8], space="canonical", progress=False, n_boot=50)
+    assert can.attrs["k_all_ok"]
+    cmp = qs.compare_layerwise_global(model, tokens, [0, 1], progress=False, n_boot=50)
+    assert set(cmp["groupby"]) == {"layer", "none"}
+    by = cmp.set_index(["groupby", "K_layer"])["n_params"]
+    assert by[("none", 1)] <= by[("layer", 1)]
