@@ -447,6 +447,9 @@ def plot_breaking_heads_table(table) -> go.Figure:
     k = table.attrs.get("K_break")
     title = "Heads that break first" + (f" ({table.attrs.get('metric')} > {thr:g} at K={k})" if thr is not None else "")
     fig.update_layout(title=title, template="plotly_white")
+    return fig
+
+
 # ----------------------------------------------------------------------------- gauge / baselines / per layer
 _SPACE_COLORS = {"raw": "#d62728", "canonical": "#9467bd", "circuit": "#1f77b4"}
 
