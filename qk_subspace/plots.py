@@ -81,6 +81,10 @@ def save_figure(fig: go.Figure, out_dir: str | os.PathLike, name: str, png: bool
 RATIO_THRESHOLDS = (1.05, 1.1, 1.2)
 
 
+def _circuit_name(results: dict) -> str:
+    return "W_OV" if results["metadata"].get("circuit") == "ov" else "W_QK"
+
+
 def fig_cumvar(results: dict) -> go.Figure:
     """6A: cumulative explained variance vs number of components, with the 50/80/90/95 % marks."""
     var = results["variance"]
@@ -103,7 +107,7 @@ def fig_cumvar(results: dict) -> go.Figure:
             )
         )
     fig.update_layout(
-        title=f"6A: cumulative variance of W_QK across {var['n_heads']} heads ({model})",
+        title=f"6A: cumulative variance of {_circuit_name(results)} across {var['n_heads']} heads ({model})",
         xaxis_title="number of components K", yaxis_title="cumulative explained variance (%)",
         yaxis_range=[0, 101], template="plotly_white", width=800, height=500,
     )
@@ -224,7 +228,7 @@ def fig_cluster_viz(results: dict) -> go.Figure:
         fig.update_xaxes(title_text=f"PC1 ({100 * pc[0]:.1f}%)", row=1, col=col)
         fig.update_yaxes(title_text=f"PC2 ({100 * pc[1]:.1f}%)" if len(pc) > 1 else "PC2", row=1, col=col)
     fig.update_layout(
-        title=f"PCA 2D map of the heads' W_QK ({model})", template="plotly_white", width=1100, height=500,
+        title=f"PCA 2D map of the heads' {_circuit_name(results)} ({model})", template="plotly_white", width=1100, height=500,
     )
     return fig
 

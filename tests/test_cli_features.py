@@ -72,6 +72,7 @@ def test_diagnostics_per_head_rows_per_k_and_figures(tiny: dict, tmp_path: Path)
     assert {"diag_mean_kl", "diag_max_kl", "diag_max_kl_head"} <= set(data["perplexity_vs_k"][0])
     for name in ("diag_kl_heatmap", "diag_layer_kl_vs_K", "diag_output_change_heatmap", "diag_breaking_heads"):
         assert (tmp_path / f"{name}_tiny.html").stat().st_size > 10_000
+    assert "## Attention diagnostics" in (tmp_path / "report.md").read_text()
 
 
 def test_order_importance_writes_orderings_sweep_and_overlay(tiny: dict, tmp_path: Path) -> None:
@@ -98,6 +99,7 @@ def test_order_importance_writes_orderings_sweep_and_overlay(tiny: dict, tmp_pat
     assert rows[1]["n_components"] == 2
     assert data["status"] == {"complete": True, "points_done": 1 + 3 + 2 + 1 + 3, "points_total": 10}
     assert (tmp_path / "importance_overlay_tiny.html").stat().st_size > 10_000
+    assert "## Importance-ordered compression" in (tmp_path / "report.md").read_text()
 
 
 def test_circuit_ov_sweep_clustering_and_diagnostics(tiny: dict, tmp_path: Path) -> None:
@@ -121,13 +123,15 @@ def test_circuit_ov_sweep_clustering_and_diagnostics(tiny: dict, tmp_path: Path)
     k0 = diag[diag["K"] == 0]
     assert k0["output_change_write"].min() > 1e-3  # ... but change every head's output
     assert diag[diag["K"] == 8]["output_change_write"].max() < 1e-5
+    report = (tmp_path / "report.md").read_text()
+    assert "W_OV = W_V.T @ W_O.T" in report and "W_QK" not in report
 
 
 def test_resume_keeps_finished_points_of_new_sections_and_refuses_changed_options(tiny: dict, tmp_path: Path) -> None:
     extra = (*DIAG, "--no-head-scores", "--order", "importance", "--importance-method", "gradient",
              "--importance-tokens", "256")
     ref_dir, out = tmp_path / "ref", tmp_path / "out"
-    ref = _run(tiny, ref_dir, *extra)
+    assert _run(tiny, ref_dir, *extra)["status"]["complete"]
     shutil.copytree(ref_dir, out)
     path = out / "exp6_tiny.json"
     cut = json.loads(path.read_text())  # as if killed before K=8 (variance) and K=2 (importance) finished
