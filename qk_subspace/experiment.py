@@ -39,7 +39,7 @@ from .circuits import head_index, head_labels
 from .clustering import KMEANS_N_INIT, REPORT_CLUSTER_GRID, HeadClustering, cluster_heads, sweep_clusters
 from .data import chunk_text, chunk_tokens, load_wikitext2
 from .diagnostics import diagnostic_batch
-from .evaluation import PerplexityResult, perplexity
+from .evaluation import PerplexityResult, perplexity, validate_tokens
 from .importance import component_importance, importance_order
 from .loading import load_model
 from .ov import circuit_matrices, head_output_change, inject_circuit
@@ -481,6 +481,12 @@ def run_experiment(
         d, r, side_info = side_tokens(mdl, cfg, int(tokens.numel()), int(tokens.shape[1]))
         diag_tokens = d if want_diag else diag_tokens
         rank_tokens = r if want_rank else rank_tokens
+    for what, side in (("diag_tokens (--diag-seqs x --diag-ctx)", diag_tokens), ("rank_tokens", rank_tokens)):
+        if side is not None:  # fail before any evaluation, not after the baseline
+            try:
+                validate_tokens(mdl, side)
+            except (TypeError, ValueError) as exc:
+                raise type(exc)(f"{what}: {exc}") from None
     source = "text after the perplexity tokens" if side_info else "tokens given by the caller"
     diag_meta = None if not cfg.diagnostics else {
         "n_seqs": int(diag_tokens.shape[0]), "ctx": int(diag_tokens.shape[1]),  # type: ignore[union-attr]
@@ -733,6 +739,8 @@ def run_models(
     config: ExperimentConfig | None = None,
     *,
     tokens: torch.Tensor | None = None,
+    diag_tokens: torch.Tensor | None = None,
+    rank_tokens: torch.Tensor | None = None,
     **overrides: Any,
 ) -> tuple[list[ExperimentResult], list[tuple[str, str]]]:
     """Run several models in order behind the gate: model i+1 runs only if model i passed it.
@@ -740,7 +748,8 @@ def run_models(
     This is the report's 6D: GPT-2 medium was skipped because GPT-2 small's ratio at K=10 was
     not within 1.1x. Writes one ``report.md`` covering every model run and every model skipped.
 
-    ``tokens`` (optional) are used for every model instead of the config's text.
+    ``tokens`` (optional) are used for every model instead of the config's text (and
+    ``diag_tokens`` / ``rank_tokens`` with ``diagnostics`` / ``order="importance"``).
 
     Returns:
         (results of the models that ran, [(skipped model, reason)]).
@@ -754,7 +763,8 @@ def run_models(
             reason = f"gate failed on {done[-1].name}: {g.reason}"
             skipped = [(model_display_name(x), reason) for x in models[i:]]
             break
-        done.append(run_experiment(m, out_dir, cfg, tokens=tokens, write_report=False))
+        done.append(run_experiment(m, out_dir, cfg, tokens=tokens, write_report=False,
+                                   diag_tokens=diag_tokens, rank_tokens=rank_tokens))
     from .report import render_report
 
     report = Path(out_dir).expanduser() / "report.md"

@@ -168,5 +168,9 @@ def test_run_experiment_side_tokens_errors(tiny: dict, tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="n-tokens"):  # no text left after the perplexity tokens
         qs.run_experiment(tiny["model"], tmp_path / "x", text_file=tiny["base"][4], n_tokens=None, ctx=CTX,
                           ks=(0,), cluster_ks=(), diagnostics=True, diag_seqs=4, diag_ctx=32, progress=False)
+    with pytest.raises(ValueError, match="diag-ctx.*n_ctx=64"):  # checked before any evaluation
+        qs.run_experiment(tiny["model"], tmp_path / "y", text_file=tiny["base"][4], n_tokens=N_TOKENS, ctx=CTX,
+                          ks=(0,), cluster_ks=(), diagnostics=True, diag_seqs=1, diag_ctx=128, progress=False)
+    assert not (tmp_path / "y" / "exp6_tiny.json").exists()
     with pytest.raises(ValueError, match="circuit"):
         qs.ExperimentConfig(circuit="vo")
