@@ -279,9 +279,9 @@ def _extra_sections(res: Mapping[str, Any]) -> list[str]:
     if res.get("perplexity_vs_k_importance"):
         imp = res.get("importance") or {}
         s += ["## Importance-ordered compression", "",
-              f"Components ranked by {imp.get('method')} importance (score `{imp.get('score')}`) on "
-              f"{res['metadata']['importance']['n_tokens']} tokens not used in the sweep; ranking "
-              f"{imp.get('order')}.", "",
+              (f"Components ranked by {imp.get('method')} importance (score `{imp.get('score')}`) on "
+               f"{res['metadata']['importance']['n_tokens']} tokens not used in the sweep; ranking "
+               f"{imp.get('order')}."), "",
               *_md_table(["K", "ratio (variance order)", "ratio (importance order)"], [
                   [a["K"], _ratio(a["ratio"]), _ratio(b["ratio"])]
                   for a, b in zip(res["perplexity_vs_k"], res["perplexity_vs_k_importance"])

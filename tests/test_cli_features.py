@@ -161,9 +161,13 @@ def test_run_experiment_side_tokens_errors(tiny: dict, tmp_path: Path) -> None:
     res = qs.run_experiment(
         model, tmp_path, tokens=toks, ks=(0,), cluster_ks=(), n_boot=50, progress=False, png=False,
         diagnostics=True, diag_tokens=toks[:2, :8], head_scores=False, order="importance",
-        rank_tokens=toks[:2], importance_method="gradient", circuit="ov",
+        rank_tokens=toks[:2], importance_method="drop_one", circuit="ov",
     )
     assert res.results["metadata"]["diagnostics"]["source"] == "tokens given by the caller"
+    imp = res.results["importance"]
+    assert imp["method"] == "drop_one" and imp["score"] == "delta_nll" and imp["circuit"] == "ov"
+    deltas = {c["component"]: c["delta_nll"] for c in imp["components"]}
+    assert [deltas[c] for c in imp["order"]] == sorted(deltas.values(), reverse=True)
     assert res.results["checks"]["k_all_importance"]["ok"] and res.results["checks"]["k_all"]["ok"]
     with pytest.raises(ValueError, match="n-tokens"):  # no text left after the perplexity tokens
         qs.run_experiment(tiny["model"], tmp_path / "x", text_file=tiny["base"][4], n_tokens=None, ctx=CTX,
