@@ -71,6 +71,23 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
     s.add_argument("--n-boot", dest="n_boot", type=int, default=2000, help="bootstrap resamples for the CIs")
     s.add_argument("--gate-k", dest="gate_k", type=int, default=10)
     s.add_argument("--gate-threshold", dest="gate_threshold", type=float, default=1.1)
+    c = p.add_argument_group("circuit, component order, diagnostics")
+    c.add_argument("--circuit", choices=("qk", "ov"), default="qk",
+                   help="qk: W_QK edited through W_Q (default); ov: head-space OV circuits edited through W_V")
+    c.add_argument("--order", choices=("variance", "importance"), default="variance",
+                   help="importance: also rank components (--importance-method) and sweep K over that order; "
+                        "writes the orderings and an overlay figure")
+    c.add_argument("--importance-method", dest="importance_method", choices=("drop_one", "gradient"),
+                   default="drop_one", help="how --order importance ranks components (default drop_one)")
+    c.add_argument("--importance-tokens", dest="importance_tokens", type=int, default=32_768,
+                   help="tokens for the ranking, taken from the text after the perplexity (and diagnostic) "
+                        "tokens (default 32768)")
+    c.add_argument("--diagnostics", action="store_true",
+                   help="per-head attention-pattern metrics per K (attention_diagnostics) and their figures")
+    c.add_argument("--diag-seqs", dest="diag_seqs", type=int, default=8, help="diagnostic batch sequences (default 8)")
+    c.add_argument("--diag-ctx", dest="diag_ctx", type=int, default=128, help="diagnostic batch length (default 128)")
+    c.add_argument("--no-head-scores", dest="head_scores", action="store_false",
+                   help="skip the previous-token/duplicate-token/induction scores in the diagnostics")
     r = p.add_argument_group("run")
     r.add_argument("--device", default=None, help="cpu, cuda, ... (default: TransformerLens' choice)")
     r.add_argument("--dtype", default="float32", choices=("float32", "float64", "float16", "bfloat16"))

@@ -3,7 +3,8 @@
 ``cluster_heads(pca, k)`` runs :class:`sklearn.cluster.KMeans` on the top-``n_dims`` PCA
 coefficients of the fitted heads. The representative of a cluster is its member nearest the
 cluster centroid (in that ``n_dims``-dimensional coefficient space); every other member gets the
-representative's *original* ``W_QK`` (injected exactly through :func:`qk_subspace.inject_qk`).
+representative's *original* ``W_QK`` (injected exactly through :func:`qk_subspace.inject_qk`), or,
+with ``circuit="ov"``, its original OV circuit (through :func:`qk_subspace.inject_ov`).
 "Replaced heads" are the ``n_heads - k`` non-representatives.
 """
 
@@ -199,25 +200,29 @@ def sweep_clusters(
     baseline: PerplexityResult | None = None,
     n_boot: int = 2000,
     on_row: Callable[[dict[str, Any]], None] | None = None,
+    circuit: str = "qk",
 ) -> pd.DataFrame:
     """Perplexity with every head replaced by its cluster representative, for each k (the report's 6C).
 
     Values of ``k >= n_heads`` are dropped (nothing would be replaced); other values must be
-    integers >= 1. ``W`` defaults to ``qs.qk_matrices(model)`` (float64); ``pca`` must be fitted on it.
+    integers >= 1. ``W`` defaults to ``qs.circuit_matrices(model, circuit)`` (float64); ``pca``
+    must be fitted on it. The replaced heads get their representative's circuit through
+    :func:`qk_subspace.inject_circuit`: ``circuit="qk"`` edits ``W_Q`` (:func:`qk_subspace.inject_qk`),
+    ``"ov"`` edits ``W_V`` (:func:`qk_subspace.inject_ov`).
 
     Returns:
         DataFrame, one row per k: ``k``, ``replaced`` (= n_heads - k), ``ppl``, ``mean_nll``,
         ``ratio``, ``ratio_low``, ``ratio_high``, ``max_residual``, ``inertia``,
         ``representatives`` (labels), ``assignments`` (nested list ``[n_layers][n_heads]``).
     """
-    from .circuits import qk_matrices
+    from .ov import circuit_matrices
 
     n = pca.n_heads_
     ks = [k for k in (_check_positive_int(k, "ks") for k in ks) if k < n]
     if not ks:
         raise ValueError(f"ks: no cluster count below n_heads={n} to evaluate (k >= n_heads replaces nothing)")
     if W is None:
-        W = qk_matrices(model)
+        W = circuit_matrices(model, circuit)  # type: ignore[arg-type]
     if baseline is None:
         baseline = perplexity(model, tokens, batch_size=batch_size, progress=progress, desc="baseline")
     rows = []
@@ -228,7 +233,7 @@ def sweep_clusters(
             evaluate_edit(
                 model, tokens, cl.target(W).to(model.W_U.device), baseline,
                 heads=torch.as_tensor(cl.replaced_mask), batch_size=batch_size, progress=progress,
-                n_boot=n_boot, seed=seed, desc=f"k={k}",
+                n_boot=n_boot, seed=seed, desc=f"k={k}", circuit=circuit,
             )
         )
         row["inertia"] = cl.inertia

@@ -1,7 +1,8 @@
 """The whole experiment of the seed report (6A variance, 6B K sweep, 6C clustering, 2D map, gate).
 
 :func:`run_experiment` only composes the library: ``load_model`` -> evaluation tokens
-(``load_wikitext2`` / ``chunk_text``) -> ``qk_matrices`` -> ``HeadPCA`` -> ``sweep_k`` ->
+(``load_wikitext2`` / ``chunk_text``) -> ``circuit_matrices`` (QK or OV) -> ``HeadPCA`` -> ``sweep_k``
+(optionally with attention diagnostics, and importance-ordered via ``component_importance``) ->
 ``sweep_clusters`` -> figures (:mod:`qk_subspace.plots`) -> ``report.md``
 (:mod:`qk_subspace.report`). Results go to ``<out>/exp6_<model>.json``, rewritten atomically after
 every finished evaluation point (:mod:`qk_subspace.results`), so an interrupted run can continue
@@ -34,11 +35,14 @@ import plotly.graph_objects as go
 import torch
 from transformer_lens import HookedTransformer
 
-from .circuits import head_index, head_labels, qk_matrices
+from .circuits import head_index, head_labels
 from .clustering import KMEANS_N_INIT, REPORT_CLUSTER_GRID, HeadClustering, cluster_heads, sweep_clusters
-from .data import chunk_text, load_wikitext2
-from .evaluation import PerplexityResult, perplexity
+from .data import chunk_text, chunk_tokens, load_wikitext2
+from .diagnostics import diagnostic_batch
+from .evaluation import PerplexityResult, perplexity, validate_tokens
+from .importance import component_importance, importance_order
 from .loading import load_model
+from .ov import circuit_matrices, head_output_change, inject_circuit
 from .results import ResultsStore, jsonable
 from .subspace import HeadPCA, validate_k
 from .sweeps import K_ALL_TOLERANCE, REPORT_K_GRID, sweep_k
@@ -55,12 +59,14 @@ __all__ = [
     "pca_map_rows",
     "run_experiment",
     "run_models",
+    "side_tokens",
     "variance_summary",
 ]
 
 #: Cumulative-variance thresholds of the report's 6A table.
 VARIANCE_THRESHOLDS = (0.5, 0.8, 0.9, 0.95)
 _REPORT_N_HEADS = 144  # GPT-2 small, the model REPORT_K_GRID was written for
+_BREAK_THRESHOLD = 0.1  # KL (nats) above which a head counts as broken in the breaking-heads table
 _DTYPES = {"float32": torch.float32, "float64": torch.float64, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
@@ -90,6 +96,16 @@ class ExperimentConfig:
         overwrite: replace an existing results file of the same model.
         png: also write PNG figures (needs Chromium).
         progress: show tqdm bars.
+        circuit: ``"qk"`` (``W_QK``, injected through ``W_Q``) or ``"ov"`` (head-space OV circuits,
+            injected through ``W_V``): PCA, K sweep and clustering all run on this circuit.
+        diagnostics: per-head attention-pattern metrics per K (``attention_diagnostics`` section)
+            on a small diagnostic batch of ``diag_seqs x diag_ctx`` tokens taken from the text
+            right after the perplexity tokens; ``head_scores`` adds previous-token /
+            duplicate-token / induction scores before and after.
+        order: ``"variance"`` (the report's protocol) or ``"importance"``: additionally rank the
+            components with ``importance_method`` (``"drop_one"`` or ``"gradient"``) on
+            ``importance_tokens`` tokens not used by the sweep (after the diagnostic batch) and
+            sweep K over the importance order too (``perplexity_vs_k_importance``).
     """
 
     text_file: str | None = None
@@ -112,8 +128,24 @@ class ExperimentConfig:
     overwrite: bool = False
     png: bool = True
     progress: bool = True
+    circuit: str = "qk"
+    diagnostics: bool = False
+    diag_seqs: int = 8
+    diag_ctx: int = 128
+    head_scores: bool = True
+    order: str = "variance"
+    importance_method: str = "drop_one"
+    importance_tokens: int = 32_768
 
     def __post_init__(self) -> None:
+        for name, allowed in (("circuit", ("qk", "ov")), ("order", ("variance", "importance")),
+                              ("importance_method", ("drop_one", "gradient"))):
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{name} must be one of {list(allowed)}, got {getattr(self, name)!r}")
+        for name, low in (("diag_seqs", 1), ("diag_ctx", 2), ("importance_tokens", 2)):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < low:
+                raise ValueError(f"{name} must be an integer >= {low}, got {v!r}")
         if self.text_format not in ("auto", "wikitext", "plain"):
             raise ValueError(f"text_format must be 'auto', 'wikitext' or 'plain', got {self.text_format!r}")
         if self.dtype not in _DTYPES:
@@ -283,6 +315,46 @@ def evaluation_tokens(model: HookedTransformer, config: ExperimentConfig) -> tup
     return tokens, protocol
 
 
+def side_tokens(
+    model: HookedTransformer, config: ExperimentConfig, n_used: int, ctx: int
+) -> tuple[torch.Tensor | None, torch.Tensor | None, dict[str, Any]]:
+    """The diagnostic batch and the importance-ranking tokens, cut from the config's text *after* the
+    first ``n_used`` tokens (those of the perplexity sweep), so neither overlaps the sweep.
+
+    Returns:
+        ``(diag_tokens [diag_seqs, diag_ctx] or None, rank_tokens [n, ctx] or None, description)``:
+        the diagnostic batch comes first in the remaining stream, the ranking tokens
+        (``importance_tokens``, cut to whole chunks of ``ctx``) right after it. ``None`` when the
+        config does not need them (``diagnostics`` off / ``order="variance"``).
+    """
+    want_diag, want_rank = config.diagnostics, config.order == "importance"
+    if not (want_diag or want_rank):
+        return None, None, {}
+    full, _ = evaluation_tokens(model, config.replace(n_tokens=None, ctx=2))
+    stream = full.flatten()[n_used:]
+    diag = rank = None
+    info: dict[str, Any] = {"offset": n_used, "available": len(stream)}
+    hint = "lower --n-tokens (the perplexity tokens) or use a longer text"
+    if want_diag:
+        need = config.diag_seqs * config.diag_ctx
+        if len(stream) < need:
+            raise ValueError(
+                f"diagnostics need {config.diag_seqs} x {config.diag_ctx} = {need} tokens after the {n_used} "
+                f"perplexity tokens; the text has {len(stream)} more: {hint}, or lower --diag-seqs/--diag-ctx"
+            )
+        diag = diagnostic_batch(stream, config.diag_seqs, config.diag_ctx)
+    rest = stream[0 if diag is None else diag.numel():]
+    if want_rank:
+        if len(rest) < max(config.importance_tokens, ctx):
+            raise ValueError(
+                f"importance ranking needs importance_tokens={config.importance_tokens} tokens (at least one "
+                f"chunk of {ctx}) not used by the sweep; the text has {len(rest)} left: {hint}, "
+                "or lower --importance-tokens"
+            )
+        rank = chunk_tokens(rest, config.importance_tokens, ctx)
+    return diag, rank, info
+
+
 def _model_config(model: HookedTransformer) -> dict[str, Any]:
     c = model.cfg
     return {
@@ -338,6 +410,8 @@ def run_experiment(
     *,
     tokens: torch.Tensor | None = None,
     write_report: bool = True,
+    diag_tokens: torch.Tensor | None = None,
+    rank_tokens: torch.Tensor | None = None,
     **overrides: Any,
 ) -> ExperimentResult:
     """Run 6A/6B/6C + the 2D map + the gate for one model and write everything to ``out_dir``.
@@ -348,6 +422,16 @@ def run_experiment(
         config: options (:class:`ExperimentConfig`); keyword ``overrides`` replace its fields.
         tokens: evaluation tokens ``[n_chunks, ctx]`` to use instead of the config's text.
         write_report: also write ``<out_dir>/report.md`` for this model alone.
+        diag_tokens: ``[n_seqs, pos]`` diagnostic batch (``diagnostics``) instead of the text after
+            the perplexity tokens (required with ``tokens``).
+        rank_tokens: ``[n, ctx]`` importance-ranking tokens (``order="importance"``) instead of the
+            text after the diagnostic batch (required with ``tokens``).
+
+    Optional sections: ``attention_diagnostics`` (``diagnostics``: per-head rows per K, with the
+    relative change of every head's output ``output_change_z`` / ``output_change_write`` from
+    :func:`qk_subspace.head_output_change`), ``importance`` and ``perplexity_vs_k_importance``
+    (``order="importance"``), each written point by point like the K sweep, so ``resume`` skips
+    finished points and keeps their data.
 
     Writes ``exp6_<model>.json`` (sections ``metadata``, ``variance``, ``baseline``,
     ``perplexity_vs_k``, ``clustering``, ``pca_map``, ``checks``, ``gate``; clock times only in
@@ -376,6 +460,7 @@ def run_experiment(
     stage_s["load_model"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
+    caller_tokens = tokens is not None
     if tokens is not None:
         protocol: dict[str, Any] = {"text": "tokens given by the caller", "route": "tokens", "ctx": int(tokens.shape[-1])}
     else:
@@ -384,10 +469,39 @@ def run_experiment(
         n_chunks=int(tokens.shape[0]), n_tokens=int(tokens.numel()),
         n_predicted_tokens=int(tokens.shape[0] * (tokens.shape[1] - 1)), tokens_sha256=_sha256_tokens(tokens),
     )
+    want_diag = cfg.diagnostics and diag_tokens is None
+    want_rank = cfg.order == "importance" and rank_tokens is None
+    side_info: dict[str, Any] = {}
+    if want_diag or want_rank:
+        if caller_tokens:
+            raise ValueError(
+                "with tokens=..., also pass diag_tokens=... (diagnostics) and rank_tokens=... (order='importance'): "
+                "they must be tokens separate from the perplexity tokens"
+            )
+        d, r, side_info = side_tokens(mdl, cfg, int(tokens.numel()), int(tokens.shape[1]))
+        diag_tokens = d if want_diag else diag_tokens
+        rank_tokens = r if want_rank else rank_tokens
+    for what, side in (("diag_tokens (--diag-seqs x --diag-ctx)", diag_tokens), ("rank_tokens", rank_tokens)):
+        if side is not None:  # fail before any evaluation, not after the baseline
+            try:
+                validate_tokens(mdl, side)
+            except (TypeError, ValueError) as exc:
+                raise type(exc)(f"{what}: {exc}") from None
+    source = "text after the perplexity tokens" if side_info else "tokens given by the caller"
+    diag_meta = None if not cfg.diagnostics else {
+        "n_seqs": int(diag_tokens.shape[0]), "ctx": int(diag_tokens.shape[1]),  # type: ignore[union-attr]
+        "head_scores": cfg.head_scores, "tokens_sha256": _sha256_tokens(diag_tokens),  # type: ignore[arg-type]
+        "source": source, "offset": side_info.get("offset"), "breaking_threshold": _BREAK_THRESHOLD,
+    }
+    imp_meta = None if cfg.order != "importance" else {
+        "method": cfg.importance_method, "n_chunks": int(rank_tokens.shape[0]),  # type: ignore[union-attr]
+        "n_tokens": int(rank_tokens.numel()), "tokens_sha256": _sha256_tokens(rank_tokens),  # type: ignore[union-attr,arg-type]
+        "source": source + (" and the diagnostic batch" if side_info and cfg.diagnostics else ""),
+    }
     stage_s["tokens"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
-    W = qk_matrices(mdl)  # [n_layers, n_heads, d_head, d_head] float64
+    W = circuit_matrices(mdl, cfg.circuit)  # type: ignore[arg-type]  # [n_layers, n_heads, d_head, d_head] float64
     pca = HeadPCA().fit(W)
     n = pca.n_heads_
     stage_s["pca"] = time.perf_counter() - t0
@@ -421,6 +535,10 @@ def run_experiment(
             "device": str(mdl.W_U.device), "dtype": str(mdl.W_U.dtype).replace("torch.", ""),
         },
         "gate": {"K": cfg.gate_k, "threshold": cfg.gate_threshold},
+        "circuit": cfg.circuit,
+        "order": cfg.order,
+        "diagnostics": diag_meta,
+        "importance": imp_meta,
         "package_versions": _package_versions(),
     }
     store = ResultsStore.open(out / f"exp6_{name}.json", metadata, resume=cfg.resume, overwrite=cfg.overwrite)
@@ -441,10 +559,18 @@ def run_experiment(
     }
     data["pca_map"] = pca_map_rows(pca, clusterings.get(map_k) if map_k is not None else None)
     data.setdefault("perplexity_vs_k", [])
-    n_points = 1 + len(ks) + len(cluster_ks)
+    by_importance = cfg.order == "importance"
+    if cfg.diagnostics:
+        data.setdefault("attention_diagnostics", {"rows": []})
+        data["attention_diagnostics"]["options"] = diag_meta
+    if by_importance:
+        data.setdefault("perplexity_vs_k_importance", [])
+    n_points = 1 + len(ks) + len(cluster_ks) + (1 + len(ks) if by_importance else 0)
 
     def status() -> dict[str, Any]:
         done = int("baseline" in data) + len(data["perplexity_vs_k"]) + len(data["clustering"]["rows"])
+        if by_importance:
+            done += int("order" in data.get("importance", {})) + len(data["perplexity_vs_k_importance"])
         return {"complete": done == n_points, "points_done": done, "points_total": n_points}
 
     last = [time.perf_counter()]
@@ -456,6 +582,10 @@ def run_experiment(
         run_entry["evaluated"].append(key)
         data["perplexity_vs_k"].sort(key=lambda r: r["K"])
         data["clustering"]["rows"].sort(key=lambda r: r["k"])
+        if by_importance:
+            data["perplexity_vs_k_importance"].sort(key=lambda r: r["K"])
+        if cfg.diagnostics:
+            data["attention_diagnostics"]["rows"].sort(key=lambda r: (r["K"], r["layer"], r["head"]))
         data["status"] = status()
         store.save()
 
@@ -480,14 +610,58 @@ def run_experiment(
     todo_k = [k for k in ks if k not in done_k]
     if todo_k:
         def on_k_row(row: dict[str, Any]) -> None:
+            records = row.pop("attention_diagnostics", None)
+            if records is not None:  # this K's per-head rows are saved together with its point
+                target = pca.reconstruct(int(row["K"])).to(mdl.W_U.device)
+                change = head_output_change(
+                    mdl, diag_tokens, lambda: inject_circuit(mdl, target, cfg.circuit),  # type: ignore[arg-type]
+                    batch_size=cfg.batch_size, progress=False,
+                )
+                for rec in records:
+                    rec["output_change_z"] = float(change["z"][rec["layer"], rec["head"]])
+                    rec["output_change_write"] = float(change["write"][rec["layer"], rec["head"]])
+                data["attention_diagnostics"]["rows"].extend(jsonable(records))
             data["perplexity_vs_k"].append(jsonable(row))
             finish_point(f"K={row['K']}")
 
         last[0] = time.perf_counter()
         sweep_k(
             mdl, pca, tokens, todo_k, batch_size=cfg.batch_size, progress=cfg.progress, baseline=baseline,
-            n_boot=cfg.n_boot, seed=cfg.seed, on_row=on_k_row,
+            n_boot=cfg.n_boot, seed=cfg.seed, on_row=on_k_row, circuit=cfg.circuit,
+            diagnostics=cfg.diagnostics, diag_tokens=diag_tokens,
+            diagnostics_options={"head_scores": cfg.head_scores} if cfg.diagnostics else None,
         )
+
+    # importance-ordered K sweep (issue 6): rank once on separate tokens, then sweep the same K grid
+    if by_importance:
+        imp_sec = data.get("importance") or {}
+        if "order" not in imp_sec:
+            last[0] = time.perf_counter()
+            imp = component_importance(
+                mdl, pca, rank_tokens, method=cfg.importance_method, circuit=cfg.circuit,  # type: ignore[arg-type]
+                batch_size=cfg.batch_size, progress=cfg.progress, n_boot=cfg.n_boot, seed=cfg.seed,
+            )
+            data["importance"] = {
+                "method": cfg.importance_method, "circuit": cfg.circuit, "score": imp.attrs["score"],
+                "n_tokens": imp.attrs["n_tokens"], "baseline_ppl": imp.attrs.get("baseline_ppl"),
+                "order": importance_order(imp), "variance_order": list(range(pca.n_components_)),
+                "components": jsonable(imp.to_dict("records")),
+            }
+            finish_point("importance")
+        ranking = list(data["importance"]["order"])
+        done_i = {int(r["K"]) for r in data["perplexity_vs_k_importance"]}
+        todo_i = [k for k in ks if k not in done_i]
+        if todo_i:
+            def on_i_row(row: dict[str, Any]) -> None:
+                data["perplexity_vs_k_importance"].append(jsonable(row))
+                finish_point(f"importance K={row['K']}")
+
+            last[0] = time.perf_counter()
+            sweep_k(
+                mdl, pca, tokens, todo_i, batch_size=cfg.batch_size, progress=cfg.progress, baseline=baseline,
+                n_boot=cfg.n_boot, seed=cfg.seed, on_row=on_i_row, circuit=cfg.circuit,
+                order="importance", importance=ranking,
+            )
 
     # 6C: clustering
     done_c = {int(r["k"]) for r in data["clustering"]["rows"]}
@@ -501,7 +675,7 @@ def run_experiment(
         last[0] = time.perf_counter()
         sweep_clusters(
             mdl, pca, tokens, todo_c, W=W, n_dims=cfg.n_dims, seed=cfg.seed, batch_size=cfg.batch_size,
-            progress=cfg.progress, baseline=baseline, n_boot=cfg.n_boot, on_row=on_c_row,
+            progress=cfg.progress, baseline=baseline, n_boot=cfg.n_boot, on_row=on_c_row, circuit=cfg.circuit,
         )
 
     # checks and gate
@@ -520,6 +694,22 @@ def run_experiment(
         "pca_reconstruction_max_abs_error": float((pca.reconstruct(n).cpu() - W.cpu()).abs().max()),
         "replaced_equals_n_heads_minus_k": all(r["replaced"] == n - r["k"] for r in data["clustering"]["rows"]),
     }
+    if by_importance:
+        imp_all = next(r for r in data["perplexity_vs_k_importance"] if r["K"] == n)
+        err = abs(imp_all["ratio"] - 1.0)
+        data["checks"]["k_all_importance"] = {
+            "K": n, "ratio": imp_all["ratio"], "abs_ratio_error": err, "tolerance": K_ALL_TOLERANCE,
+            "ok": err <= K_ALL_TOLERANCE,
+        }
+    if cfg.diagnostics:
+        at_all = [r for r in data["attention_diagnostics"]["rows"] if r["K"] == n]
+        data["checks"]["diagnostics_k_all"] = {
+            "K": n,
+            "max_kl": max((r["kl"] or 0.0) for r in at_all),
+            "max_js": max((r["js"] or 0.0) for r in at_all),
+            "min_top1_agreement": min(r["top1_agreement"] for r in at_all),
+            "max_output_change_write": max((r["output_change_write"] or 0.0) for r in at_all),
+        }
     if not data["checks"]["k_all"]["ok"]:
         warnings.warn(
             f"K=all (K={n}) gives perplexity ratio {all_row['ratio']!r}, not within {K_ALL_TOLERANCE} of 1",
@@ -549,6 +739,8 @@ def run_models(
     config: ExperimentConfig | None = None,
     *,
     tokens: torch.Tensor | None = None,
+    diag_tokens: torch.Tensor | None = None,
+    rank_tokens: torch.Tensor | None = None,
     **overrides: Any,
 ) -> tuple[list[ExperimentResult], list[tuple[str, str]]]:
     """Run several models in order behind the gate: model i+1 runs only if model i passed it.
@@ -556,7 +748,8 @@ def run_models(
     This is the report's 6D: GPT-2 medium was skipped because GPT-2 small's ratio at K=10 was
     not within 1.1x. Writes one ``report.md`` covering every model run and every model skipped.
 
-    ``tokens`` (optional) are used for every model instead of the config's text.
+    ``tokens`` (optional) are used for every model instead of the config's text (and
+    ``diag_tokens`` / ``rank_tokens`` with ``diagnostics`` / ``order="importance"``).
 
     Returns:
         (results of the models that ran, [(skipped model, reason)]).
@@ -570,7 +763,8 @@ def run_models(
             reason = f"gate failed on {done[-1].name}: {g.reason}"
             skipped = [(model_display_name(x), reason) for x in models[i:]]
             break
-        done.append(run_experiment(m, out_dir, cfg, tokens=tokens, write_report=False))
+        done.append(run_experiment(m, out_dir, cfg, tokens=tokens, write_report=False,
+                                   diag_tokens=diag_tokens, rank_tokens=rank_tokens))
     from .report import render_report
 
     report = Path(out_dir).expanduser() / "report.md"

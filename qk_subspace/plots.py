@@ -28,6 +28,8 @@ __all__ = [
     "fig_cluster_ppl",
     "fig_cluster_viz",
     "experiment_figures",
+    "diagnostics_figures",
+    "importance_figures",
 ]
 __all__ = ["save_figure", "png_export_available", "gauge_figure", "baselines_figure", "layerwise_figure"]
 
@@ -80,6 +82,10 @@ def save_figure(fig: go.Figure, out_dir: str | os.PathLike, name: str, png: bool
 RATIO_THRESHOLDS = (1.05, 1.1, 1.2)
 
 
+def _circuit_name(results: dict) -> str:
+    return "W_OV" if results["metadata"].get("circuit") == "ov" else "W_QK"
+
+
 def fig_cumvar(results: dict) -> go.Figure:
     """6A: cumulative explained variance vs number of components, with the 50/80/90/95 % marks."""
     var = results["variance"]
@@ -102,7 +108,7 @@ def fig_cumvar(results: dict) -> go.Figure:
             )
         )
     fig.update_layout(
-        title=f"6A: cumulative variance of W_QK across {var['n_heads']} heads ({model})",
+        title=f"6A: cumulative variance of {_circuit_name(results)} across {var['n_heads']} heads ({model})",
         xaxis_title="number of components K", yaxis_title="cumulative explained variance (%)",
         yaxis_range=[0, 101], template="plotly_white", width=800, height=500,
     )
@@ -223,7 +229,7 @@ def fig_cluster_viz(results: dict) -> go.Figure:
         fig.update_xaxes(title_text=f"PC1 ({100 * pc[0]:.1f}%)", row=1, col=col)
         fig.update_yaxes(title_text=f"PC2 ({100 * pc[1]:.1f}%)" if len(pc) > 1 else "PC2", row=1, col=col)
     fig.update_layout(
-        title=f"PCA 2D map of the heads' W_QK ({model})", template="plotly_white", width=1100, height=500,
+        title=f"PCA 2D map of the heads' {_circuit_name(results)} ({model})", template="plotly_white", width=1100, height=500,
     )
     return fig
 
@@ -236,6 +242,57 @@ def experiment_figures(results: dict) -> dict[str, go.Figure]:
         f"exp6b_ppl_vs_K_{m}": fig_ppl_vs_k(results),
         f"exp6c_cluster_ppl_{m}": fig_cluster_ppl(results),
         f"exp6c_cluster_viz_{m}": fig_cluster_viz(results),
+        **diagnostics_figures(results),
+        **importance_figures(results),
+    }
+
+
+def diagnostics_figures(results: dict, metric: str = "kl") -> dict[str, go.Figure]:
+    """Figures of a run's ``attention_diagnostics`` section (empty dict if the run had none).
+
+    ``diag_<metric>_heatmap_<model>`` (layer x head, slider over K), ``diag_layer_<metric>_vs_K_<model>``,
+    ``diag_output_change_heatmap_<model>`` (relative change of each head's residual write, slider
+    over K; the OV circuit's diagnostic) and ``diag_breaking_heads_<model>`` (table).
+    """
+    import pandas as pd
+
+    from .diagnostics import breaking_heads
+
+    sec = results.get("attention_diagnostics")
+    if not sec or not sec.get("rows"):
+        return {}
+    m = results["metadata"]["model"]
+    df = pd.DataFrame(sec["rows"])
+    threshold = (sec.get("options") or {}).get("breaking_threshold", 0.1)
+    figs = {
+        f"diag_{metric}_heatmap_{m}": plot_head_metric_heatmap(df, metric),
+        f"diag_layer_{metric}_vs_K_{m}": plot_layer_metric_vs_k(df, metric),
+    }
+    if "output_change_write" in df.columns:
+        figs[f"diag_output_change_heatmap_{m}"] = plot_head_metric_heatmap(df, "output_change_write")
+    figs[f"diag_breaking_heads_{m}"] = plot_breaking_heads_table(breaking_heads(df, threshold, metric))
+    return figs
+
+
+def importance_figures(results: dict) -> dict[str, go.Figure]:
+    """``importance_overlay_<model>`` of a run with ``order="importance"`` (empty dict otherwise)."""
+    import pandas as pd
+
+    rows = results.get("perplexity_vs_k_importance")
+    if not rows:
+        return {}
+    meta = results["metadata"]
+    m = meta["model"]
+    n = meta["model_config"]["n_layers"] * meta["model_config"]["n_heads"]
+    circuit = meta.get("circuit", "qk")
+    method = (results.get("importance") or {}).get("method", "")
+    return {
+        f"importance_overlay_{m}": importance_overlay_figure(
+            pd.DataFrame(results["perplexity_vs_k"]), pd.DataFrame(rows),
+            threshold=meta.get("gate", {}).get("threshold", 1.1),
+            reference=SEED_REPORT_RATIOS if circuit == "qk" else None, reference_scale=n / 144,
+            title=f"{m}, {circuit.upper()}: compression by PCA variance vs by {method} importance",
+        )
     }
 
 

@@ -264,7 +264,38 @@ def _model_section(res: Mapping[str, Any]) -> str:
         f"- `exp6c_cluster_viz_{meta['model']}.html/.png` -- PCA 2D map (by layer / by cluster)",
         "",
     ]
-    return "\n".join(s)
+    s += _extra_sections(res)
+    text = "\n".join(s)
+    if meta.get("circuit") == "ov":  # the same pipeline on OV circuits, edited through W_V
+        text = text.replace("W_QK = W_Q.T @ W_K", "W_OV = W_V.T @ W_O.T").replace(
+            "|W_Q_new^T W_K - target|", "|W_V_new^T W_O^T - target|").replace("W_QK", "W_OV")
+    return text
+
+
+def _extra_sections(res: Mapping[str, Any]) -> list[str]:
+    """Report lines of the optional sections (``--diagnostics``, ``--order importance``)."""
+    s: list[str] = []
+    m = res["metadata"]["model"]
+    if res.get("perplexity_vs_k_importance"):
+        imp = res.get("importance") or {}
+        s += ["## Importance-ordered compression", "",
+              (f"Components ranked by {imp.get('method')} importance (score `{imp.get('score')}`) on "
+               f"{res['metadata']['importance']['n_tokens']} tokens not used in the sweep; ranking "
+               f"{imp.get('order')}."), "",
+              *_md_table(["K", "ratio (variance order)", "ratio (importance order)"], [
+                  [a["K"], _ratio(a["ratio"]), _ratio(b["ratio"])]
+                  for a, b in zip(res["perplexity_vs_k"], res["perplexity_vs_k_importance"])
+              ]).splitlines(),
+              "", f"Figure: `importance_overlay_{m}.html/.png`.", ""]
+    if res.get("attention_diagnostics"):
+        s += ["## Attention diagnostics", "",
+              *_md_table(["K", "mean KL", "max KL (head)", "mean JS", "top-1 agreement"], [
+                  [r["K"], f"{r['diag_mean_kl']:.4g}", f"{r['diag_max_kl']:.4g} ({r['diag_max_kl_head']})",
+                   f"{r['diag_mean_js']:.4g}", f"{r['diag_mean_top1_agreement']:.3f}"]
+                  for r in res["perplexity_vs_k"] if "diag_mean_kl" in r
+              ]).splitlines(),
+              "", f"Per-head rows in `attention_diagnostics`; figures `diag_*_{m}.html/.png`.", ""]
+    return s
 
 
 def render_report(results: Sequence[Mapping[str, Any]], skipped: Sequence[tuple[str, str]] = ()) -> str:
