@@ -1,0 +1,41 @@
+"""Execute the notebook tour end to end on the shared stories260K model."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import SHARED, requires_shared
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_tour_notebook_committed_without_outputs() -> None:
+    nbformat = pytest.importorskip("nbformat")
+    nb = nbformat.read(ROOT / "demos" / "tour.ipynb", as_version=4)
+    code = [c for c in nb.cells if c.cell_type == "code"]
+    assert code and all(not c.get("outputs") and c.get("execution_count") is None for c in code)
+
+
+@requires_shared
+def test_tour_notebook_runs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    nbformat = pytest.importorskip("nbformat")
+    nbclient = pytest.importorskip("nbclient")
+    pytest.importorskip("ipykernel")
+    monkeypatch.setenv("QK_SUBSPACE_SHARED", str(SHARED))
+    monkeypatch.setenv("QK_SUBSPACE_TOUR_OUT", str(tmp_path / "tour_out"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    nb = nbformat.read(ROOT / "demos" / "tour.ipynb", as_version=4)
+    client = nbclient.NotebookClient(
+        nb, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(ROOT / "demos")}}
+    )
+    client.execute()
+    outputs = [o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", [])]
+    assert not [o for o in outputs if o.get("output_type") == "error"]
+    text = "".join(o.get("text", "") for o in outputs if o.get("output_type") == "stream")
+    assert "(invariant)" in text and "K=all" in text
+    figures = [o for o in outputs if "application/vnd.plotly.v1+json" in o.get("data", {})]
+    assert len(figures) >= 4, "figures must render inline"
+    assert os.path.exists(tmp_path / "tour_out")
