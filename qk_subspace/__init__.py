@@ -17,6 +17,8 @@ from .data import chunk_text, chunk_tokens, load_wikitext2, wikitext2_rows
 from .evaluation import PerplexityResult, RatioCI, paired_ratio, perplexity
 from .subspace import HeadPCA
 from .sweeps import REPORT_K_GRID, evaluate_edit, sweep_k
+from . import fastpath
+from .fastpath import fast_path_enabled, set_fast_path_enabled
 
 __version__ = "0.1.0"
 
@@ -45,4 +47,7 @@ __all__ = [
     "sweep_k",
     "evaluate_edit",
     "REPORT_K_GRID",
+    "fastpath",
+    "fast_path_enabled",
+    "set_fast_path_enabled",
 ]
