@@ -12,16 +12,22 @@ from transformer_lens import HookedTransformer, HookedTransformerConfig
 import qk_subspace as qs
 from qk_subspace import fastpath
 from qk_subspace.injection import ParameterEdit
-
-from tests.conftest import STORIES, TINYSTORIES, assert_params_equal, make_model, param_snapshot, requires_shared
+from tests.conftest import (
+    STORIES,
+    TINYSTORIES,
+    assert_params_equal,
+    make_model,
+    param_snapshot,
+    requires_shared,
+)
 
 
 def _cfg_model(dtype: torch.dtype = torch.float32, seed: int = 0, **overrides) -> HookedTransformer:
     """A tiny random model from config overrides (biases randomised like conftest.make_model)."""
-    base = dict(
-        n_layers=2, d_model=32, n_heads=4, d_head=8, d_mlp=64, n_ctx=32, d_vocab=50, seed=seed,
-        dtype=dtype, device="cpu", act_fn="gelu_new", normalization_type="LN",
-    )
+    base = {
+        "n_layers": 2, "d_model": 32, "n_heads": 4, "d_head": 8, "d_mlp": 64, "n_ctx": 32, "d_vocab": 50, "seed": seed,
+        "dtype": dtype, "device": "cpu", "act_fn": "gelu_new", "normalization_type": "LN",
+    }
     base.update(overrides)
     model = HookedTransformer(HookedTransformerConfig(**base))
     g = torch.Generator().manual_seed(seed + 1)
@@ -37,23 +43,24 @@ def _cfg_model(dtype: torch.dtype = torch.float32, seed: int = 0, **overrides) -
 
 #: GPT-2, Pythia/NeoX, GPT-J, Llama-style and folded-norm configurations.
 CONFIGS = {
-    "gpt2": dict(),
-    "gpt2_lnpre": dict(normalization_type="LNPre"),
-    "neox_partial_rotary_parallel": dict(
-        positional_embedding_type="rotary", rotary_dim=4, parallel_attn_mlp=True, act_fn="gelu"
-    ),
-    "gptj_adjacent_rotary": dict(
-        positional_embedding_type="rotary", rotary_dim=4, rotary_adjacent_pairs=True, parallel_attn_mlp=True
-    ),
-    "llama_gqa": dict(
-        positional_embedding_type="rotary", rotary_dim=8, normalization_type="RMS", act_fn="silu",
-        gated_mlp=True, n_key_value_heads=2,
-    ),
-    "llama_rmspre_mqa": dict(
-        positional_embedding_type="rotary", rotary_dim=8, normalization_type="RMSPre", act_fn="silu",
-        gated_mlp=True, n_key_value_heads=1,
-    ),
-    "attn_only_relu_scaled": dict(attn_only=True, act_fn="relu", scale_attn_by_inverse_layer_idx=True),
+    "gpt2": {},
+    "gpt2_lnpre": {"normalization_type": "LNPre"},
+    "neox_partial_rotary_parallel": {
+        "positional_embedding_type": "rotary", "rotary_dim": 4, "parallel_attn_mlp": True, "act_fn": "gelu"
+    },
+    "gptj_adjacent_rotary": {
+        "positional_embedding_type": "rotary", "rotary_dim": 4, "rotary_adjacent_pairs": True,
+        "parallel_attn_mlp": True,
+    },
+    "llama_gqa": {
+        "positional_embedding_type": "rotary", "rotary_dim": 8, "normalization_type": "RMS", "act_fn": "silu",
+        "gated_mlp": True, "n_key_value_heads": 2,
+    },
+    "llama_rmspre_mqa": {
+        "positional_embedding_type": "rotary", "rotary_dim": 8, "normalization_type": "RMSPre", "act_fn": "silu",
+        "gated_mlp": True, "n_key_value_heads": 1,
+    },
+    "attn_only_relu_scaled": {"attn_only": True, "act_fn": "relu", "scale_attn_by_inverse_layer_idx": True},
 }
 
 
@@ -104,7 +111,7 @@ def test_pattern_hook_forces_standard_path_and_is_honoured(tokens: torch.Tensor)
     base = qs.perplexity(model, tokens, progress=False)
     calls: list[tuple[int, ...]] = []
 
-    def uniform_pattern(pattern: torch.Tensor, hook) -> torch.Tensor:  # noqa: ANN001
+    def uniform_pattern(pattern: torch.Tensor, hook) -> torch.Tensor:
         calls.append(tuple(pattern.shape))
         causal = torch.tril(torch.ones_like(pattern))
         return causal / causal.sum(-1, keepdim=True)
@@ -193,13 +200,13 @@ def test_switches_env_global_and_argument(tokens: torch.Tensor, monkeypatch: pyt
 @pytest.mark.parametrize(
     "overrides, reason",
     [
-        (dict(attn_scores_soft_cap=30.0), "soft-capping"),
-        (dict(output_logits_soft_cap=30.0), "soft-capping"),
-        (dict(use_local_attn=True, window_size=4, attn_types=["global", "local"]), "local"),
-        (dict(positional_embedding_type="alibi"), "positional_embedding_type"),
-        (dict(positional_embedding_type="shortformer"), "positional_embedding_type"),
-        (dict(use_attn_result=True), "use_attn_result"),
-        (dict(act_fn="solu_ln"), "layer-norm activation"),
+        ({"attn_scores_soft_cap": 30.0}, "soft-capping"),
+        ({"output_logits_soft_cap": 30.0}, "soft-capping"),
+        ({"use_local_attn": True, "window_size": 4, "attn_types": ["global", "local"]}, "local"),
+        ({"positional_embedding_type": "alibi"}, "positional_embedding_type"),
+        ({"positional_embedding_type": "shortformer"}, "positional_embedding_type"),
+        ({"use_attn_result": True}, "use_attn_result"),
+        ({"act_fn": "solu_ln"}, "layer-norm activation"),
     ],
 )
 def test_unsupported_configurations_fall_back(overrides: dict, reason: str) -> None:
