@@ -113,7 +113,9 @@ def _global_hooks() -> bool:
     from torch.nn.modules import module as _m
 
     return bool(
-        _m._global_forward_hooks or _m._global_forward_pre_hooks or _m._global_backward_hooks
+        _m._global_forward_hooks
+        or _m._global_forward_pre_hooks
+        or _m._global_backward_hooks
         or getattr(_m, "_global_backward_pre_hooks", None)
     )
 
@@ -121,12 +123,19 @@ def _global_hooks() -> bool:
 def _cfg_reason(model: HookedTransformer) -> str | None:
     cfg = model.cfg
     checks: list[tuple[bool, str]] = [
-        (cfg.original_architecture in POST_NORM_ARCHITECTURES, f"post-norm architecture {cfg.original_architecture}"),
+        (
+            cfg.original_architecture in POST_NORM_ARCHITECTURES,
+            f"post-norm architecture {cfg.original_architecture}",
+        ),
         (cfg.original_architecture in _QK_NORM_ARCHS, f"QK-norm architecture {cfg.original_architecture}"),
-        (cfg.positional_embedding_type not in ("standard", "rotary"),
-         f"positional_embedding_type={cfg.positional_embedding_type!r}"),
-        (cfg.normalization_type not in ("LN", "LNPre", "RMS", "RMSPre", None),
-         f"normalization_type={cfg.normalization_type!r}"),
+        (
+            cfg.positional_embedding_type not in ("standard", "rotary"),
+            f"positional_embedding_type={cfg.positional_embedding_type!r}",
+        ),
+        (
+            cfg.normalization_type not in ("LN", "LNPre", "RMS", "RMSPre", None),
+            f"normalization_type={cfg.normalization_type!r}",
+        ),
         (bool(cfg.use_normalization_before_and_after), "use_normalization_before_and_after"),
         (bool(cfg.use_local_attn), "local (windowed) attention"),
         (cfg.attention_dir != "causal", f"attention_dir={cfg.attention_dir!r}"),
@@ -144,7 +153,10 @@ def _cfg_reason(model: HookedTransformer) -> str | None:
         (bool(cfg.use_split_qkv_input) or bool(cfg.use_attn_in), "split/per-head attention inputs"),
         (bool(cfg.post_embedding_ln), "post_embedding_ln"),
         (cfg.is_layer_norm_activation(), f"layer-norm activation {cfg.act_fn!r}"),
-        (cfg.dtype not in (torch.float32, torch.float64, torch.bfloat16, torch.float16), f"dtype {cfg.dtype}"),
+        (
+            cfg.dtype not in (torch.float32, torch.float64, torch.bfloat16, torch.float16),
+            f"dtype {cfg.dtype}",
+        ),
     ]
     for bad, why in checks:
         if bad:
@@ -159,7 +171,9 @@ def _module_reason(model: HookedTransformer) -> str | None:
         return f"pos_embed is {type(model.pos_embed).__name__}"
     if type(model.unembed) is not Unembed:
         return f"unembed is {type(model.unembed).__name__}"
-    norm_ok = (lambda m: type(m) in _NORMS) if model.cfg.normalization_type else (lambda m: type(m) is nn.Identity)
+    norm_ok = (
+        (lambda m: type(m) in _NORMS) if model.cfg.normalization_type else (lambda m: type(m) is nn.Identity)
+    )
     if model.cfg.normalization_type is not None and not norm_ok(model.ln_final):
         return f"ln_final is {type(model.ln_final).__name__}"
     for i, block in enumerate(model.blocks):
@@ -304,8 +318,13 @@ def _build(model: HookedTransformer) -> _Weights:
                 act=act,
             )
         )
-    return _Weights(_key(model), layers, _norm(model.ln_final, cfg.normalization_type)
-                    if cfg.normalization_type else _Norm("none", None, None, 0.0))
+    return _Weights(
+        _key(model),
+        layers,
+        _norm(model.ln_final, cfg.normalization_type)
+        if cfg.normalization_type
+        else _Norm("none", None, None, 0.0),
+    )
 
 
 def _weights(model: HookedTransformer) -> _Weights:
@@ -327,6 +346,13 @@ def clear_cache(model: HookedTransformer) -> None:
 
 
 # ----------------------------------------------------------------------------- forward
+def _rms_norm(x: torch.Tensor, d: int, w: torch.Tensor | None, eps: float) -> torch.Tensor:
+    if hasattr(F, "rms_norm"):  # torch >= 2.4
+        return F.rms_norm(x, (d,), w, eps)
+    y = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
+    return y * w if w is not None else y
+
+
 def _apply_norm(x: torch.Tensor, n: _Norm, dtype: torch.dtype) -> torch.Tensor:
     if n.kind == "none":
         return x
@@ -334,11 +360,14 @@ def _apply_norm(x: torch.Tensor, n: _Norm, dtype: torch.dtype) -> torch.Tensor:
     if dtype in (torch.float32, torch.float64):
         if n.kind in ("LN", "LNPre"):
             return F.layer_norm(x, (d,), n.w, n.b, n.eps)
-        return F.rms_norm(x, (d,), n.w, n.eps)
+        return _rms_norm(x, d, n.w, n.eps)
     # Low precision: TransformerLens normalises in float32, casts back, then applies w (and b).
     xf = x.float()
-    y = (F.layer_norm(xf, (d,), None, None, n.eps) if n.kind in ("LN", "LNPre")
-         else F.rms_norm(xf, (d,), None, n.eps)).to(dtype)
+    y = (
+        F.layer_norm(xf, (d,), None, None, n.eps)
+        if n.kind in ("LN", "LNPre")
+        else _rms_norm(xf, d, None, n.eps)
+    ).to(dtype)
     if n.w is not None:
         y = y * n.w
     if n.b is not None:
@@ -432,9 +461,7 @@ def _batch_needs_mask(model: HookedTransformer, tokens: torch.Tensor) -> bool:
     return not bool(mask.all())
 
 
-def fast_token_nll(
-    model: HookedTransformer, tokens: torch.Tensor, check: bool = True
-) -> torch.Tensor | None:
+def fast_token_nll(model: HookedTransformer, tokens: torch.Tensor, check: bool = True) -> torch.Tensor | None:
     """Next-token NLL ``[b, ctx-1]`` (float32) of ``tokens`` ``[b, ctx]`` through the fast forward.
 
     Equal to ``-log_softmax(model(tokens).float())`` at the next tokens up to float round-off.
@@ -457,7 +484,9 @@ def fast_token_nll(
     out = torch.empty(b * n, dtype=torch.float32, device=resid.device)
     for s in range(0, b * n, CE_BLOCK_ROWS):
         logits = torch.addmm(b_U, flat[s : s + CE_BLOCK_ROWS], W_U)  # [rows, d_vocab]
-        out[s : s + CE_BLOCK_ROWS] = F.cross_entropy(logits.float(), target[s : s + CE_BLOCK_ROWS], reduction="none")
+        out[s : s + CE_BLOCK_ROWS] = F.cross_entropy(
+            logits.float(), target[s : s + CE_BLOCK_ROWS], reduction="none"
+        )
     return out.view(b, n)
 
 
@@ -475,4 +504,3 @@ def flops_per_token(cfg: Any, ctx: int) -> float:
     mlp = 0 if cfg.attn_only else 2 * cfg.d_model * cfg.d_mlp * (3 if cfg.gated_mlp else 2)
     attn_mix = 4 * cfg.n_heads * cfg.d_head * (ctx + 1) / 2
     return float(cfg.n_layers * (attn_proj + mlp + attn_mix) + 2 * cfg.d_model * cfg.d_vocab_out)
-

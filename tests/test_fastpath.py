@@ -25,8 +25,18 @@ from tests.conftest import (
 def _cfg_model(dtype: torch.dtype = torch.float32, seed: int = 0, **overrides) -> HookedTransformer:
     """A tiny random model from config overrides (biases randomised like conftest.make_model)."""
     base = {
-        "n_layers": 2, "d_model": 32, "n_heads": 4, "d_head": 8, "d_mlp": 64, "n_ctx": 32, "d_vocab": 50, "seed": seed,
-        "dtype": dtype, "device": "cpu", "act_fn": "gelu_new", "normalization_type": "LN",
+        "n_layers": 2,
+        "d_model": 32,
+        "n_heads": 4,
+        "d_head": 8,
+        "d_mlp": 64,
+        "n_ctx": 32,
+        "d_vocab": 50,
+        "seed": seed,
+        "dtype": dtype,
+        "device": "cpu",
+        "act_fn": "gelu_new",
+        "normalization_type": "LN",
     }
     base.update(overrides)
     model = HookedTransformer(HookedTransformerConfig(**base))
@@ -46,19 +56,32 @@ CONFIGS = {
     "gpt2": {},
     "gpt2_lnpre": {"normalization_type": "LNPre"},
     "neox_partial_rotary_parallel": {
-        "positional_embedding_type": "rotary", "rotary_dim": 4, "parallel_attn_mlp": True, "act_fn": "gelu"
+        "positional_embedding_type": "rotary",
+        "rotary_dim": 4,
+        "parallel_attn_mlp": True,
+        "act_fn": "gelu",
     },
     "gptj_adjacent_rotary": {
-        "positional_embedding_type": "rotary", "rotary_dim": 4, "rotary_adjacent_pairs": True,
+        "positional_embedding_type": "rotary",
+        "rotary_dim": 4,
+        "rotary_adjacent_pairs": True,
         "parallel_attn_mlp": True,
     },
     "llama_gqa": {
-        "positional_embedding_type": "rotary", "rotary_dim": 8, "normalization_type": "RMS", "act_fn": "silu",
-        "gated_mlp": True, "n_key_value_heads": 2,
+        "positional_embedding_type": "rotary",
+        "rotary_dim": 8,
+        "normalization_type": "RMS",
+        "act_fn": "silu",
+        "gated_mlp": True,
+        "n_key_value_heads": 2,
     },
     "llama_rmspre_mqa": {
-        "positional_embedding_type": "rotary", "rotary_dim": 8, "normalization_type": "RMSPre", "act_fn": "silu",
-        "gated_mlp": True, "n_key_value_heads": 1,
+        "positional_embedding_type": "rotary",
+        "rotary_dim": 8,
+        "normalization_type": "RMSPre",
+        "act_fn": "silu",
+        "gated_mlp": True,
+        "n_key_value_heads": 1,
     },
     "attn_only_relu_scaled": {"attn_only": True, "act_fn": "relu", "scale_attn_by_inverse_layer_idx": True},
 }
@@ -67,7 +90,9 @@ CONFIGS = {
 def _standard_token_nll(model: HookedTransformer, tokens: torch.Tensor) -> torch.Tensor:
     with torch.inference_mode():
         logits = model(tokens, return_type="logits")
-        return -torch.log_softmax(logits[:, :-1].to(torch.float64), -1).gather(-1, tokens[:, 1:, None])[..., 0]
+        return -torch.log_softmax(logits[:, :-1].to(torch.float64), -1).gather(-1, tokens[:, 1:, None])[
+            ..., 0
+        ]
 
 
 def _tokens(n: int = 5, ctx: int = 32, vocab: int = 50, seed: int = 0) -> torch.Tensor:
@@ -242,8 +267,16 @@ def test_bfloat16_close_to_standard() -> None:
 
 def test_flops_per_token_gpt2_small() -> None:
     cfg = HookedTransformerConfig(
-        n_layers=12, d_model=768, n_heads=12, d_head=64, d_mlp=3072, n_ctx=1024, d_vocab=50257,
-        act_fn="gelu_new", normalization_type="LN", device="cpu",
+        n_layers=12,
+        d_model=768,
+        n_heads=12,
+        d_head=64,
+        d_mlp=3072,
+        n_ctx=1024,
+        d_vocab=50257,
+        act_fn="gelu_new",
+        normalization_type="LN",
+        device="cpu",
     )
     d, L, V, T = 768, 12, 50257, 1024
     expected = L * (2 * 4 * d * d + 2 * 2 * d * 4 * d + 4 * d * (T + 1) / 2) + 2 * d * V
