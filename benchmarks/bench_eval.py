@@ -126,10 +126,49 @@ def run_rss(tokens: torch.Tensor, n: int, args: argparse.Namespace) -> dict[str,
         f = Path(d) / "tokens.pt"
         torch.save(tokens[:n].clone(), f)
         cmd = [sys.executable, __file__, "--rss-child", str(f), "--batch-size", str(args.batch_size)]
+        if args.threads:
+            cmd += ["--threads", str(args.threads)]
         if args.model:
             cmd += ["--model", args.model]
         out = subprocess.run(cmd, capture_output=True, text=True, check=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+# ----------------------------------------------------------------------------- profile
+PROFILE_GROUPS = {
+    "matmul (addmm/mm/bmm)": ("aten::addmm", "aten::mm", "aten::bmm", "aten::matmul"),
+    "attention (sdpa kernel)": (
+        "aten::_scaled_dot_product_flash_attention_for_cpu",
+        "aten::_scaled_dot_product_efficient_attention",
+        "aten::_scaled_dot_product_flash_attention",
+        "aten::_scaled_dot_product_cudnn_attention",
+    ),
+    "cross-entropy (log_softmax + nll)": (
+        "aten::_log_softmax",
+        "aten::nll_loss_forward",
+        "aten::nll_loss_nd",
+    ),
+    "layer norms": ("aten::native_layer_norm", "aten::_fused_rms_norm"),
+    "activation (gelu/silu)": ("aten::gelu_", "aten::gelu", "aten::silu_", "aten::silu"),
+    "copies (bias broadcast, casts, cat)": ("aten::copy_", "aten::cat", "aten::clone"),
+    "residual adds / elementwise": ("aten::add_", "aten::add", "aten::mul", "aten::mul_", "aten::index"),
+}
+
+
+def profile_fast(model: Any, tokens: torch.Tensor) -> list[tuple[str, float]]:
+    """Share of the fast forward's self CPU time per op group (one micro-batch, torch.profiler)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from qk_subspace import fastpath
+
+    fastpath.fast_chunk_nll(model, tokens)
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        fastpath.fast_chunk_nll(model, tokens)
+    by_name = {e.key: e.self_cpu_time_total for e in prof.key_averages()}
+    total = sum(by_name.values())
+    shares = [(g, sum(by_name.get(n, 0.0) for n in names) / total) for g, names in PROFILE_GROUPS.items()]
+    shares.append(("other", 1.0 - sum(v for _, v in shares)))
+    return shares
 
 
 # ----------------------------------------------------------------------------- sweep overhead
@@ -169,6 +208,65 @@ def sweep_overhead(model: Any, reps: int) -> dict[str, float]:
     return {k: median(v) for k, v in times.items()}
 
 
+def rss_row(r: dict[str, Any]) -> str:
+    gib = 2**30
+    w = r["weights_bytes"]
+    return (
+        f"| peak RSS, {r['chunks']} x {r['ctx']} evaluation (subprocess, path {r['path']}, {r['seconds']:.0f} s) | "
+        f"{r['peak_kb'] * 1024 / gib:.2f} GiB (weights {w / gib:.2f} GiB; process before model "
+        f"{r['rss_start_kb'] * 1024 / gib:.2f} GiB; peak - weights = {(r['peak_kb'] * 1024 - w) / gib:.2f} GiB) | "
+        f"<= weights + 1.5 GB |"
+    )
+
+
+def append_results(table: str) -> None:
+    text = RESULTS.read_text() if RESULTS.is_file() else "# Benchmark results\n"
+    heading = "## Evaluation performance: fast path vs Hugging Face (issue 7)"
+    if heading not in text:
+        text = text.rstrip() + f"\n\n{heading}\n\nAppended by `benchmarks/bench_eval.py`, newest last.\n"
+    RESULTS.write_text(text.rstrip() + "\n\n" + table + "\n")
+    print(f"\nappended to {RESULTS}")
+
+
+def rss_only(args: argparse.Namespace) -> None:
+    """Peak RSS of qs.perplexity over ``--rss-chunks`` chunks, each count in a fresh subprocess."""
+    load_before = common.load_average()
+    if args.model:
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(args.model, local_files_only=True)
+        from transformer_lens.loading_from_pretrained import get_pretrained_model_config
+
+        cfg = get_pretrained_model_config(args.model)
+        ctx, d_vocab = min(1024, cfg.n_ctx), cfg.d_vocab
+    else:
+        tokenizer, ctx, d_vocab = common.gpt2_tokenizer(), 1024, 50257
+    tokens, src = common.eval_tokens(tokenizer, ctx, d_vocab)
+    counts = [int(x) for x in (args.rss_chunks or "4,195").split(",") if x]
+    rows = []
+    for n in counts:
+        rows.append(rss_row(run_rss(tokens, n, args)))
+        print(rows[-1], flush=True)
+    cmd = "python benchmarks/bench_eval.py " + " ".join(sys.argv[1:])
+    table = "\n".join(
+        [
+            f"### {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC — `{cmd.strip()}`",
+            "",
+            (
+                f"- Peak RSS only ({src}, batch size {args.batch_size}); machine: {common.machine_info()}, shared "
+                f"(load {load_before} before, {common.load_average()} after); {common.versions()}."
+            ),
+            "",
+            "| measure | value | target |",
+            "|---|---|---|",
+            *rows,
+        ]
+    )
+    print(table)
+    if not args.no_append:
+        append_results(table)
+
+
 # ----------------------------------------------------------------------------- main
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -189,10 +287,19 @@ def main() -> None:
         help="comma-separated chunk counts for the RSS subprocesses (default 4,195; quick 2,6)",
     )
     ap.add_argument("--no-append", action="store_true", help="do not append to benchmarks/RESULTS.md")
+    ap.add_argument(
+        "--rss-only", action="store_true", help="only the peak-RSS subprocess runs (--rss-chunks)"
+    )
+    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     ap.add_argument("--rss-child", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     if args.rss_child:
         rss_child(args)
+        return
+    if args.rss_only:
+        rss_only(args)
         return
     chunks = args.chunks or (1 if args.quick else 2)
     reps = args.reps or (3 if args.quick else 5)
@@ -262,8 +369,16 @@ def main() -> None:
     paired = [a / b for a, b in zip(t_hf, t_fast, strict=True)]
     peak_med, peak_max = median(peaks), max(peaks)
 
+    prof = profile_fast(tl, toks[: args.batch_size])
+
     # 3. sweep-point overhead vs one ctx-token evaluation (fast path median)
     over = sweep_overhead(tl, reps=3 if args.quick else 5)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(
+        1
+    )  # the same steps on one thread: small ops suffer from OpenMP waits on a busy host
+    over1 = sweep_overhead(tl, reps=3 if args.quick else 5)
+    torch.set_num_threads(threads)
     one_eval = median(t_fast) / chunks
     point = over["reconstruct"] + over["inject"] + over["restore"] + over["cache_rebuild"]
 
@@ -273,7 +388,6 @@ def main() -> None:
 
     # ------------------------------------------------------------------ report
     cmd = "python benchmarks/bench_eval.py " + " ".join(sys.argv[1:])
-    gib = 2**30
     lines = [
         f"### {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC — `{cmd.strip()}`",
         "",
@@ -303,7 +417,7 @@ def main() -> None:
             f"{max(tps_fast):.1f}] | |"
         ),
         (
-            f"| HF GPT2LMHeadModel sdpa loop tok/s: median [min, max] | {median(tps_hf):.1f} [{min(tps_hf):.1f}, "
+            f"| HF {type(hf).__name__} (sdpa) loop tok/s: median [min, max] | {median(tps_hf):.1f} [{min(tps_hf):.1f}, "
             f"{max(tps_hf):.1f}] | |"
         ),
         f"| TL standard forward (fast=False), 1 x {ctx}, once | {1 / t_std:.1f} tok/s | |",
@@ -324,27 +438,35 @@ def main() -> None:
         f"| one {ctx}-token evaluation (fast path) | {one_eval:.2f} s | |",
     ]
     for k, v in over.items():
-        lines.append(f"| overhead: {k} | {v * 1e3:.1f} ms = {v / one_eval:.2%} of one eval | |")
+        lines.append(
+            f"| overhead: {k} ({threads} threads; 1 thread) | {v * 1e3:.1f} ms = {v / one_eval:.2%} of one eval; "
+            f"{over1[k] * 1e3:.1f} ms = {over1[k] / one_eval:.2%} | |"
+        )
+    point1 = over1["reconstruct"] + over1["inject"] + over1["restore"] + over1["cache_rebuild"]
+    lines.append(
+        f"| overhead per 6B sweep point, 1 thread | {point1 * 1e3:.1f} ms = {point1 / one_eval:.2%} of one "
+        f"{ctx}-token eval; {point1 / (one_eval * 195):.3%} of a 195-chunk eval | < 1 % |"
+    )
     lines.append(
         f"| overhead per 6B sweep point (reconstruct+inject+restore+cache rebuild) | {point * 1e3:.1f} ms = "
-        f"{point / one_eval:.2%} | < 1 % |"
+        f"{point / one_eval:.2%} of one {ctx}-token eval; {point / (one_eval * 195):.3%} of a 195-chunk eval | < 1 % |"
     )
     lines.append(
         f"| overhead per 6C sweep point (+ k-means k=16) | {(point + over['kmeans_k16']) * 1e3:.1f} ms = "
-        f"{(point + over['kmeans_k16']) / one_eval:.2%} | < 1 % |"
+        f"{(point + over['kmeans_k16']) / one_eval:.2%} of one eval; "
+        f"{(point + over['kmeans_k16']) / (one_eval * 195):.3%} of a 195-chunk eval | < 1 % |"
     )
     lines.append(
         f"| once per sweep (qk_matrices + PCA fit) | {(over['qk_matrices'] + over['pca_fit']) * 1e3:.1f} ms = "
         f"{(over['qk_matrices'] + over['pca_fit']) / one_eval:.2%} | |"
     )
+    lines.append(
+        "| where the fast forward's time goes (torch.profiler, self CPU time) | "
+        + "; ".join(f"{g} {v:.0%}" for g, v in prof)
+        + " | |"
+    )
     for r in rss:
-        w = r["weights_bytes"]
-        lines.append(
-            f"| peak RSS, {r['chunks']} x {r['ctx']} evaluation (subprocess, path {r['path']}, {r['seconds']:.0f} s) | "
-            f"{r['peak_kb'] * 1024 / gib:.2f} GiB (weights {w / gib:.2f} GiB; process before model "
-            f"{r['rss_start_kb'] * 1024 / gib:.2f} GiB; peak - weights = {(r['peak_kb'] * 1024 - w) / gib:.2f} GiB) | "
-            f"<= weights + 1.5 GB |"
-        )
+        lines.append(rss_row(r))
     if args.quick or max(rss_counts, default=0) < 195:
         lines.append("")
         lines.append(
@@ -357,12 +479,7 @@ def main() -> None:
     print()
     print(table)
     if not args.no_append:
-        text = RESULTS.read_text() if RESULTS.is_file() else "# Benchmark results\n"
-        heading = "## Evaluation performance: fast path vs Hugging Face (issue 7)"
-        if heading not in text:
-            text = text.rstrip() + f"\n\n{heading}\n\nAppended by `benchmarks/bench_eval.py`, newest last.\n"
-        RESULTS.write_text(text.rstrip() + "\n\n" + table + "\n")
-        print(f"\nappended to {RESULTS}")
+        append_results(table)
 
 
 if __name__ == "__main__":

@@ -467,14 +467,21 @@ def fast_token_nll(model: HookedTransformer, tokens: torch.Tensor, check: bool =
     Equal to ``-log_softmax(model(tokens).float())`` at the next tokens up to float round-off.
     Returns ``None`` when this model or batch needs TransformerLens' standard forward
     (:func:`unsupported_reason`, or a left-padding tokenizer that would mask leading pad tokens).
-    ``check=False`` skips the model-level checks (the caller has done them).
+    ``check=False`` skips the model-level checks (the caller has done them). Runs under
+    ``torch.inference_mode`` (no gradients).
     """
     if check and unsupported_reason(model) is not None:
         return None
     if tokens.ndim != 2 or tokens.shape[1] < 2 or tokens.shape[1] > model.cfg.n_ctx:
         raise ValueError(f"tokens must be [batch, ctx] with 2 <= ctx <= n_ctx, got {tuple(tokens.shape)}")
+    tokens = tokens.to(model.embed.W_E.device)
     if _batch_needs_mask(model, tokens):
         return None
+    with torch.inference_mode():
+        return _token_nll(model, tokens)
+
+
+def _token_nll(model: HookedTransformer, tokens: torch.Tensor) -> torch.Tensor:
     W = _weights(model)
     resid = _residual_final(model, tokens, W)[:, :-1]  # [b, ctx-1, d_model]
     b, n, d = resid.shape
@@ -491,7 +498,10 @@ def fast_token_nll(model: HookedTransformer, tokens: torch.Tensor, check: bool =
 
 
 def fast_chunk_nll(model: HookedTransformer, tokens: torch.Tensor, check: bool = True) -> torch.Tensor | None:
-    """Mean NLL per chunk ``[b]`` (float64) of ``tokens`` ``[b, ctx]``, or ``None`` (see :func:`fast_token_nll`)."""
+    """Mean NLL per chunk ``[b]`` (float64) of ``tokens`` ``[b, ctx]``, or ``None``.
+
+    See :func:`fast_token_nll`.
+    """
     nll = fast_token_nll(model, tokens, check=check)
     return None if nll is None else nll.double().mean(dim=1)
 
