@@ -16,7 +16,8 @@ function from the *same parameter tensors* of the same model (edited ``W_Q`` in 
 The cached fused weights are keyed on :func:`qk_subspace.injection.weights_version` (bumped by
 every qk_subspace edit and restore) *and* on every parameter's storage pointer and in-place
 version counter, so weights changed by any means (``inject_qk``, ``load_state_dict``, an
-optimiser step) are always seen.
+optimiser step) are always seen. The cache holds one extra copy of the Q/K/V weights (85 MB for
+GPT-2 small in float32) on the model until :func:`clear_cache`; the other weights are used in place.
 
 Whenever the model is outside what this module reproduces exactly, :func:`unsupported_reason`
 names the reason and callers use TransformerLens' own forward instead -- in particular whenever
@@ -466,7 +467,8 @@ def fast_token_nll(model: HookedTransformer, tokens: torch.Tensor, check: bool =
 
     Equal to ``-log_softmax(model(tokens).float())`` at the next tokens up to float round-off.
     Returns ``None`` when this model or batch needs TransformerLens' standard forward
-    (:func:`unsupported_reason`, or a left-padding tokenizer that would mask leading pad tokens).
+    (:func:`unsupported_reason`, a left-padding tokenizer that would mask leading pad tokens, or a
+    context longer than the model's current rotary tables).
     ``check=False`` skips the model-level checks (the caller has done them). Runs under
     ``torch.inference_mode`` (no gradients).
     """
@@ -477,6 +479,10 @@ def fast_token_nll(model: HookedTransformer, tokens: torch.Tensor, check: bool =
     tokens = tokens.to(model.embed.W_E.device)
     if _batch_needs_mask(model, tokens):
         return None
+    if model.cfg.positional_embedding_type == "rotary" and any(
+        b.attn.rotary_cos.shape[0] < tokens.shape[1] for b in model.blocks
+    ):
+        return None  # TransformerLens extends its rotary tables on the fly; let it do so
     with torch.inference_mode():
         return _token_nll(model, tokens)
 
