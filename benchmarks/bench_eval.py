@@ -220,12 +220,12 @@ def rss_row(r: dict[str, Any]) -> str:
 
 
 def append_results(table: str) -> None:
-    text = RESULTS.read_text() if RESULTS.is_file() else "# Benchmark results\n"
-    heading = "## Evaluation performance: fast path vs Hugging Face (issue 7)"
-    if heading not in text:
-        text = text.rstrip() + f"\n\n{heading}\n\nAppended by `benchmarks/bench_eval.py`, newest last.\n"
-    RESULTS.write_text(text.rstrip() + "\n\n" + table + "\n")
-    print(f"\nappended to {RESULTS}")
+    common.append_to_section(
+        RESULTS,
+        "## Evaluation performance: fast path vs Hugging Face (issue 7)",
+        "Appended by `benchmarks/bench_eval.py`, newest last.",
+        table,
+    )
 
 
 def rss_only(args: argparse.Namespace) -> None:

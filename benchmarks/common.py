@@ -180,3 +180,17 @@ def load_average() -> str:
         return " ".join(Path("/proc/loadavg").read_text().split()[:3])
     except OSError:
         return "?"
+
+
+def append_to_section(path: Path, heading: str, intro: str, block: str) -> None:
+    """Append ``block`` at the end of the ``heading`` section of the markdown file ``path``
+    (creating the file/section if needed), before the next ``## `` section."""
+    text = path.read_text() if path.is_file() else "# Benchmark results\n"
+    if heading not in text:
+        text = text.rstrip() + f"\n\n{heading}\n\n{intro}\n"
+    start = text.index(heading) + len(heading)
+    nxt = text.find("\n## ", start)
+    end = len(text) if nxt < 0 else nxt
+    text = text[:end].rstrip() + "\n\n" + block.strip() + "\n" + text[end:]
+    path.write_text(text.rstrip() + "\n")
+    print(f"\nappended to {path} under {heading!r}")

@@ -170,13 +170,12 @@ def main() -> None:
     print()
     print(text)
     if args.append:
-        path = Path(__file__).resolve().parent / "RESULTS.md"
-        body = path.read_text() if path.is_file() else "# Benchmark results\n"
-        heading = "## GPU sweep timing (issue 7)"
-        if heading not in body:
-            body = body.rstrip() + f"\n\n{heading}\n\nAppended by `benchmarks/gpu_sweep.py`, newest last.\n"
-        path.write_text(body.rstrip() + "\n\n" + text + "\n")
-        print(f"\nappended to {path}")
+        common.append_to_section(
+            Path(__file__).resolve().parent / "RESULTS.md",
+            "## GPU sweep timing (issue 7)",
+            "Appended by `benchmarks/gpu_sweep.py`, newest last.",
+            text,
+        )
 
 
 if __name__ == "__main__":
