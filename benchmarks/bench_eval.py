@@ -109,6 +109,7 @@ def rss_child(args: argparse.Namespace) -> None:
         json.dumps(
             {
                 "chunks": len(tokens),
+                "batch_size": args.batch_size,
                 "ctx": tokens.shape[1],
                 "path": res.path,
                 "seconds": time.perf_counter() - t,
@@ -212,7 +213,8 @@ def rss_row(r: dict[str, Any]) -> str:
     gib = 2**30
     w = r["weights_bytes"]
     return (
-        f"| peak RSS, {r['chunks']} x {r['ctx']} evaluation (subprocess, path {r['path']}, {r['seconds']:.0f} s) | "
+        f"| peak RSS, {r['chunks']} x {r['ctx']} evaluation, batch size {r.get('batch_size', '?')} (subprocess, "
+        f"path {r['path']}, {r['seconds']:.0f} s) | "
         f"{r['peak_kb'] * 1024 / gib:.2f} GiB (weights {w / gib:.2f} GiB; process before model "
         f"{r['rss_start_kb'] * 1024 / gib:.2f} GiB; peak - weights = {(r['peak_kb'] * 1024 - w) / gib:.2f} GiB) | "
         f"<= weights + 1.5 GB |"
