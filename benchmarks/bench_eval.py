@@ -213,10 +213,12 @@ def rss_row(r: dict[str, Any]) -> str:
     gib = 2**30
     w = r["weights_bytes"]
     return (
-        f"| peak RSS, {r['chunks']} x {r['ctx']} evaluation, batch size {r.get('batch_size', '?')} (subprocess, "
+        f"| peak RSS, {r['chunks']} x {r['ctx']} evaluation, batch size {r.get('batch_size', '?')} "
+        "(subprocess, "
         f"path {r['path']}, {r['seconds']:.0f} s) | "
         f"{r['peak_kb'] * 1024 / gib:.2f} GiB (weights {w / gib:.2f} GiB; process before model "
-        f"{r['rss_start_kb'] * 1024 / gib:.2f} GiB; peak - weights = {(r['peak_kb'] * 1024 - w) / gib:.2f} GiB) | "
+        f"{r['rss_start_kb'] * 1024 / gib:.2f} GiB; peak - weights = {(r['peak_kb'] * 1024 - w) / gib:.2f} "
+        "GiB) | "
         f"<= weights + 1.5 GB |"
     )
 
@@ -255,7 +257,8 @@ def rss_only(args: argparse.Namespace) -> None:
             f"### {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC — `{cmd.strip()}`",
             "",
             (
-                f"- Peak RSS only ({src}, batch size {args.batch_size}); machine: {common.machine_info()}, shared "
+                f"- Peak RSS only ({src}, batch size {args.batch_size}); machine: {common.machine_info()}, "
+                "shared "
                 f"(load {load_before} before, {common.load_average()} after); {common.versions()}."
             ),
             "",
@@ -339,8 +342,8 @@ def main() -> None:
         "fast_vs_hf": abs(nll_fast - nll_hf) / abs(nll_hf),
     }
     print(
-        f"loss on 1 x {ctx}: HF {nll_hf:.8f}  TL standard {nll_std:.8f}  fast ({fast_one.path}) {nll_fast:.8f}  "
-        + "  ".join(f"{k} {v:.2e}" for k, v in rel.items())
+        f"loss on 1 x {ctx}: HF {nll_hf:.8f}  TL standard {nll_std:.8f}  fast ({fast_one.path}) "
+        f"{nll_fast:.8f}  " + "  ".join(f"{k} {v:.2e}" for k, v in rel.items())
     )
 
     # 2. interleaved A/B timing with the matmul peak measured before every repetition
@@ -395,37 +398,45 @@ def main() -> None:
         "",
         (
             f"- Model: {label} ({n_params / 1e6:.1f}M parameters, fp32); tokens: {token_src}, "
-            f"timed on {chunks} x {ctx} tokens per evaluation, batch size {args.batch_size}, {reps} interleaved A/B reps."
+            f"timed on {chunks} x {ctx} tokens per evaluation, batch size {args.batch_size}, {reps} "
+            "interleaved A/B reps."
         ),
         (
             f"- Machine: {common.machine_info()}. **Shared with ~5 other agents' jobs** (load average "
-            f"{load_before} before, {common.load_average()} after): absolute numbers are noisy, ratios are side by side."
+            f"{load_before} before, {common.load_average()} after): absolute numbers are noisy, ratios are "
+            "side by side."
         ),
         f"- Versions: {common.versions()}.",
         (
-            f"- FLOPs per token: {flops_tok / 1e6:.1f} M = 2 x (QKV+O+MLP weights per layer) x layers + causal attention "
-            f"4 x d_model x (ctx+1)/2 per layer + unembedding 2 x d_model x d_vocab (norms/activations not counted)."
+            f"- FLOPs per token: {flops_tok / 1e6:.1f} M = 2 x (QKV+O+MLP weights per layer) x layers + "
+            "causal attention "
+            "4 x d_model x (ctx+1)/2 per layer + unembedding 2 x d_model x d_vocab (norms/activations not "
+            "counted)."
         ),
         f"- Wall time of the whole run: {wall:.0f} s.",
         "",
         "| measure | value | target |",
         "|---|---|---|",
         (
-            f"| loss rel. diff HF vs TL standard / fast vs TL standard / fast vs HF | {rel['hf_vs_standard']:.1e} / "
+            "| loss rel. diff HF vs TL standard / fast vs TL standard / fast vs HF | "
+            f"{rel['hf_vs_standard']:.1e} / "
             f"{rel['fast_vs_standard']:.1e} / {rel['fast_vs_hf']:.1e} | < 1e-4 (fast vs standard < 1e-5) |"
         ),
         (
-            f"| qs.perplexity (fast path) tok/s: median [min, max] | {median(tps_fast):.1f} [{min(tps_fast):.1f}, "
+            f"| qs.perplexity (fast path) tok/s: median [min, max] | {median(tps_fast):.1f} "
+            f"[{min(tps_fast):.1f}, "
             f"{max(tps_fast):.1f}] | |"
         ),
         (
-            f"| HF {type(hf).__name__} (sdpa) loop tok/s: median [min, max] | {median(tps_hf):.1f} [{min(tps_hf):.1f}, "
+            f"| HF {type(hf).__name__} (sdpa) loop tok/s: median [min, max] | {median(tps_hf):.1f} "
+            f"[{min(tps_hf):.1f}, "
             f"{max(tps_hf):.1f}] | |"
         ),
         f"| TL standard forward (fast=False), 1 x {ctx}, once | {1 / t_std:.1f} tok/s | |",
         (
             f"| throughput ratio fast / HF: ratio of medians; paired per-rep median [min, max] | "
-            f"{median(tps_fast) / median(tps_hf):.2f}x; {median(paired):.2f}x [{min(paired):.2f}, {max(paired):.2f}] "
+            f"{median(tps_fast) / median(tps_hf):.2f}x; {median(paired):.2f}x [{min(paired):.2f}, "
+            f"{max(paired):.2f}] "
             f"| >= 1.0x |"
         ),
         f"| matmul peak 2048^3 fp32 GFLOP/s: median [max] | {peak_med:.1f} [{peak_max:.1f}] | |",
@@ -434,14 +445,16 @@ def main() -> None:
             f"{median(tps_hf) * flops_tok / 1e9:.1f} | |"
         ),
         (
-            f"| fraction of matmul peak fast / HF (vs median peak) | {median(tps_fast) * flops_tok / 1e9 / peak_med:.0%} / "
+            "| fraction of matmul peak fast / HF (vs median peak) | "
+            f"{median(tps_fast) * flops_tok / 1e9 / peak_med:.0%} / "
             f"{median(tps_hf) * flops_tok / 1e9 / peak_med:.0%} | >= 80 % |"
         ),
         f"| one {ctx}-token evaluation (fast path) | {one_eval:.2f} s | |",
     ]
     for k, v in over.items():
         lines.append(
-            f"| overhead: {k} ({threads} threads; 1 thread) | {v * 1e3:.1f} ms = {v / one_eval:.2%} of one eval; "
+            f"| overhead: {k} ({threads} threads; 1 thread) | {v * 1e3:.1f} ms = {v / one_eval:.2%} of one "
+            "eval; "
             f"{over1[k] * 1e3:.1f} ms = {over1[k] / one_eval:.2%} | |"
         )
     point1 = over1["reconstruct"] + over1["inject"] + over1["restore"] + over1["cache_rebuild"]
@@ -451,7 +464,8 @@ def main() -> None:
     )
     lines.append(
         f"| overhead per 6B sweep point (reconstruct+inject+restore+cache rebuild) | {point * 1e3:.1f} ms = "
-        f"{point / one_eval:.2%} of one {ctx}-token eval; {point / (one_eval * 195):.3%} of a 195-chunk eval | < 1 % |"
+        f"{point / one_eval:.2%} of one {ctx}-token eval; {point / (one_eval * 195):.3%} of a 195-chunk eval "
+        "| < 1 % |"
     )
     lines.append(
         f"| overhead per 6C sweep point (+ k-means k=16) | {(point + over['kmeans_k16']) * 1e3:.1f} ms = "
@@ -459,7 +473,8 @@ def main() -> None:
         f"{(point + over['kmeans_k16']) / (one_eval * 195):.3%} of a 195-chunk eval | < 1 % |"
     )
     lines.append(
-        f"| once per sweep (qk_matrices + PCA fit) | {(over['qk_matrices'] + over['pca_fit']) * 1e3:.1f} ms = "
+        f"| once per sweep (qk_matrices + PCA fit) | {(over['qk_matrices'] + over['pca_fit']) * 1e3:.1f} ms "
+        "= "
         f"{(over['qk_matrices'] + over['pca_fit']) / one_eval:.2%} | |"
     )
     lines.append(

@@ -84,7 +84,10 @@ def gpt2_small_pair(seed: int = 0) -> tuple[Any, Any]:
 
 
 def local_pair(path: str) -> tuple[Any, Any]:
-    """``(HF AutoModelForCausalLM with sdpa, HookedTransformer)`` of a local checkpoint, no weight processing."""
+    """``(HF AutoModelForCausalLM with sdpa, HookedTransformer)`` of a local checkpoint.
+
+    No TransformerLens weight processing, so both hold the same weights.
+    """
     from transformers import AutoModelForCausalLM
 
     hf = AutoModelForCausalLM.from_pretrained(path, local_files_only=True, attn_implementation="sdpa").eval()
@@ -169,7 +172,8 @@ def versions() -> str:
     except (OSError, subprocess.SubprocessError):
         commit = "?"
     return (
-        f"python {platform.python_version()}, torch {torch.__version__}, transformers {transformers.__version__}, "
+        f"python {platform.python_version()}, torch {torch.__version__}, transformers "
+        f"{transformers.__version__}, "
         f"transformer-lens {version('transformer-lens')}, scikit-learn {version('scikit-learn')}, "
         f"qk_subspace {qs.__version__} @ {commit}"
     )

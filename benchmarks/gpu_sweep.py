@@ -138,7 +138,8 @@ def main() -> None:
     tokens, src = common.eval_tokens(common.gpt2_tokenizer(), ctx, 50257, n_tokens=n_tokens)
     dev_name = torch.cuda.get_device_name() if args.device.startswith("cuda") else common.machine_info()
     print(
-        f"device {args.device} ({dev_name}); tokens {tuple(tokens.shape)} ({src}); batch size {args.batch_size}"
+        f"device {args.device} ({dev_name}); tokens {tuple(tokens.shape)} ({src}); batch size "
+        f"{args.batch_size}"
     )
     header = [
         "| dtype | evaluation | path | wall s | tokens/s | ppl (random weights) |",
@@ -156,7 +157,10 @@ def main() -> None:
         [
             f"### {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC — `{cmd.strip()}`",
             "",
-            f"- Device: {args.device} ({dev_name}); tokens {tuple(tokens.shape)} ({src}); batch size {args.batch_size}.",
+            (
+                f"- Device: {args.device} ({dev_name}); tokens {tuple(tokens.shape)} ({src}); batch size "
+                f"{args.batch_size}."
+            ),
             f"- Versions: {common.versions()}.",
             "- Full sweep wall time: "
             + ", ".join(f"{d} {t:.1f} s" for d, t in totals.items())
