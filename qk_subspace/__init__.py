@@ -76,6 +76,8 @@ from .baselines import (
 )
 from .gauge_report import GaugeStudy, gauge_study
 from .plots import baselines_figure, gauge_figure, layerwise_figure
+from . import fastpath
+from .fastpath import fast_path_enabled, set_fast_path_enabled
 
 __version__ = "0.1.0"
 
@@ -179,4 +181,7 @@ __all__ = [
     "gauge_figure",
     "baselines_figure",
     "layerwise_figure",
+    "fastpath",
+    "fast_path_enabled",
+    "set_fast_path_enabled",
 ]

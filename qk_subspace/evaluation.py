@@ -9,6 +9,8 @@ import torch
 from tqdm.auto import tqdm
 from transformer_lens import HookedTransformer
 
+from . import fastpath
+
 __all__ = ["PerplexityResult", "RatioCI", "perplexity", "paired_ratio", "validate_tokens"]
 
 
@@ -21,12 +23,15 @@ class PerplexityResult:
         mean_nll: mean negative log-likelihood per predicted token (nats).
         nll_per_chunk: ``[n_chunks]`` float64, mean NLL of each chunk (for paired comparisons).
         n_tokens: number of predicted tokens (each chunk predicts ``ctx - 1``).
+        path: forward used: ``"fast"`` (:mod:`qk_subspace.fastpath`), ``"standard"``
+            (TransformerLens' forward) or ``"mixed"`` (some micro-batches needed the standard one).
     """
 
     ppl: float
     mean_nll: float
     nll_per_chunk: np.ndarray = field(repr=False)
     n_tokens: int
+    path: str = "standard"
 
 
 @dataclass
@@ -73,12 +78,20 @@ def perplexity(
     batch_size: int = 8,
     progress: bool = True,
     desc: str = "perplexity",
+    fast: bool | None = None,
 ) -> PerplexityResult:
     """Perplexity of ``model`` on ``tokens`` ``[n_chunks, ctx]``.
 
     Every chunk predicts its tokens 1..ctx-1 from their prefixes. Runs under
     ``torch.inference_mode`` in micro-batches of ``batch_size`` chunks; only one micro-batch of
     logits is alive at a time. Shows a tqdm bar unless ``progress=False``.
+
+    ``fast`` (default ``None``: on unless ``QK_SUBSPACE_FAST=0`` or
+    ``fastpath.set_fast_path_enabled(False)``) computes the same NLLs with the hook-free forward of
+    :mod:`qk_subspace.fastpath` on the same model and weights (edits in place included; within
+    float round-off of the standard forward), and never materialises the logits. Models or calls it
+    cannot reproduce exactly -- any attached hook, unsupported configurations, see
+    ``fastpath.unsupported_reason(model)`` -- use TransformerLens' forward; ``result.path`` says which.
     """
     validate_tokens(model, tokens)
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
@@ -86,16 +99,24 @@ def perplexity(
     device = model.W_U.device
     tokens = tokens.long()
     out = np.empty(len(tokens), dtype=np.float64)
+    use_fast = (fastpath.fast_path_enabled() if fast is None else bool(fast)) and (
+        fastpath.unsupported_reason(model) is None
+    )
+    n_fast = n_batches = 0
     with torch.inference_mode():
         for start in tqdm(range(0, len(tokens), batch_size), desc=desc, disable=not progress, leave=False):
             batch = tokens[start : start + batch_size].to(device)
-            out[start : start + len(batch)] = _chunk_nll(model, batch).cpu().numpy()
+            nll = fastpath.fast_chunk_nll(model, batch, check=False) if use_fast else None
+            n_fast += nll is not None
+            n_batches += 1
+            out[start : start + len(batch)] = (_chunk_nll(model, batch) if nll is None else nll).cpu().numpy()
     mean_nll = float(out.mean())
     return PerplexityResult(
         ppl=float(np.exp(mean_nll)),
         mean_nll=mean_nll,
         nll_per_chunk=out,
         n_tokens=int(tokens.shape[0] * (tokens.shape[1] - 1)),
+        path="fast" if n_fast == n_batches else ("standard" if n_fast == 0 else "mixed"),
     )
 
 
