@@ -73,7 +73,7 @@ def _is_integral(x: object) -> bool:
     """An int-like value: Python/numpy integers or integral floats (not bool, NaN or Inf)."""
     if isinstance(x, bool) or not isinstance(x, numbers.Real):
         return False
-    return math.isfinite(x) and int(x) == x
+    return math.isfinite(float(x)) and int(float(x)) == x
 
 
 def parse_heads(

@@ -247,7 +247,7 @@ class _Weights:
     ln_final: _Norm
 
 
-def _norm(module: nn.Module, kind: str | None) -> _Norm:
+def _norm(module: Any, kind: str | None) -> _Norm:
     if kind is None:
         return _Norm("none", None, None, 0.0)
     w = module.w.detach() if kind in ("LN", "RMS") else None
@@ -294,7 +294,7 @@ def _build(model: HookedTransformer) -> _Weights:
             w_in = b_in = w_out = b_out = None
             act = None
         else:
-            mlp = block.mlp
+            mlp: Any = block.mlp
             if isinstance(mlp, GatedMLP):
                 w_in = torch.cat([mlp.W_gate.detach(), mlp.W_in.detach()], dim=1).contiguous()
             else:

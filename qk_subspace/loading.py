@@ -72,9 +72,10 @@ def _processing(overrides: dict[str, Any]) -> dict[str, bool]:
 
 
 def _record(model: HookedTransformer, source: str, processing: dict[str, bool], offline: bool) -> HookedTransformer:
-    model.qk_subspace_source = source  # type: ignore[attr-defined]
-    model.qk_subspace_processing = dict(processing)  # type: ignore[attr-defined]
-    model.qk_subspace_offline = offline  # type: ignore[attr-defined]
+    # Plain attributes on the module (not parameters or buffers): what was loaded and how.
+    object.__setattr__(model, "qk_subspace_source", source)
+    object.__setattr__(model, "qk_subspace_processing", dict(processing))
+    object.__setattr__(model, "qk_subspace_offline", offline)
     model.eval()
     return model
 
@@ -217,5 +218,7 @@ def load_model(
             f"cannot load {name!r} ({official}): it is not in the local Hugging Face cache and the hub "
             f"is unreachable (offline). {_OFFLINE_HINT}"
         )
-    model = HookedTransformer.from_pretrained(name, device=device, dtype=dtype, tokenizer=tokenizer, **proc)
+    model = HookedTransformer.from_pretrained(
+        name, device=device, dtype=dtype, tokenizer=tokenizer, **proc  # type: ignore[arg-type]
+    )
     return _record(model, official, proc, offline=False)

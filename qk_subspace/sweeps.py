@@ -47,7 +47,7 @@ def evaluate_edit(
     ``ratio_high``) against ``baseline`` on the same chunks, ``max_residual`` of the injection,
     plus whatever ``inside(model)`` returns (called while the edit is active).
     """
-    with inject_circuit(model, target, circuit, heads=heads) as edit:
+    with inject_circuit(model, target, circuit, heads=heads) as edit:  # type: ignore[arg-type]
         res = perplexity(model, tokens, batch_size=batch_size, progress=progress, desc=desc)
         extra = inside(model) if inside is not None else {}
     ci = paired_ratio(baseline, res, n_boot=n_boot, seed=seed)
