@@ -226,13 +226,13 @@ def default_k_grid(n_heads: int) -> list[int]:
     return sorted(k for k in scaled if k <= n_heads)
 
 
-def variance_summary(pca: HeadPCA, thresholds: Sequence[float] = VARIANCE_THRESHOLDS, top: int = 3) -> dict[str, Any]:
-    """The report's 6A numbers: components needed per variance threshold and the top ratios."""
+def variance_summary(pca: Any, thresholds: Sequence[float] = VARIANCE_THRESHOLDS, top: int = 3) -> dict[str, Any]:
+    """The report's 6A numbers (a fitted ``HeadPCA`` or global ``CircuitPCA``): components per threshold, top ratios."""
     n = pca.n_heads_
     cum = pca.cumulative_variance_
     return {
         "n_heads": n,
-        "n_features": int(np.prod(pca.matrix_shape_)) if hasattr(pca, "matrix_shape_") else pca.d_model_**2,
+        "n_features": int(np.prod(getattr(pca, "matrix_shape_", None) or (pca.d_model_, pca.d_model_))),
         "n_components": pca.n_components_,
         "n_nonzero_components": pca.n_nonzero_components_,
         "thresholds": [
