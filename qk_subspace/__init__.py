@@ -66,7 +66,7 @@ from .sweeps import evaluate_parameter_edit
 from .gauge import GaugeEdit, canonical_gauge, gauge_plan, random_gauge, random_gauge_matrices, rotary_pairs
 from .grouped_pca import GramPCA, LayerwisePCA, matched_global_k, pca_parameter_count
 from .circuit_pca import CircuitEdit, CircuitPCA, circuit_factors, circuit_gram, materialize_circuits
-from .spaces import SPACES, compare_layerwise_global, fit_space_pca, space_context, sweep_space
+from .spaces import SPACES, compare_layerwise_global, fit_space_pca, space_context, sweep_circuit_clusters, sweep_space
 from .baselines import (
     marchenko_pastur_curve,
     random_subspace_sweep,
@@ -184,4 +184,5 @@ __all__ = [
     "fastpath",
     "fast_path_enabled",
     "set_fast_path_enabled",
+    "sweep_circuit_clusters",
 ]

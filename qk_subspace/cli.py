@@ -88,6 +88,21 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
     c.add_argument("--diag-ctx", dest="diag_ctx", type=int, default=128, help="diagnostic batch length (default 128)")
     c.add_argument("--no-head-scores", dest="head_scores", action="store_false",
                    help="skip the previous-token/duplicate-token/induction scores in the diagnostics")
+    q = p.add_argument_group("PCA space, per-layer PCA, null baselines, gauges (QK only)")
+    q.add_argument("--space", choices=("raw", "canonical", "circuit"), default="raw",
+                   help="raw: PCA of W_Q^T W_K (the report, default); canonical: the same in the canonical gauge; "
+                        "circuit: gauge-invariant PCA of C_h = W_Q W_K^T, injected through W_Q (residual recorded)")
+    q.add_argument("--groupby", choices=("layer",), default=None,
+                   help="layer: also one PCA per layer (K per layer, clipped to heads per layer) compared with "
+                        "the global PCA at equal parameter count (layerwise section and figure)")
+    q.add_argument("--baselines", action="store_true",
+                   help="null baselines: spectrum nulls (shuffled / Gaussian heads, Marchenko-Pastur) and random "
+                        "K-dim subspaces (perplexity), in the JSON, a figure and the report")
+    q.add_argument("--baseline-seeds", dest="baseline_seeds", type=int, default=3,
+                   help="seeds of the null models and random subspaces per K (default 3)")
+    q.add_argument("--gauges", type=int, default=0, metavar="N",
+                   help="N > 0: gauge study, raw and circuit curves under N random gauges "
+                        "((N+1) x (1 + 2 x len(K grid)) evaluations)")
     r = p.add_argument_group("run")
     r.add_argument("--device", default=None, help="cpu, cuda, ... (default: TransformerLens' choice)")
     r.add_argument("--dtype", default="float32", choices=("float32", "float64", "float16", "bfloat16"))

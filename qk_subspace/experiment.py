@@ -35,15 +35,19 @@ import plotly.graph_objects as go
 import torch
 from transformer_lens import HookedTransformer
 
+from .baselines import random_subspace_sweep, spectrum_nulls, summarize_random
 from .circuits import head_index, head_labels
 from .clustering import KMEANS_N_INIT, REPORT_CLUSTER_GRID, HeadClustering, cluster_heads, sweep_clusters
 from .data import chunk_text, chunk_tokens, load_wikitext2
 from .diagnostics import diagnostic_batch
 from .evaluation import PerplexityResult, perplexity, validate_tokens
+from .gauge_report import gauge_study
+from .grouped_pca import matched_global_k
 from .importance import component_importance, importance_order
 from .loading import load_model
 from .ov import circuit_matrices, head_output_change, inject_circuit
 from .results import ResultsStore, jsonable
+from .spaces import SPACES, fit_space_pca, space_context, sweep_circuit_clusters, sweep_space
 from .subspace import HeadPCA, validate_k
 from .sweeps import K_ALL_TOLERANCE, REPORT_K_GRID, sweep_k
 
@@ -106,6 +110,21 @@ class ExperimentConfig:
             components with ``importance_method`` (``"drop_one"`` or ``"gradient"``) on
             ``importance_tokens`` tokens not used by the sweep (after the diagnostic batch) and
             sweep K over the importance order too (``perplexity_vs_k_importance``).
+        space: PCA space of the whole QK pipeline (variance, K sweep, clustering, map, gate):
+            ``"raw"`` (the report's ``W_Q^T W_K``), ``"canonical"`` (the same inside
+            :func:`~qk_subspace.canonical_gauge`) or ``"circuit"`` (gauge-invariant
+            ``C_h = W_Q W_K^T``, :class:`~qk_subspace.CircuitPCA`, injected through ``W_Q`` by least
+            squares, residual recorded per K). QK only; not with ``order="importance"`` or
+            ``diagnostics`` unless ``"raw"``.
+        groupby: ``"layer"`` adds a ``layerwise`` section: one PCA per layer (same K in every layer,
+            K clipped to the heads per layer, which is always added) and the global PCA at the largest
+            K with no more parameters (:func:`~qk_subspace.matched_global_k`); the main pipeline
+            stays global.
+        baselines: null baselines of the main PCA: spectrum nulls (``spectrum_nulls``, ``baseline_seeds``
+            seeds) and random K-dim subspaces (``random_subspace_sweep``, ``baseline_seeds`` seeds per
+            K with ``0 < K < rank``; seed of K = ``1_000_003 * seed + K``).
+        gauges: ``N > 0`` adds ``gauge_study`` (raw and circuit curves under ``N`` random gauges;
+            ``(N + 1) * (1 + 2 len(ks))`` evaluations).
     """
 
     text_file: str | None = None
@@ -136,6 +155,11 @@ class ExperimentConfig:
     order: str = "variance"
     importance_method: str = "drop_one"
     importance_tokens: int = 32_768
+    space: str = "raw"
+    groupby: str | None = None
+    baselines: bool = False
+    baseline_seeds: int = 3
+    gauges: int = 0
 
     def __post_init__(self) -> None:
         for name, allowed in (("circuit", ("qk", "ov")), ("order", ("variance", "importance")),
@@ -146,6 +170,7 @@ class ExperimentConfig:
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < low:
                 raise ValueError(f"{name} must be an integer >= {low}, got {v!r}")
+        self._check_space_options()
         if self.text_format not in ("auto", "wikitext", "plain"):
             raise ValueError(f"text_format must be 'auto', 'wikitext' or 'plain', got {self.text_format!r}")
         if self.dtype not in _DTYPES:
@@ -167,6 +192,28 @@ class ExperimentConfig:
         if self.resume and self.overwrite:
             raise ValueError("resume and overwrite exclude each other")
 
+    def _check_space_options(self) -> None:
+        """Validate ``space``/``groupby``/``baselines``/``gauges`` and refuse combinations that make no sense."""
+        if self.space not in SPACES:
+            raise ValueError(f"space must be one of {list(SPACES)}, got {self.space!r}")
+        if self.groupby not in (None, "layer"):
+            raise ValueError(f"groupby must be None or 'layer', got {self.groupby!r}")
+        for name, low in (("baseline_seeds", 1), ("gauges", 0)):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < low:
+                raise ValueError(f"{name} must be an integer >= {low}, got {v!r}")
+        qk_only = [flag for flag, on in (
+            (f"--space {self.space}", self.space != "raw"), ("--groupby layer", self.groupby == "layer"),
+            ("--baselines", self.baselines), (f"--gauges {self.gauges}", self.gauges > 0)) if on]
+        if qk_only and self.circuit != "qk":
+            raise ValueError(f"{', '.join(qk_only)} analyse QK circuits (W_Q, W_K) and cannot be combined with "
+                             f"--circuit {self.circuit}; drop them or use --circuit qk")
+        if self.space != "raw":
+            for flag, on in (("--order importance", self.order == "importance"), ("--diagnostics", self.diagnostics)):
+                if on:
+                    raise ValueError(f"{flag} works on the raw W_QK PCA and cannot be combined with "
+                                     f"--space {self.space}; use --space raw (default) or drop {flag}")
+
     def replace(self, **changes: Any) -> ExperimentConfig:
         """A copy with some fields changed (unknown names raise ``TypeError``)."""
         return dataclasses.replace(self, **changes)
@@ -179,13 +226,13 @@ def default_k_grid(n_heads: int) -> list[int]:
     return sorted(k for k in scaled if k <= n_heads)
 
 
-def variance_summary(pca: HeadPCA, thresholds: Sequence[float] = VARIANCE_THRESHOLDS, top: int = 3) -> dict[str, Any]:
-    """The report's 6A numbers: components needed per variance threshold and the top ratios."""
+def variance_summary(pca: Any, thresholds: Sequence[float] = VARIANCE_THRESHOLDS, top: int = 3) -> dict[str, Any]:
+    """The report's 6A numbers (a fitted ``HeadPCA`` or global ``CircuitPCA``): components per threshold, top ratios."""
     n = pca.n_heads_
     cum = pca.cumulative_variance_
     return {
         "n_heads": n,
-        "n_features": int(np.prod(pca.matrix_shape_)),
+        "n_features": int(np.prod(getattr(pca, "matrix_shape_", None) or (pca.d_model_, pca.d_model_))),
         "n_components": pca.n_components_,
         "n_nonzero_components": pca.n_nonzero_components_,
         "thresholds": [
@@ -501,8 +548,18 @@ def run_experiment(
     stage_s["tokens"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
-    W = circuit_matrices(mdl, cfg.circuit)  # type: ignore[arg-type]  # [n_layers, n_heads, d_head, d_head] float64
-    pca = HeadPCA().fit(W)
+    pca: Any
+    layer_pca: Any = None
+    if cfg.space == "raw":
+        W = circuit_matrices(mdl, cfg.circuit)  # type: ignore[arg-type]  # [n_layers, n_heads, d_head, d_head] float64
+        pca = HeadPCA().fit(W)
+    else:  # canonical: HeadPCA of W_QK in the canonical gauge; circuit: CircuitPCA (no W materialised)
+        with space_context(mdl, cfg.space):  # type: ignore[arg-type]
+            pca = fit_space_pca(mdl, cfg.space)  # type: ignore[arg-type]
+            W = circuit_matrices(mdl, "qk") if cfg.space == "canonical" else None  # type: ignore[assignment]
+    if cfg.groupby == "layer":
+        with space_context(mdl, cfg.space):  # type: ignore[arg-type]
+            layer_pca = fit_space_pca(mdl, cfg.space, "layer")  # type: ignore[arg-type]
     n = pca.n_heads_
     stage_s["pca"] = time.perf_counter() - t0
 
@@ -516,6 +573,10 @@ def run_experiment(
             f"n_dims must be in [1, {pca.n_components_}] (the PCA's number of components for this model), "
             f"got {cfg.n_dims}"
         )
+    m_layer, D = int(mdl.cfg.n_heads), (mdl.cfg.d_model**2 if cfg.space == "circuit" else mdl.cfg.d_head**2)
+    layer_ks = sorted({min(k, m_layer) for k in ks} | {m_layer}) if cfg.groupby == "layer" else []
+    matched = {k: matched_global_k(k, D, n, int(mdl.cfg.n_layers), max_k=n) for k in layer_ks}
+    rand_ks = [k for k in ks if 0 < k < pca.n_nonzero_components_] if cfg.baselines else []
     map_k = cfg.map_k if cfg.map_k is not None else (cluster_ks[0] if cluster_ks else None)
     if map_k is not None and map_k not in cluster_ks:
         raise ValueError(f"map_k must be one of the evaluated cluster counts {cluster_ks}, got {map_k}")
@@ -527,7 +588,8 @@ def run_experiment(
         "processing": getattr(mdl, "qk_subspace_processing", None),
         "protocol": protocol,
         "n_tokens": protocol["n_tokens"],
-        "grids": {"K": ks, "cluster_k": cluster_ks, "cluster_k_dropped": dropped, "map_k": map_k},
+        "grids": {"K": ks, "cluster_k": cluster_ks, "cluster_k_dropped": dropped, "map_k": map_k,
+                  "K_layer": layer_ks, "K_global_matched": [matched[k] for k in layer_ks], "K_random": rand_ks},
         "clustering": {"n_dims": cfg.n_dims, "kmeans_n_init": KMEANS_N_INIT},
         "seeds": {"kmeans": cfg.seed, "bootstrap": cfg.seed},
         "evaluation": {
@@ -539,6 +601,12 @@ def run_experiment(
         "order": cfg.order,
         "diagnostics": diag_meta,
         "importance": imp_meta,
+        "space": cfg.space,
+        "groupby": cfg.groupby,
+        "baselines": None if not cfg.baselines else {
+            "n_seeds": cfg.baseline_seeds, "seed_of_K": f"1000003 * {cfg.seed} + K", "within": "span",
+        },
+        "gauges": None if not cfg.gauges else {"n_gauges": cfg.gauges, "seed": cfg.seed + 1, "spaces": ["raw", "circuit"]},
         "package_versions": _package_versions(),
     }
     store = ResultsStore.open(out / f"exp6_{name}.json", metadata, resume=cfg.resume, overwrite=cfg.overwrite)
@@ -565,12 +633,29 @@ def run_experiment(
         data["attention_diagnostics"]["options"] = diag_meta
     if by_importance:
         data.setdefault("perplexity_vs_k_importance", [])
-    n_points = 1 + len(ks) + len(cluster_ks) + (1 + len(ks) if by_importance else 0)
+    glob_ks = sorted(set(matched.values()))
+    if cfg.groupby == "layer":
+        lw = data.setdefault("layerwise", {"per_layer": [], "global": []})
+        lw["parameter_count"] = (f"numbers stored, D = {D} per head matrix, n = {n} heads, L = {mdl.cfg.n_layers} "
+                                 "layers: per layer L (D + K D) + n K; global D + K D + n K")
+        lw["matched"] = [{"K_layer": k, "K_global": matched[k]} for k in layer_ks]
+        lw["variance"] = {"cumulative_variance": layer_pca.cumulative_variance_.tolist(),
+                          "explained_variance_ratio": layer_pca.explained_variance_ratio_.tolist()}
+    if cfg.baselines:
+        data.setdefault("baselines", {"random_subspace": []})
+    n_points = (1 + len(ks) + len(cluster_ks) + (1 + len(ks) if by_importance else 0) + len(layer_ks) + len(glob_ks)
+                + ((1 + len(rand_ks)) if cfg.baselines else 0) + int(cfg.gauges > 0))
 
     def status() -> dict[str, Any]:
         done = int("baseline" in data) + len(data["perplexity_vs_k"]) + len(data["clustering"]["rows"])
         if by_importance:
             done += int("order" in data.get("importance", {})) + len(data["perplexity_vs_k_importance"])
+        if cfg.groupby == "layer":
+            done += len(data["layerwise"]["per_layer"]) + len(data["layerwise"]["global"])
+        if cfg.baselines:
+            bl = data["baselines"]
+            done += int("spectrum_nulls" in bl) + len({r["K"] for r in bl["random_subspace"]})
+        done += int(cfg.gauges > 0 and "gauge_study" in data)
         return {"complete": done == n_points, "points_done": done, "points_total": n_points}
 
     last = [time.perf_counter()]
@@ -586,6 +671,11 @@ def run_experiment(
             data["perplexity_vs_k_importance"].sort(key=lambda r: r["K"])
         if cfg.diagnostics:
             data["attention_diagnostics"]["rows"].sort(key=lambda r: (r["K"], r["layer"], r["head"]))
+        if cfg.groupby == "layer":
+            for sec in ("per_layer", "global"):
+                data["layerwise"][sec].sort(key=lambda r: r["K"])
+        if cfg.baselines:
+            data["baselines"]["random_subspace"].sort(key=lambda r: (r["K"], r["seed"]))
         data["status"] = status()
         store.save()
 
@@ -625,12 +715,18 @@ def run_experiment(
             finish_point(f"K={row['K']}")
 
         last[0] = time.perf_counter()
-        sweep_k(
-            mdl, pca, tokens, todo_k, batch_size=cfg.batch_size, progress=cfg.progress, baseline=baseline,
-            n_boot=cfg.n_boot, seed=cfg.seed, on_row=on_k_row, circuit=cfg.circuit,
-            diagnostics=cfg.diagnostics, diag_tokens=diag_tokens,
-            diagnostics_options={"head_scores": cfg.head_scores} if cfg.diagnostics else None,
-        )
+        if cfg.space == "raw":
+            sweep_k(
+                mdl, pca, tokens, todo_k, batch_size=cfg.batch_size, progress=cfg.progress, baseline=baseline,
+                n_boot=cfg.n_boot, seed=cfg.seed, on_row=on_k_row, circuit=cfg.circuit,
+                diagnostics=cfg.diagnostics, diag_tokens=diag_tokens,
+                diagnostics_options={"head_scores": cfg.head_scores} if cfg.diagnostics else None,
+            )
+        else:  # the sweep runs inside the space's gauge, paired with the (gauge-independent) baseline
+            sweep_space(
+                mdl, tokens, todo_k, space=cfg.space, baseline=baseline, batch_size=cfg.batch_size,  # type: ignore[arg-type]
+                progress=cfg.progress, n_boot=cfg.n_boot, seed=cfg.seed, on_row=on_k_row, pca=pca,
+            )
 
     # importance-ordered K sweep (issue 6): rank once on separate tokens, then sweep the same K grid
     if by_importance:
@@ -673,10 +769,56 @@ def run_experiment(
             finish_point(f"cluster_k={row['k']}")
 
         last[0] = time.perf_counter()
-        sweep_clusters(
-            mdl, pca, tokens, todo_c, W=W, n_dims=cfg.n_dims, seed=cfg.seed, batch_size=cfg.batch_size,
-            progress=cfg.progress, baseline=baseline, n_boot=cfg.n_boot, on_row=on_c_row, circuit=cfg.circuit,
-        )
+        cl_kw: dict[str, Any] = {"n_dims": cfg.n_dims, "seed": cfg.seed, "batch_size": cfg.batch_size,
+                                 "progress": cfg.progress, "baseline": baseline, "n_boot": cfg.n_boot, "on_row": on_c_row}
+        if cfg.space == "circuit":
+            sweep_circuit_clusters(mdl, pca, tokens, todo_c, **cl_kw)
+        else:
+            with space_context(mdl, cfg.space):  # type: ignore[arg-type]
+                sweep_clusters(mdl, pca, tokens, todo_c, W=W, circuit=cfg.circuit, **cl_kw)
+
+    sw_kw: dict[str, Any] = {"baseline": baseline, "batch_size": cfg.batch_size, "progress": cfg.progress,
+                             "n_boot": cfg.n_boot}
+    # per-layer PCA (issue 5): same K in every layer, and the global PCA at matched parameter count
+    if cfg.groupby == "layer":
+        lw = data["layerwise"]
+        for key, grid, grouping, fitted in (("per_layer", layer_ks, "layer", layer_pca), ("global", glob_ks, None, pca)):
+            todo = [k for k in grid if k not in {int(r["K"]) for r in lw[key]}]
+            if not todo:
+                continue
+
+            def on_lw_row(row: dict[str, Any], key: str = key) -> None:
+                lw[key].append(jsonable(row))
+                finish_point(f"{'layer' if key == 'per_layer' else 'matched global'} K={row['K']}")
+
+            last[0] = time.perf_counter()
+            sweep_space(mdl, tokens, todo, space=cfg.space, groupby=grouping, seed=cfg.seed,  # type: ignore[arg-type]
+                        on_row=on_lw_row, pca=fitted, **sw_kw)
+
+    # null baselines (issue 5): spectrum nulls, then random K-dim subspaces (one point per K)
+    if cfg.baselines:
+        bl = data["baselines"]
+        if "spectrum_nulls" not in bl:
+            last[0] = time.perf_counter()
+            nulls = spectrum_nulls(mdl, cfg.space, n_seeds=cfg.baseline_seeds, seed=cfg.seed)  # type: ignore[arg-type]
+            bl["spectrum_nulls"] = jsonable(nulls.to_dict("records"))
+            finish_point("spectrum nulls")
+        for K in [k for k in rand_ks if k not in {int(r["K"]) for r in bl["random_subspace"]}]:
+            last[0] = time.perf_counter()
+            rand = random_subspace_sweep(mdl, tokens, [K], space=cfg.space, n_seeds=cfg.baseline_seeds,  # type: ignore[arg-type]
+                                         seed=1_000_003 * cfg.seed + K, **sw_kw)
+            bl["random_subspace"].extend(jsonable(rand.to_dict("records")))
+            finish_point(f"random K={K}")
+        rows_r = bl["random_subspace"]
+        bl["summary"] = jsonable(summarize_random(pd.DataFrame(rows_r)).to_dict("records")) if rows_r else []
+
+    # gauge study (issue 5): raw and circuit curves under random gauges (one point, saved when done)
+    if cfg.gauges and "gauge_study" not in data:
+        last[0] = time.perf_counter()
+        study = gauge_study(mdl, tokens, ks, n_gauges=cfg.gauges, seed=cfg.seed + 1, batch_size=cfg.batch_size,
+                            progress=cfg.progress, n_boot=cfg.n_boot)
+        data["gauge_study"] = jsonable(study.summary())
+        finish_point("gauge study")
 
     # checks and gate
     k_rows = data["perplexity_vs_k"]
@@ -691,7 +833,9 @@ def run_experiment(
             "k_sweep": max(r["max_residual"] for r in k_rows),
             "clustering": max((r["max_residual"] for r in data["clustering"]["rows"]), default=0.0),
         },
-        "pca_reconstruction_max_abs_error": float((pca.reconstruct(n).cpu() - W.cpu()).abs().max()),
+        "pca_reconstruction_max_abs_error": (
+            None if W is None else float((pca.reconstruct(n).cpu() - W.cpu()).abs().max())
+        ),
         "replaced_equals_n_heads_minus_k": all(r["replaced"] == n - r["k"] for r in data["clustering"]["rows"]),
     }
     if by_importance:
@@ -700,6 +844,16 @@ def run_experiment(
         data["checks"]["k_all_importance"] = {
             "K": n, "ratio": imp_all["ratio"], "abs_ratio_error": err, "tolerance": K_ALL_TOLERANCE,
             "ok": err <= K_ALL_TOLERANCE,
+        }
+    if cfg.groupby == "layer":
+        lw_all = next(r for r in data["layerwise"]["per_layer"] if r["K"] == m_layer)
+        data["checks"]["k_all_layerwise"] = {
+            "K": m_layer, "ratio": lw_all["ratio"], "abs_ratio_error": abs(lw_all["ratio"] - 1.0),
+            "tolerance": K_ALL_TOLERANCE, "ok": abs(lw_all["ratio"] - 1.0) <= K_ALL_TOLERANCE,
+        }
+    if cfg.gauges:
+        data["checks"]["gauge_baseline"] = {
+            "max_rel_change": data["gauge_study"]["baseline_max_rel_change"], "ok": data["gauge_study"]["baseline_ok"],
         }
     if cfg.diagnostics:
         at_all = [r for r in data["attention_diagnostics"]["rows"] if r["K"] == n]

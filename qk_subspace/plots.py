@@ -30,8 +30,11 @@ __all__ = [
     "experiment_figures",
     "diagnostics_figures",
     "importance_figures",
+    "gauge_figure",
+    "baselines_figure",
+    "layerwise_figure",
+    "space_figures",
 ]
-__all__ = ["save_figure", "png_export_available", "gauge_figure", "baselines_figure", "layerwise_figure"]
 
 _PNG_WARNED = False
 
@@ -244,6 +247,7 @@ def experiment_figures(results: dict) -> dict[str, go.Figure]:
         f"exp6c_cluster_viz_{m}": fig_cluster_viz(results),
         **diagnostics_figures(results),
         **importance_figures(results),
+        **space_figures(results),
     }
 
 
@@ -602,3 +606,35 @@ def layerwise_figure(table: object, title: str = "Per-layer vs global PCA at equ
     fig.update_yaxes(type="log", row=1, col=2)
     fig.update_layout(title=title, template="plotly_white", width=1150, height=480)
     return fig
+
+
+def space_figures(results: dict) -> dict[str, go.Figure]:
+    """Figures of a run's issue-5 sections (empty dict if it had none): ``baselines_<model>``
+    (``--baselines``), ``layerwise_<model>`` (``--groupby layer``) and ``gauge_<model>`` (``--gauges``)."""
+    import types
+
+    import pandas as pd
+
+    m = results["metadata"]["model"]
+    space = results["metadata"].get("space", "raw")
+    figs: dict[str, go.Figure] = {}
+    bl = results.get("baselines")
+    if bl and bl.get("spectrum_nulls"):
+        rand = pd.DataFrame(bl["random_subspace"]) if bl.get("random_subspace") else None
+        figs[f"baselines_{m}"] = baselines_figure(
+            pd.DataFrame(bl["spectrum_nulls"]), pd.DataFrame(results["perplexity_vs_k"]), rand,
+            title=f"{m}, {space} space: real PCA vs null baselines",
+        )
+    lw = results.get("layerwise")
+    if lw and lw.get("per_layer"):
+        per_layer = pd.DataFrame(lw["per_layer"])
+        glob = {int(r["K"]): r for r in lw["global"]}
+        rows = [dict(glob[p["K_global"]], K_layer=p["K_layer"]) for p in lw["matched"] if p["K_global"] in glob]
+        table = pd.concat([per_layer.assign(K_layer=per_layer["K"]), pd.DataFrame(rows)], ignore_index=True)
+        figs[f"layerwise_{m}"] = layerwise_figure(
+            table, title=f"{m}, {space} space: per-layer vs global PCA at equal parameter count")
+    gs = results.get("gauge_study")
+    if gs and gs.get("table"):
+        figs[f"gauge_{m}"] = gauge_figure(types.SimpleNamespace(table=pd.DataFrame(gs["table"])),
+                                          title=f"{m}: gauge dependence of the QK PCA")
+    return figs

@@ -254,7 +254,9 @@ def _model_section(res: Mapping[str, Any]) -> str:
         f"- K=all ratio: {ka['ratio']!r} ({'OK' if ka['ok'] else 'FAILED'})",
         (f"- max injection residual |W_Q_new^T W_K - target|: K sweep {chk['max_injection_residual']['k_sweep']:.2e}, "
         f"clustering {chk['max_injection_residual']['clustering']:.2e}"),
-        f"- PCA reconstruction with all components, max abs error: {chk['pca_reconstruction_max_abs_error']:.2e}",
+        (f"- PCA reconstruction with all components, max abs error: {chk['pca_reconstruction_max_abs_error']:.2e}"
+         if chk.get("pca_reconstruction_max_abs_error") is not None else
+         "- PCA reconstruction: circuit space (circuits not materialised; see the injection residuals)"),
         "",
         "## Files", "",
         f"- `exp6_{meta['model']}.json` -- all numbers (6A/6B/6C, 2D map, checks; clock times only in `timings`)",
@@ -295,6 +297,56 @@ def _extra_sections(res: Mapping[str, Any]) -> list[str]:
                   for r in res["perplexity_vs_k"] if "diag_mean_kl" in r
               ]).splitlines(),
               "", f"Per-head rows in `attention_diagnostics`; figures `diag_*_{m}.html/.png`.", ""]
+    s += _space_sections(res)
+    return s
+
+
+def _space_sections(res: Mapping[str, Any]) -> list[str]:
+    """Report lines of the issue-5 options (``--space``, ``--groupby layer``, ``--baselines``, ``--gauges``)."""
+    s: list[str] = []
+    meta = res["metadata"]
+    m, space = meta["model"], meta.get("space", "raw")
+    if space != "raw":
+        what = {"canonical": "W_QK = W_Q^T W_K with every head in its canonical gauge (`canonical_gauge`)",
+                "circuit": ("the gauge-invariant circuits C_h = W_Q W_K^T (d_model x d_model), injected through "
+                            "W_Q by least squares; `max_residual` is the largest relative injection residual")}
+        s += ["## PCA space", "", f"Space **{space}**: variance, K sweep, clustering and map use {what[space]}.", ""]
+        if space == "circuit":
+            s += _md_table(["K", "ratio", "max residual", "mean residual"], [
+                [r["K"], _ratio(r["ratio"]), f"{r['max_residual']:.2e}", f"{r.get('mean_residual', 0.0):.2e}"]
+                for r in res["perplexity_vs_k"]]).splitlines() + [""]
+    lw = res.get("layerwise")
+    if lw and lw.get("per_layer"):
+        glob = {int(r["K"]): r for r in lw["global"]}
+        per = {int(r["K"]): r for r in lw["per_layer"]}
+        s += ["## Per-layer PCA vs global PCA", "", f"Parameter count: {lw['parameter_count']}.", "",
+              *_md_table(["K per layer", "params", "variance (global mean)", "ratio", "global K", "params",
+                          "variance", "ratio"], [
+                  [p["K_layer"], per[p["K_layer"]]["n_params"], f"{per[p['K_layer']]['global_variance']:.3f}",
+                   _ratio(per[p["K_layer"]]["ratio"]), p["K_global"], glob[p["K_global"]]["n_params"],
+                   f"{glob[p['K_global']]['global_variance']:.3f}", _ratio(glob[p["K_global"]]["ratio"])]
+                  for p in lw["matched"] if p["K_layer"] in per and p["K_global"] in glob
+              ]).splitlines(), "", f"Figure: `layerwise_{m}.html/.png`.", ""]
+    bl = res.get("baselines")
+    if bl and bl.get("summary") is not None:
+        real = {int(r["K"]): r for r in res["perplexity_vs_k"]}
+        s += ["## Null baselines", "",
+              (f"Random K-dim subspaces of the span of the centred heads ({meta['baselines']['n_seeds']} seeds per "
+               "K) against the top-K principal components; spectrum nulls (shuffled and Gaussian heads, "
+               "Marchenko-Pastur) in `baselines.spectrum_nulls`."), "",
+              *_md_table(["K", "PCA ratio", "random ratio (mean)", "random ratio (min-max)", "random variance (mean)"], [
+                  [r["K"], _ratio(real[r["K"]]["ratio"]) if r["K"] in real else "", _ratio(r["ratio_mean"]),
+                   f"{_ratio(r['ratio_min'])} - {_ratio(r['ratio_max'])}", f"{r['variance_mean']:.3f}"]
+                  for r in bl["summary"]
+              ]).splitlines(), "", f"Figure: `baselines_{m}.html/.png`.", ""]
+    gs = res.get("gauge_study")
+    if gs:
+        s += ["## Gauge study", "",
+              (f"{gs['config']['n_gauges']} random gauges; baseline perplexity max relative change "
+               f"{gs['baseline_max_rel_change']:.2e} ({'OK' if gs['baseline_ok'] else 'NOT unchanged'})."), "",
+              *_md_table(list(gs["spread"][0].keys()) if gs["spread"] else [], [
+                  [f"{v:.4g}" if isinstance(v, float) else v for v in r.values()] for r in gs["spread"]
+              ]).splitlines(), "", f"Figure: `gauge_{m}.html/.png`.", ""]
     return s
 
 

@@ -26,13 +26,21 @@ from transformer_lens import HookedTransformer
 
 from .circuit_pca import CircuitPCA
 from .circuits import qk_matrices
+from .clustering import cluster_heads
 from .evaluation import PerplexityResult, perplexity
 from .gauge import canonical_gauge
 from .grouped_pca import LayerwisePCA, matched_global_k, pca_parameter_count
 from .subspace import HeadPCA, validate_k
 from .sweeps import K_ALL_TOLERANCE, evaluate_edit, evaluate_parameter_edit
 
-__all__ = ["SPACES", "compare_layerwise_global", "fit_space_pca", "space_context", "sweep_space"]
+__all__ = [
+    "SPACES",
+    "compare_layerwise_global",
+    "fit_space_pca",
+    "space_context",
+    "sweep_circuit_clusters",
+    "sweep_space",
+]
 
 Space = Literal["raw", "canonical", "circuit"]
 SPACES: tuple[str, ...] = ("raw", "canonical", "circuit")
@@ -213,3 +221,54 @@ def compare_layerwise_global(
     out["space"] = space
     out.attrs["baseline_ppl"] = baseline.ppl
     return out
+
+
+def sweep_circuit_clusters(
+    model: HookedTransformer,
+    pca: CircuitPCA,
+    tokens: torch.Tensor,
+    ks: Sequence[int],
+    *,
+    n_dims: int = 20,
+    seed: int = 0,
+    batch_size: int = 8,
+    progress: bool = True,
+    baseline: PerplexityResult | None = None,
+    n_boot: int = 2000,
+    on_row: Callable[[dict[str, Any]], None] | None = None,
+) -> pd.DataFrame:
+    """The report's 6C in circuit space: every head's ``C_h`` replaced by its cluster representative's.
+
+    Heads are clustered (:func:`~qk_subspace.clustering.cluster_heads`) on the circuit-space
+    coefficients of a global :class:`CircuitPCA`; the targets ``C_h = C_rep(h)`` (mixing matrix with
+    one 1 per row) are injected through ``W_Q`` by least squares (:meth:`CircuitPCA.inject`), so
+    every head's ``W_Q`` is rewritten (representatives get their own circuit back, residual 0).
+
+    Returns:
+        DataFrame like :func:`~qk_subspace.clustering.sweep_clusters`: ``k``, ``replaced``, ``ppl``,
+        ``mean_nll``, ``ratio``, ``ratio_low``, ``ratio_high``, ``max_residual``, ``mean_residual``
+        (relative injection residuals), ``inertia``, ``representatives``, ``assignments``.
+    """
+    if not isinstance(pca, CircuitPCA) or pca.groupby is not None:
+        raise TypeError("sweep_circuit_clusters needs a fitted global CircuitPCA (groupby=None)")
+    if baseline is None:
+        baseline = perplexity(model, tokens, batch_size=batch_size, progress=progress, desc="baseline")
+    n = pca.n_heads_
+    rows: list[dict[str, Any]] = []
+    for k in tqdm(list(ks), desc="cluster sweep (circuit)", disable=not progress):
+        cl = cluster_heads(pca, k, n_dims=n_dims, seed=seed)  # type: ignore[arg-type]
+        A = torch.eye(n, dtype=torch.float64)[torch.as_tensor(cl.source_index())].numpy()
+        row: dict[str, Any] = {"k": int(k), "replaced": cl.n_replaced}
+        row.update(evaluate_parameter_edit(
+            model, tokens, pca.inject(model, A=A), baseline, batch_size=batch_size, progress=progress,
+            n_boot=n_boot, seed=seed, desc=f"k={k}",
+        ))
+        row["inertia"] = cl.inertia
+        row["representatives"] = cl.representative_labels()
+        row["assignments"] = cl.assignments.tolist()
+        rows.append(row)
+        if on_row is not None:
+            on_row(row)
+    df = pd.DataFrame(rows)
+    df.attrs["baseline_ppl"] = baseline.ppl
+    return df
