@@ -129,6 +129,18 @@ def _ref_line(fig: go.Figure, x: list, y: float, name: str, dash: str = "dash", 
     )
 
 
+def _log_ticks(values: list[float]) -> dict[str, Any]:
+    """Readable log-axis ticks (1, 2, 5 x 10^n) covering ``values``; plotly's default labels the
+    minor ticks with bare leading digits ("2" for 200)."""
+    vals = [float(v) for v in values if v is not None and np.isfinite(v) and v > 0]
+    if not vals:
+        return {}
+    lo, hi = np.floor(np.log10(min(vals))), np.ceil(np.log10(max(vals)))
+    ticks = [m * 10.0**e for e in range(int(lo), int(hi) + 1) for m in (1, 2, 5)]
+    ticks = [t for t in ticks if min(vals) / 2.5 <= t <= max(vals) * 2.5]
+    return {"tickvals": ticks, "ticktext": [f"{t:g}" for t in ticks]}
+
+
 def fig_ppl_vs_k(results: dict, thresholds: tuple[float, ...] = RATIO_THRESHOLDS) -> go.Figure:
     """6B: perplexity vs K (log scale) with CI error bars, ratio on hover, baseline and ratio lines."""
     rows = results["perplexity_vs_k"]
@@ -158,6 +170,7 @@ def fig_ppl_vs_k(results: dict, thresholds: tuple[float, ...] = RATIO_THRESHOLDS
         xaxis_title="K (components kept; K = number of heads means all)", yaxis_title="perplexity (log scale)",
         yaxis_type="log", template="plotly_white", width=800, height=500,
     )
+    fig.update_yaxes(**_log_ticks(y + [base * max(thresholds, default=1.0)]))
     return fig
 
 
@@ -187,6 +200,7 @@ def fig_cluster_ppl(results: dict) -> go.Figure:
         xaxis_title="number of clusters k", yaxis_title="perplexity (log scale)", yaxis_type="log",
         template="plotly_white", width=800, height=500,
     )
+    fig.update_yaxes(**_log_ticks([r["ppl"] for r in rows] + [base]))
     return fig
 
 
