@@ -490,9 +490,14 @@ def run_experiment(
     """
     cfg = (config or ExperimentConfig()).replace(**overrides)
     out = Path(out_dir).expanduser()
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise PermissionError(
+            f"out_dir {str(out)!r} cannot be created ({exc.strerror or exc}); it must be a writable directory"
+        ) from exc
     if not os.access(out, os.W_OK):
-        raise PermissionError(f"out_dir {str(out)!r} is not writable")
+        raise PermissionError(f"out_dir {str(out)!r} is not writable; it must be a writable directory")
     t_run = time.perf_counter()
     started = _now()
     stage_s: dict[str, float] = {}

@@ -9,6 +9,7 @@ cluster k, n_dims) are tested with those modules.
 from __future__ import annotations
 
 import json
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -268,3 +269,24 @@ def test_unknown_or_uncached_model_name_offline_is_fast_and_says_how_to_load_loc
     assert time.perf_counter() - t0 < 5
     msg = str(info.value)
     assert name in msg and "local Hugging Face checkpoint directory" in msg and "qs.load_model('path/to" in msg
+
+
+# ------------------------------------------------------------------ output directory of the runner
+def test_unwritable_output_dir_is_refused_before_any_work(tmp_path, monkeypatch) -> None:
+    """An output directory that cannot be created or written: PermissionError naming out_dir and the
+    value, raised before the model is loaded or anything is written."""
+    import qk_subspace.experiment as experiment
+
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a directory")
+    loaded = []
+    monkeypatch.setattr(experiment, "load_model", lambda *a, **k: loaded.append(a), raising=False)
+    with pytest.raises(PermissionError, match=r"out_dir '.*a_file/out'.*writable directory"):
+        qs.run_experiment(str(tmp_path / "no_model"), blocker / "out")
+    ro = tmp_path / "read_only"
+    ro.mkdir()
+    real_access = os.access
+    monkeypatch.setattr(experiment.os, "access", lambda p, m: False if str(p) == str(ro) else real_access(p, m))
+    with pytest.raises(PermissionError, match=r"out_dir '.*read_only' is not writable"):
+        qs.run_experiment(str(tmp_path / "no_model"), ro)
+    assert list(ro.iterdir()) == [] and loaded == []
