@@ -19,8 +19,15 @@ import sys
 import time
 
 GPT2_SHAPE = {
-    "n_layers": 12, "d_model": 768, "n_heads": 12, "d_head": 64, "d_mlp": 3072, "n_ctx": 1024,
-    "d_vocab": 50257, "act_fn": "gelu_new", "normalization_type": "LN",
+    "n_layers": 12,
+    "d_model": 768,
+    "n_heads": 12,
+    "d_head": 64,
+    "d_mlp": 3072,
+    "n_ctx": 1024,
+    "d_vocab": 50257,
+    "act_fn": "gelu_new",
+    "normalization_type": "LN",
 }
 
 
@@ -61,8 +68,20 @@ def child(mode: str, batch_size: int, n_seqs: int, ctx: int) -> None:
         extra = {"cached_bytes": int(sum(v.numel() * v.element_size() for v in cache.values()))}
     secs = time.perf_counter() - t0
     peak = _status("VmHWM")
-    print(json.dumps({"mode": mode, "batch_size": batch_size, "n_seqs": n_seqs, "ctx": ctx,
-                      "extra_peak_bytes": peak - rss0, "rss_before": rss0, "seconds": round(secs, 1), **extra}))
+    print(
+        json.dumps(
+            {
+                "mode": mode,
+                "batch_size": batch_size,
+                "n_seqs": n_seqs,
+                "ctx": ctx,
+                "extra_peak_bytes": peak - rss0,
+                "rss_before": rss0,
+                "seconds": round(secs, 1),
+                **extra,
+            }
+        )
+    )
 
 
 def main() -> None:
@@ -86,15 +105,35 @@ def main() -> None:
     all_patterns = args.n_seqs * 144 * args.ctx * args.ctx * 4
     print(f"all 144 patterns of {args.n_seqs} x {args.ctx} at once (float32): {all_patterns / 2**30:.2f} GiB")
     for mode, bs in runs:
-        out = subprocess.run(
-            [sys.executable, __file__, "--child", mode, "--bs", str(bs), "--n-seqs", str(args.n_seqs),
-             "--ctx", str(args.ctx)], capture_output=True, text=True, check=True,
-        ).stdout.strip().splitlines()[-1]
+        out = (
+            subprocess.run(
+                [
+                    sys.executable,
+                    __file__,
+                    "--child",
+                    mode,
+                    "--bs",
+                    str(bs),
+                    "--n-seqs",
+                    str(args.n_seqs),
+                    "--ctx",
+                    str(args.ctx),
+                ],
+                capture_output=True,
+                text=True,
+                check=True,
+            )
+            .stdout.strip()
+            .splitlines()[-1]
+        )
         res = json.loads(out)
         res["fraction_of_all_patterns"] = round(res["extra_peak_bytes"] / all_patterns, 3)
         print(json.dumps(res))
-        print(f"  {mode} batch_size={bs}: extra peak RSS {res['extra_peak_bytes'] / 2**20:.0f} MiB "
-              f"({res['fraction_of_all_patterns']:.1%} of all patterns), {res['seconds']} s", flush=True)
+        print(
+            f"  {mode} batch_size={bs}: extra peak RSS {res['extra_peak_bytes'] / 2**20:.0f} MiB "
+            f"({res['fraction_of_all_patterns']:.1%} of all patterns), {res['seconds']} s",
+            flush=True,
+        )
 
 
 if __name__ == "__main__":

@@ -32,11 +32,22 @@ def main() -> None:
     args = ap.parse_args()
 
     cfg = HookedTransformerConfig(
-        n_layers=12, d_model=768, n_heads=12, d_head=64, d_mlp=3072, n_ctx=1024, d_vocab=50257,
-        act_fn="gelu_new", normalization_type="LN", seed=0, device="cpu",
+        n_layers=12,
+        d_model=768,
+        n_heads=12,
+        d_head=64,
+        d_mlp=3072,
+        n_ctx=1024,
+        d_vocab=50257,
+        act_fn="gelu_new",
+        normalization_type="LN",
+        seed=0,
+        device="cpu",
     )
     model = HookedTransformer(cfg).eval()
-    tokens = torch.randint(0, cfg.d_vocab, (args.n_chunks, args.ctx), generator=torch.Generator().manual_seed(0))
+    tokens = torch.randint(
+        0, cfg.d_vocab, (args.n_chunks, args.ctx), generator=torch.Generator().manual_seed(0)
+    )
     res: dict[str, object] = {
         "torch_threads": torch.get_num_threads(),
         "tokens": [args.n_chunks, args.ctx],

@@ -77,7 +77,7 @@ def run_dtype(dtype_name: str, tokens: torch.Tensor, args: argparse.Namespace) -
             t = time.perf_counter()
         non_forward += time.perf_counter() - t
         del edit
-        if K >= pca.n_nonzero_components_:
+        if pca.n_nonzero_components_ <= K:
             k_all_ratio = res.ppl / base.ppl
     for k in common.CLUSTER_GRID:
         t = time.perf_counter()

@@ -31,10 +31,18 @@ def main() -> None:
     args = p.parse_args()
 
     config = qs.ExperimentConfig(
-        text_file=args.text_file, n_tokens=200_000, ctx=1024, batch_size=args.batch_size,
+        text_file=args.text_file,
+        n_tokens=200_000,
+        ctx=1024,
+        batch_size=args.batch_size,
         ks=None,  # the report's grid (scaled to 384 heads for GPT-2 medium)
-        cluster_ks=qs.REPORT_CLUSTER_GRID, n_dims=20, seed=0, device=args.device,
-        gate_k=10, gate_threshold=1.1, resume=args.resume,
+        cluster_ks=qs.REPORT_CLUSTER_GRID,
+        n_dims=20,
+        seed=0,
+        device=args.device,
+        gate_k=10,
+        gate_threshold=1.1,
+        resume=args.resume,
     )
     models = ["gpt2"] if args.no_medium else ["gpt2", "gpt2-medium"]
     done, skipped = qs.run_models(models, args.out, config)

@@ -31,7 +31,13 @@ def main() -> None:
     if not model_dir.is_dir() or not text.is_file():
         raise SystemExit(f"needs {model_dir} and {text} (the ../shared data beside the repository)")
     res = qs.run_experiment(
-        model_dir, args.out, text_file=str(text), n_tokens=32_768, ctx=256, resume=args.resume, png=not args.no_png,
+        model_dir,
+        args.out,
+        text_file=str(text),
+        n_tokens=32_768,
+        ctx=256,
+        resume=args.resume,
+        png=not args.no_png,
     )
     print(format_tables(res.results))
     print(f"results: {res.path}\nreport: {res.report_path}")

@@ -61,30 +61,40 @@ def replot(out: Path) -> dict[str, Any]:
     r = json.loads((out / "importance.json").read_text())
     sw_var, sw_imp = pd.DataFrame(r["sweep_variance"]), pd.DataFrame(r["sweep_importance"])
     fig = qs.importance_overlay_figure(
-        sw_var, sw_imp, reference=SEED_REPORT_RATIOS, reference_scale=r["n_heads"] / 144,
+        sw_var,
+        sw_imp,
+        reference=SEED_REPORT_RATIOS,
+        reference_scale=r["n_heads"] / 144,
         title=f"{Path(r['model']).name} {r['circuit'].upper()}: perplexity vs K, variance vs importance order",
     )
     r["figures"] = {"overlay": save_figure(fig, out, f"overlay_{r['circuit']}")}
     heads = pd.DataFrame(r["head_importance"]["rows"])
-    heads.attrs.update({"mode": r["head_importance"]["mode"], "K": r["head_importance"]["K"],
-                        "circuit": r["circuit"]})
-    r["figures"]["heads"] = save_figure(qs.head_importance_figure(heads), out,
-                                        f"heads_{r['circuit']}_K{r['head_importance']['K']}")
+    heads.attrs.update(
+        {"mode": r["head_importance"]["mode"], "K": r["head_importance"]["K"], "circuit": r["circuit"]}
+    )
+    r["figures"]["heads"] = save_figure(
+        qs.head_importance_figure(heads), out, f"heads_{r['circuit']}_K{r['head_importance']['K']}"
+    )
     (out / "importance.json").write_text(json.dumps(_jsonable(r), indent=1))
     return r
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", default=str(DEFAULT_MODEL), help="local HF checkpoint dir or a TransformerLens name")
+    ap.add_argument(
+        "--model", default=str(DEFAULT_MODEL), help="local HF checkpoint dir or a TransformerLens name"
+    )
     ap.add_argument("--text", default=str(DEFAULT_TEXT), help="plain-text file to evaluate on")
     ap.add_argument("--wikitext", default=None, help="use WikiText-2 (this wiki.test.raw) instead of --text")
     ap.add_argument("--circuit", choices=qs.ov.CIRCUITS, default="qk")
     ap.add_argument("--ctx", type=int, default=256)
     ap.add_argument("--rank-tokens", type=int, default=8192, help="tokens for drop-one / gradient ranking")
     ap.add_argument("--eval-tokens", type=int, default=16384, help="tokens for the K sweeps (disjoint)")
-    ap.add_argument("--ks", default="all",
-                    help="comma-separated K values, 'all' (0..n_heads) or 'report' (0 + the seed report's grid)")
+    ap.add_argument(
+        "--ks",
+        default="all",
+        help="comma-separated K values, 'all' (0..n_heads) or 'report' (0 + the seed report's grid)",
+    )
     ap.add_argument("--head-mode", choices=["only", "all_but"], default="only")
     ap.add_argument("--score", default=None, help="drop-one column to order by (default delta_nll)")
     ap.add_argument("--head-k", type=int, default=None, help="K for head-level ablation (default: half)")
@@ -110,25 +120,35 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         toks = qs.chunk_text(model.tokenizer, Path(args.text).read_text(encoding="utf-8"), None, args.ctx)
     n_rank, n_eval = args.rank_tokens // args.ctx, args.eval_tokens // args.ctx
     if n_rank < 2 or n_eval < 2 or len(toks) * args.ctx < need:
-        raise SystemExit(f"need >= 2 chunks each for ranking and evaluation and {need} tokens; text has {toks.numel()}")
+        raise SystemExit(
+            f"need >= 2 chunks each for ranking and evaluation and {need} tokens; text has {toks.numel()}"
+        )
     rank_toks, eval_toks = toks[:n_rank], toks[n_rank : n_rank + n_eval]
-    print(f"model {args.model}: {model.cfg.n_layers} layers x {model.cfg.n_heads} heads; "
-          f"ranking on {tuple(rank_toks.shape)}, evaluating on {tuple(eval_toks.shape)} (disjoint)")
+    print(
+        f"model {args.model}: {model.cfg.n_layers} layers x {model.cfg.n_heads} heads; "
+        f"ranking on {tuple(rank_toks.shape)}, evaluating on {tuple(eval_toks.shape)} (disjoint)"
+    )
 
     W = qs.circuit_matrices(model, args.circuit)
     pca = qs.HeadPCA().fit(W)
-    print(f"{args.circuit.upper()} PCA: {pca.n_heads_} heads, {pca.n_nonzero_components_} non-zero components")
+    print(
+        f"{args.circuit.upper()} PCA: {pca.n_heads_} heads, {pca.n_nonzero_components_} non-zero components"
+    )
 
     # 1-2. rankings
     t = time.time()
-    drop = qs.component_importance(model, pca, rank_toks, "drop_one", circuit=args.circuit,
-                                   batch_size=args.batch_size, progress=progress)
+    drop = qs.component_importance(
+        model, pca, rank_toks, "drop_one", circuit=args.circuit, batch_size=args.batch_size, progress=progress
+    )
     t_drop = time.time() - t
     t = time.time()
     grad = qs.component_importance(model, pca, rank_toks, "gradient", circuit=args.circuit, progress=progress)
     t_grad = time.time() - t
     score = args.score or "delta_nll"
-    corr = {s: qs.rank_correlation(drop, grad, score, s) for s in ("fisher", "taylor", "taylor_abs", "taylor_fisher")}
+    corr = {
+        s: qs.rank_correlation(drop, grad, score, s)
+        for s in ("fisher", "taylor", "taylor_abs", "taylor_fisher")
+    }
     corr["explained_variance_ratio"] = qs.rank_correlation(drop, drop, score, "explained_variance_ratio")
     for k, v in corr.items():
         print(f"Spearman(drop-one {score}, {k}) = {v['spearman']:+.3f} (p={v['p_value']:.2g}, n={v['n']})")
@@ -144,16 +164,26 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     else:
         ks = [int(k) for k in args.ks.split(",")]
     baseline = qs.perplexity(model, eval_toks, batch_size=args.batch_size, progress=progress, desc="baseline")
-    common = {"batch_size": args.batch_size, "progress": progress, "baseline": baseline, "circuit": args.circuit}
+    common = {
+        "batch_size": args.batch_size,
+        "progress": progress,
+        "baseline": baseline,
+        "circuit": args.circuit,
+    }
     t = time.time()
     sw_var = qs.sweep_k(model, pca, eval_toks, ks, order="variance", **common)
     sw_imp = qs.sweep_k(model, pca, eval_toks, ks, order="importance", importance=order, **common)
     t_sweeps = time.time() - t
     reach = {"variance": qs.k_reaching(sw_var, 1.1), "importance": qs.k_reaching(sw_imp, 1.1)}
-    print(f"baseline ppl {baseline.ppl:.4f}; K reaching 1.1x: variance {reach['variance']}, "
-          f"importance {reach['importance']}")
+    print(
+        f"baseline ppl {baseline.ppl:.4f}; K reaching 1.1x: variance {reach['variance']}, "
+        f"importance {reach['importance']}"
+    )
     fig = qs.importance_overlay_figure(
-        sw_var, sw_imp, reference=SEED_REPORT_RATIOS, reference_scale=n_all / 144,
+        sw_var,
+        sw_imp,
+        reference=SEED_REPORT_RATIOS,
+        reference_scale=n_all / 144,
         title=f"{Path(args.model).name} {args.circuit.upper()}: perplexity vs K, variance vs importance order",
     )
     figures = {"overlay": save_figure(fig, out, f"overlay_{args.circuit}")}
@@ -161,42 +191,85 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     # 4. head level
     head_k = args.head_k if args.head_k is not None else pca.n_nonzero_components_ // 2
     t = time.time()
-    heads = qs.head_importance(model, pca, rank_toks, K=head_k, mode=args.head_mode, circuit=args.circuit,
-                               batch_size=args.batch_size, progress=progress)
+    heads = qs.head_importance(
+        model,
+        pca,
+        rank_toks,
+        K=head_k,
+        mode=args.head_mode,
+        circuit=args.circuit,
+        batch_size=args.batch_size,
+        progress=progress,
+    )
     t_heads = time.time() - t
     figures["heads"] = save_figure(qs.head_importance_figure(heads), out, f"heads_{args.circuit}_K{head_k}")
     top = heads.sort_values("ratio", ascending=False).head(5)
-    print(f"heads whose compression at K={head_k} costs most:",
-          ", ".join(f"{r.label} {r.ratio:.3f}x" for r in top.itertuples()))
+    print(
+        f"heads whose compression at K={head_k} costs most:",
+        ", ".join(f"{r.label} {r.ratio:.3f}x" for r in top.itertuples()),
+    )
 
     result: dict[str, Any] = {
-        "model": args.model, "circuit": args.circuit, "ctx": args.ctx,
-        "rank_tokens_shape": list(rank_toks.shape), "eval_tokens_shape": list(eval_toks.shape),
-        "n_heads": n_all, "n_nonzero_components": pca.n_nonzero_components_,
+        "model": args.model,
+        "circuit": args.circuit,
+        "ctx": args.ctx,
+        "rank_tokens_shape": list(rank_toks.shape),
+        "eval_tokens_shape": list(eval_toks.shape),
+        "n_heads": n_all,
+        "n_nonzero_components": pca.n_nonzero_components_,
         "explained_variance_ratio": pca.explained_variance_ratio_.tolist(),
         "baseline_ppl_eval": baseline.ppl,
-        "drop_one": _records(drop), "drop_one_attrs": dict(drop.attrs),
-        "gradient": _records(grad), "gradient_attrs": dict(grad.attrs),
-        "rank_correlation": corr, "ordering_score": score,
-        "orderings": {"variance": sw_var.attrs["component_order"], "importance": sw_imp.attrs["component_order"],
-                      "gradient_fisher": qs.importance_order(grad, "fisher")},
-        "sweep_variance": _records(sw_var), "sweep_variance_attrs": dict(sw_var.attrs),
-        "sweep_importance": _records(sw_imp), "sweep_importance_attrs": dict(sw_imp.attrs),
+        "drop_one": _records(drop),
+        "drop_one_attrs": dict(drop.attrs),
+        "gradient": _records(grad),
+        "gradient_attrs": dict(grad.attrs),
+        "rank_correlation": corr,
+        "ordering_score": score,
+        "orderings": {
+            "variance": sw_var.attrs["component_order"],
+            "importance": sw_imp.attrs["component_order"],
+            "gradient_fisher": qs.importance_order(grad, "fisher"),
+        },
+        "sweep_variance": _records(sw_var),
+        "sweep_variance_attrs": dict(sw_var.attrs),
+        "sweep_importance": _records(sw_imp),
+        "sweep_importance_attrs": dict(sw_imp.attrs),
         "k_reaching_1.1": reach,
-        "head_importance": {"K": head_k, "mode": args.head_mode, "rows": _records(heads),
-                            "matrix_ratio": qs.head_importance_matrix(heads).tolist()},
+        "head_importance": {
+            "K": head_k,
+            "mode": args.head_mode,
+            "rows": _records(heads),
+            "matrix_ratio": qs.head_importance_matrix(heads).tolist(),
+        },
         "figures": figures,
-        "seconds": {"drop_one": t_drop, "gradient": t_grad, "sweeps": t_sweeps, "heads": t_heads,
-                    "total": time.time() - t0},
-        "threads": args.threads, "torch": torch.__version__,
+        "seconds": {
+            "drop_one": t_drop,
+            "gradient": t_grad,
+            "sweeps": t_sweeps,
+            "heads": t_heads,
+            "total": time.time() - t0,
+        },
+        "threads": args.threads,
+        "torch": torch.__version__,
     }
     if args.circuit == "ov":
         target = pca.reconstruct(K=head_k).to(model.W_U.device)
-        change = qs.head_output_change(model, eval_toks, lambda: qs.inject_ov(model, target),
-                                       batch_size=args.batch_size, progress=progress)
-        result["ov_output_change"] = {"K": head_k, "z": change["z"].tolist(), "write": change["write"].tolist()}
-        print(f"OV K={head_k}: relative change of head outputs z: median {np.median(change['z']):.3f}, "
-              f"max {np.max(change['z']):.3f}")
+        change = qs.head_output_change(
+            model,
+            eval_toks,
+            lambda: qs.inject_ov(model, target),
+            batch_size=args.batch_size,
+            progress=progress,
+        )
+        result["ov_output_change"] = {
+            "K": head_k,
+            "z": change["z"].tolist(),
+            "write": change["write"].tolist(),
+        }
+        print(
+            f"OV K={head_k}: relative change of head outputs z: median {np.median(change['z']):.3f}, "
+            f"max {np.max(change['z']):.3f}"
+        )
     (out / "importance.json").write_text(json.dumps(_jsonable(result), indent=1))
     print(f"wrote {out / 'importance.json'} ({time.time() - t0:.0f} s)")
     return result

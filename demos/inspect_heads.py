@@ -49,15 +49,23 @@ def with_bos(model, chunks: torch.Tensor) -> torch.Tensor:
 
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", default=str(DEFAULT_MODEL), help="official name (gpt2) or local HF checkpoint dir")
+    ap.add_argument(
+        "--model", default=str(DEFAULT_MODEL), help="official name (gpt2) or local HF checkpoint dir"
+    )
     ap.add_argument("--text", default=str(DEFAULT_TEXT), help="a text file for the diagnostic batch")
     ap.add_argument("--ks", type=int, nargs="*", default=None, help="K grid (default 0, powers of 2, all)")
     ap.add_argument("--n-seqs", type=int, default=8, help="sequences in the diagnostic batch")
     ap.add_argument("--ctx", type=int, default=128, help="tokens per diagnostic sequence")
-    ap.add_argument("--threshold", type=float, default=0.1, help="a head is broken when KL exceeds this (nats)")
+    ap.add_argument(
+        "--threshold", type=float, default=0.1, help="a head is broken when KL exceeds this (nats)"
+    )
     ap.add_argument("--top", type=int, default=3, help="heads shown side by side")
-    ap.add_argument("--sample-tokens", type=int, default=32, help="length of the sample text in the pattern figure")
-    ap.add_argument("--batch-size", type=int, default=None, help="sequences per micro-batch (default automatic)")
+    ap.add_argument(
+        "--sample-tokens", type=int, default=32, help="length of the sample text in the pattern figure"
+    )
+    ap.add_argument(
+        "--batch-size", type=int, default=None, help="sequences per micro-batch (default automatic)"
+    )
     ap.add_argument("--out", default="results/inspect_heads")
     ap.add_argument("--docs-figure", default=None, help="also write the side-by-side PNG here (scale 1)")
     ap.add_argument("--no-png", action="store_true")
@@ -76,15 +84,20 @@ def main(argv: list[str] | None = None) -> dict:
 
     pca = qs.HeadPCA().fit(qs.qk_matrices(model))
     ks = args.ks or default_ks(pca.n_heads_)
-    print(f"model {args.model}: {model.cfg.n_layers} layers x {model.cfg.n_heads} heads, "
-          f"{pca.n_nonzero_components_} non-zero components; K grid {ks}; diagnostic batch {tuple(diag.shape)}")
+    print(
+        f"model {args.model}: {model.cfg.n_layers} layers x {model.cfg.n_heads} heads, "
+        f"{pca.n_nonzero_components_} non-zero components; K grid {ks}; diagnostic batch {tuple(diag.shape)}"
+    )
     t1 = time.perf_counter()
     long = qs.diagnostics_sweep(model, pca, diag, ks, batch_size=args.batch_size)
     t_sweep = time.perf_counter() - t1
 
     summary = long.groupby("K").agg(
-        mean_kl=("kl", "mean"), max_kl=("kl", "max"), mean_js=("js", "mean"),
-        mean_tv=("tv", "mean"), mean_top1=("top1_agreement", "mean"),
+        mean_kl=("kl", "mean"),
+        max_kl=("kl", "max"),
+        mean_js=("js", "mean"),
+        mean_tv=("tv", "mean"),
+        mean_top1=("top1_agreement", "mean"),
         kl_floored=("kl_floored", "mean"),
     )
     print("\nper-K summary (KL, JS in nats; kl_floored = fraction of rows where KL is a lower bound):")
@@ -109,17 +122,24 @@ def main(argv: list[str] | None = None) -> dict:
         if args.docs_figure:
             Path(args.docs_figure).parent.mkdir(parents=True, exist_ok=True)
             fig.write_image(args.docs_figure, scale=1)
-        written["breaking_table"] = plots.save_figure(plots.plot_breaking_heads_table(table), out, "breaking_heads", png=png)
-    written["kl_heatmap"] = plots.save_figure(plots.plot_head_metric_heatmap(long, "kl"), out, "kl_heatmap", png=png)
-    written["layer_kl_vs_k"] = plots.save_figure(plots.plot_layer_metric_vs_k(long, "kl"), out, "layer_kl_vs_k", png=png)
+        written["breaking_table"] = plots.save_figure(
+            plots.plot_breaking_heads_table(table), out, "breaking_heads", png=png
+        )
+    written["kl_heatmap"] = plots.save_figure(
+        plots.plot_head_metric_heatmap(long, "kl"), out, "kl_heatmap", png=png
+    )
+    written["layer_kl_vs_k"] = plots.save_figure(
+        plots.plot_layer_metric_vs_k(long, "kl"), out, "layer_kl_vs_k", png=png
+    )
 
     score_cols = ["previous_token", "duplicate_token", "induction"]
     base = long[long["K"] == ks[-1]].set_index("label")
     print("\nstrongest head of each type (scores on repeated random tokens, original -> edited at each K):")
     for name in score_cols:
         best = base[f"{name}_orig"].idxmax()
-        path = ", ".join(f"K={k}: {v:.2f}" for k, v in
-                         long[long["label"] == best].set_index("K")[f"{name}_edited"].items())
+        path = ", ".join(
+            f"K={k}: {v:.2f}" for k, v in long[long["label"] == best].set_index("K")[f"{name}_edited"].items()
+        )
         print(f"  {name:16s} {best}: original {base.loc[best, f'{name}_orig']:.2f}; edited {path}")
 
     result = {
@@ -137,7 +157,9 @@ def main(argv: list[str] | None = None) -> dict:
     }
     out.mkdir(parents=True, exist_ok=True)
     (out / "inspect_heads.json").write_text(json.dumps(result, indent=1, allow_nan=False))
-    print(f"\nsweep {t_sweep:.1f} s, total {time.perf_counter() - t0:.1f} s; wrote {out}/inspect_heads.json and figures")
+    print(
+        f"\nsweep {t_sweep:.1f} s, total {time.perf_counter() - t0:.1f} s; wrote {out}/inspect_heads.json and figures"
+    )
     return result
 
 

@@ -3,6 +3,15 @@ you force them into it? A toolkit on TransformerLens' HookedTransformer."""
 
 from __future__ import annotations
 
+from . import fastpath
+from .baselines import (
+    marchenko_pastur_curve,
+    random_subspace_sweep,
+    random_subspace_variance,
+    spectrum_nulls,
+    summarize_random,
+)
+from .circuit_pca import CircuitEdit, CircuitPCA, circuit_factors, circuit_gram, materialize_circuits
 from .circuits import (
     flat_to_layer_head,
     head_index,
@@ -11,46 +20,8 @@ from .circuits import (
     parse_heads,
     qk_matrices,
 )
-from .injection import ParameterEdit, QKEdit, inject_qk, qk_injection_weights
-from .loading import load_model
-from .data import chunk_text, chunk_tokens, load_wikitext2, wikitext2_rows
-from .evaluation import PerplexityResult, RatioCI, paired_ratio, perplexity
-from .subspace import HeadPCA
-from .sweeps import REPORT_K_GRID, evaluate_edit, sweep_k
-from .injection import active_edits, weights_version
 from .clustering import REPORT_CLUSTER_GRID, HeadClustering, cluster_heads, sweep_clusters
-from .results import ConfigMismatchError, load_results
-from .experiment import (
-    ExperimentConfig,
-    ExperimentResult,
-    GateResult,
-    default_k_grid,
-    gate_check,
-    pca_map_rows,
-    run_experiment,
-    run_models,
-    variance_summary,
-)
-from .report import REFERENCE_GPT2_SMALL, render_report
-from .ov import (
-    OVEdit,
-    circuit_matrices,
-    head_output_change,
-    inject_circuit,
-    inject_ov,
-    ov_injection_weights,
-    ov_matrices,
-)
-from .importance import (
-    circuit_gradient,
-    component_importance,
-    head_importance,
-    head_importance_matrix,
-    importance_order,
-    k_reaching,
-    rank_correlation,
-)
-from .plots import head_importance_figure, importance_overlay_figure
+from .data import chunk_text, chunk_tokens, load_wikitext2, wikitext2_rows
 from .diagnostics import (
     attention_diagnostics,
     breaking_heads,
@@ -62,22 +33,61 @@ from .diagnostics import (
     repeated_random_tokens,
     show_patterns,
 )
-from .sweeps import evaluate_parameter_edit
-from .gauge import GaugeEdit, canonical_gauge, gauge_plan, random_gauge, random_gauge_matrices, rotary_pairs
-from .grouped_pca import GramPCA, LayerwisePCA, matched_global_k, pca_parameter_count
-from .circuit_pca import CircuitEdit, CircuitPCA, circuit_factors, circuit_gram, materialize_circuits
-from .spaces import SPACES, compare_layerwise_global, fit_space_pca, space_context, sweep_circuit_clusters, sweep_space
-from .baselines import (
-    marchenko_pastur_curve,
-    random_subspace_sweep,
-    random_subspace_variance,
-    spectrum_nulls,
-    summarize_random,
+from .evaluation import PerplexityResult, RatioCI, paired_ratio, perplexity
+from .experiment import (
+    ExperimentConfig,
+    ExperimentResult,
+    GateResult,
+    default_k_grid,
+    gate_check,
+    pca_map_rows,
+    run_experiment,
+    run_models,
+    variance_summary,
 )
-from .gauge_report import GaugeStudy, gauge_study
-from .plots import baselines_figure, gauge_figure, layerwise_figure
-from . import fastpath
 from .fastpath import fast_path_enabled, set_fast_path_enabled
+from .gauge import GaugeEdit, canonical_gauge, gauge_plan, random_gauge, random_gauge_matrices, rotary_pairs
+from .gauge_report import GaugeStudy, gauge_study
+from .grouped_pca import GramPCA, LayerwisePCA, matched_global_k, pca_parameter_count
+from .importance import (
+    circuit_gradient,
+    component_importance,
+    head_importance,
+    head_importance_matrix,
+    importance_order,
+    k_reaching,
+    rank_correlation,
+)
+from .injection import ParameterEdit, QKEdit, active_edits, inject_qk, qk_injection_weights, weights_version
+from .loading import load_model
+from .ov import (
+    OVEdit,
+    circuit_matrices,
+    head_output_change,
+    inject_circuit,
+    inject_ov,
+    ov_injection_weights,
+    ov_matrices,
+)
+from .plots import (
+    baselines_figure,
+    gauge_figure,
+    head_importance_figure,
+    importance_overlay_figure,
+    layerwise_figure,
+)
+from .report import REFERENCE_GPT2_SMALL, render_report
+from .results import ConfigMismatchError, load_results
+from .spaces import (
+    SPACES,
+    compare_layerwise_global,
+    fit_space_pca,
+    space_context,
+    sweep_circuit_clusters,
+    sweep_space,
+)
+from .subspace import HeadPCA
+from .sweeps import REPORT_K_GRID, evaluate_edit, evaluate_parameter_edit, sweep_k
 
 __version__ = "0.1.0"
 

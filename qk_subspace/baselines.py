@@ -50,7 +50,7 @@ def marchenko_pastur_quantiles(p: int, N: int, grid: int = 20001) -> np.ndarray:
     unit-variance, ``p <= N``, from the Marchenko-Pastur law with ratio ``gamma = p / N``
     (density ``sqrt((b - x)(x - a)) / (2 pi gamma x)`` on ``[a, b] = [(1 -/+ sqrt(gamma))^2]``),
     taken at the quantiles ``(i - 1/2) / p``."""
-    if p < 1 or N < p:
+    if p < 1 or p > N:
         raise ValueError(f"need 1 <= p <= N, got p={p}, N={N}")
     g = p / N
     a, b = (1 - np.sqrt(g)) ** 2, (1 + np.sqrt(g)) ** 2

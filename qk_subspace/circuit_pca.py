@@ -286,7 +286,7 @@ class CircuitPCA(GramPCA):
             if len(self.head_shape_) == 2
             else [str(i) for i in range(self.n_heads_)]
         )
-        return dict(zip(labels, residual.flatten().tolist()))
+        return dict(zip(labels, residual.flatten().tolist(), strict=False))
 
     def __repr__(self) -> str:
         if hasattr(self, "eigvals_"):

@@ -91,8 +91,7 @@ def parse_heads(
     if isinstance(heads, torch.Tensor) and heads.dtype == torch.bool:
         if tuple(heads.shape) != (n_layers, n_heads):
             raise ValueError(
-                f"heads: a boolean mask must have shape ({n_layers}, {n_heads}), "
-                f"got {tuple(heads.shape)}"
+                f"heads: a boolean mask must have shape ({n_layers}, {n_heads}), got {tuple(heads.shape)}"
             )
         return heads.detach().cpu().clone()
     mask = torch.zeros(n_layers, n_heads, dtype=torch.bool)

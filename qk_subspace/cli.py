@@ -46,68 +46,146 @@ def _n_tokens(value: str) -> int | None:
 
 def add_run_arguments(p: argparse.ArgumentParser) -> None:
     """The ``run`` subcommand's arguments (``dest`` = ExperimentConfig field name)."""
-    p.add_argument("--model", nargs="+", required=True, metavar="NAME_OR_DIR",
-                   help="official TransformerLens name (gpt2, needs the hub) or local HF checkpoint dir; "
-                        "several models run in order behind the gate (e.g. --model gpt2 gpt2-medium)")
+    p.add_argument(
+        "--model",
+        nargs="+",
+        required=True,
+        metavar="NAME_OR_DIR",
+        help="official TransformerLens name (gpt2, needs the hub) or local HF checkpoint dir; "
+        "several models run in order behind the gate (e.g. --model gpt2 gpt2-medium)",
+    )
     p.add_argument("--out", default="results", help="output directory (default: results)")
     g = p.add_argument_group("evaluation text")
-    g.add_argument("--text-file", dest="text_file", default=None,
-                   help="local text: a wiki.*.raw file gives the WikiText-2 protocol, anything else is chunked "
-                        "as plain text (default: WikiText-2 test via `datasets`)")
+    g.add_argument(
+        "--text-file",
+        dest="text_file",
+        default=None,
+        help="local text: a wiki.*.raw file gives the WikiText-2 protocol, anything else is chunked "
+        "as plain text (default: WikiText-2 test via `datasets`)",
+    )
     g.add_argument("--text-format", dest="text_format", choices=("auto", "wikitext", "plain"), default="auto")
-    g.add_argument("--n-tokens", dest="n_tokens", type=_n_tokens, default=200_000,
-                   help="first N tokens of the stream ('all' for everything; default 200000 = 195 x 1024)")
+    g.add_argument(
+        "--n-tokens",
+        dest="n_tokens",
+        type=_n_tokens,
+        default=200_000,
+        help="first N tokens of the stream ('all' for everything; default 200000 = 195 x 1024)",
+    )
     g.add_argument("--ctx", type=int, default=None, help="chunk length (default min(1024, model n_ctx))")
     g.add_argument("--batch-size", dest="batch_size", type=int, default=8)
     s = p.add_argument_group("sweeps")
-    s.add_argument("--ks", nargs="+", default=None,
-                   help="K grid, e.g. 1,3,10,144 (default: the report's grid scaled to the number of heads; "
-                        "K=all and the gate K are always added)")
-    s.add_argument("--cluster-ks", dest="cluster_ks", nargs="+", default=None,
-                   help="cluster counts k (default 4,8,12,16,32,64; k >= n_heads dropped)")
-    s.add_argument("--n-dims", dest="n_dims", type=int, default=20, help="PCA coordinates for k-means (default 20)")
+    s.add_argument(
+        "--ks",
+        nargs="+",
+        default=None,
+        help="K grid, e.g. 1,3,10,144 (default: the report's grid scaled to the number of heads; "
+        "K=all and the gate K are always added)",
+    )
+    s.add_argument(
+        "--cluster-ks",
+        dest="cluster_ks",
+        nargs="+",
+        default=None,
+        help="cluster counts k (default 4,8,12,16,32,64; k >= n_heads dropped)",
+    )
+    s.add_argument(
+        "--n-dims", dest="n_dims", type=int, default=20, help="PCA coordinates for k-means (default 20)"
+    )
     s.add_argument("--map-k", dest="map_k", type=int, default=None, help="k that colours the 2D map")
     s.add_argument("--seed", type=int, default=0, help="k-means and bootstrap seed")
     s.add_argument("--n-boot", dest="n_boot", type=int, default=2000, help="bootstrap resamples for the CIs")
     s.add_argument("--gate-k", dest="gate_k", type=int, default=10)
     s.add_argument("--gate-threshold", dest="gate_threshold", type=float, default=1.1)
     c = p.add_argument_group("circuit, component order, diagnostics")
-    c.add_argument("--circuit", choices=("qk", "ov"), default="qk",
-                   help="qk: W_QK edited through W_Q (default); ov: head-space OV circuits edited through W_V")
-    c.add_argument("--order", choices=("variance", "importance"), default="variance",
-                   help="importance: also rank components (--importance-method) and sweep K over that order; "
-                        "writes the orderings and an overlay figure")
-    c.add_argument("--importance-method", dest="importance_method", choices=("drop_one", "gradient"),
-                   default="drop_one", help="how --order importance ranks components (default drop_one)")
-    c.add_argument("--importance-tokens", dest="importance_tokens", type=int, default=32_768,
-                   help="tokens for the ranking, taken from the text after the perplexity (and diagnostic) "
-                        "tokens (default 32768)")
-    c.add_argument("--diagnostics", action="store_true",
-                   help="per-head attention-pattern metrics per K (attention_diagnostics) and their figures")
-    c.add_argument("--diag-seqs", dest="diag_seqs", type=int, default=8, help="diagnostic batch sequences (default 8)")
-    c.add_argument("--diag-ctx", dest="diag_ctx", type=int, default=128, help="diagnostic batch length (default 128)")
-    c.add_argument("--no-head-scores", dest="head_scores", action="store_false",
-                   help="skip the previous-token/duplicate-token/induction scores in the diagnostics")
+    c.add_argument(
+        "--circuit",
+        choices=("qk", "ov"),
+        default="qk",
+        help="qk: W_QK edited through W_Q (default); ov: head-space OV circuits edited through W_V",
+    )
+    c.add_argument(
+        "--order",
+        choices=("variance", "importance"),
+        default="variance",
+        help="importance: also rank components (--importance-method) and sweep K over that order; "
+        "writes the orderings and an overlay figure",
+    )
+    c.add_argument(
+        "--importance-method",
+        dest="importance_method",
+        choices=("drop_one", "gradient"),
+        default="drop_one",
+        help="how --order importance ranks components (default drop_one)",
+    )
+    c.add_argument(
+        "--importance-tokens",
+        dest="importance_tokens",
+        type=int,
+        default=32_768,
+        help="tokens for the ranking, taken from the text after the perplexity (and diagnostic) "
+        "tokens (default 32768)",
+    )
+    c.add_argument(
+        "--diagnostics",
+        action="store_true",
+        help="per-head attention-pattern metrics per K (attention_diagnostics) and their figures",
+    )
+    c.add_argument(
+        "--diag-seqs", dest="diag_seqs", type=int, default=8, help="diagnostic batch sequences (default 8)"
+    )
+    c.add_argument(
+        "--diag-ctx", dest="diag_ctx", type=int, default=128, help="diagnostic batch length (default 128)"
+    )
+    c.add_argument(
+        "--no-head-scores",
+        dest="head_scores",
+        action="store_false",
+        help="skip the previous-token/duplicate-token/induction scores in the diagnostics",
+    )
     q = p.add_argument_group("PCA space, per-layer PCA, null baselines, gauges (QK only)")
-    q.add_argument("--space", choices=("raw", "canonical", "circuit"), default="raw",
-                   help="raw: PCA of W_Q^T W_K (the report, default); canonical: the same in the canonical gauge; "
-                        "circuit: gauge-invariant PCA of C_h = W_Q W_K^T, injected through W_Q (residual recorded)")
-    q.add_argument("--groupby", choices=("layer",), default=None,
-                   help="layer: also one PCA per layer (K per layer, clipped to heads per layer) compared with "
-                        "the global PCA at equal parameter count (layerwise section and figure)")
-    q.add_argument("--baselines", action="store_true",
-                   help="null baselines: spectrum nulls (shuffled / Gaussian heads, Marchenko-Pastur) and random "
-                        "K-dim subspaces (perplexity), in the JSON, a figure and the report")
-    q.add_argument("--baseline-seeds", dest="baseline_seeds", type=int, default=3,
-                   help="seeds of the null models and random subspaces per K (default 3)")
-    q.add_argument("--gauges", type=int, default=0, metavar="N",
-                   help="N > 0: gauge study, raw and circuit curves under N random gauges "
-                        "((N+1) x (1 + 2 x len(K grid)) evaluations)")
+    q.add_argument(
+        "--space",
+        choices=("raw", "canonical", "circuit"),
+        default="raw",
+        help="raw: PCA of W_Q^T W_K (the report, default); canonical: the same in the canonical gauge; "
+        "circuit: gauge-invariant PCA of C_h = W_Q W_K^T, injected through W_Q (residual recorded)",
+    )
+    q.add_argument(
+        "--groupby",
+        choices=("layer",),
+        default=None,
+        help="layer: also one PCA per layer (K per layer, clipped to heads per layer) compared with "
+        "the global PCA at equal parameter count (layerwise section and figure)",
+    )
+    q.add_argument(
+        "--baselines",
+        action="store_true",
+        help="null baselines: spectrum nulls (shuffled / Gaussian heads, Marchenko-Pastur) and random "
+        "K-dim subspaces (perplexity), in the JSON, a figure and the report",
+    )
+    q.add_argument(
+        "--baseline-seeds",
+        dest="baseline_seeds",
+        type=int,
+        default=3,
+        help="seeds of the null models and random subspaces per K (default 3)",
+    )
+    q.add_argument(
+        "--gauges",
+        type=int,
+        default=0,
+        metavar="N",
+        help="N > 0: gauge study, raw and circuit curves under N random gauges "
+        "((N+1) x (1 + 2 x len(K grid)) evaluations)",
+    )
     r = p.add_argument_group("run")
     r.add_argument("--device", default=None, help="cpu, cuda, ... (default: TransformerLens' choice)")
     r.add_argument("--dtype", default="float32", choices=("float32", "float64", "float16", "bfloat16"))
-    r.add_argument("--resume", action="store_true",
-                   help="continue the run in --out, skipping finished points (refuses a different configuration)")
+    r.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue the run in --out, skipping finished points (refuses a different configuration)",
+    )
     r.add_argument("--overwrite", action="store_true", help="replace existing results of the same model")
     r.add_argument("--no-png", dest="png", action="store_false", help="write HTML figures only")
     r.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
@@ -165,8 +243,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return int(args.func(args))
-    except (ConfigMismatchError, FileExistsError, FileNotFoundError, PermissionError, ConnectionError,
-            ValueError, TypeError) as exc:
+    except (
+        ConfigMismatchError,
+        FileExistsError,
+        FileNotFoundError,
+        PermissionError,
+        ConnectionError,
+        ValueError,
+        TypeError,
+    ) as exc:
         if os.environ.get("QK_SUBSPACE_DEBUG"):
             raise
         print(f"qk-subspace: error: {exc}", file=sys.stderr)

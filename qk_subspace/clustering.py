@@ -46,7 +46,9 @@ def validate_cluster_k(k: Any, n_heads: int, name: str = "k") -> int:
     if isinstance(k, bool) or not isinstance(k, (int, np.integer)):
         raise TypeError(f"{name} (number of clusters) must be an integer in [1, {n_heads}], got {k!r}")
     if not 1 <= int(k) <= n_heads:
-        raise ValueError(f"{name} (number of clusters) must be in [1, {n_heads}] (the number of heads), got {k}")
+        raise ValueError(
+            f"{name} (number of clusters) must be in [1, {n_heads}] (the number of heads), got {k}"
+        )
     return int(k)
 
 
@@ -220,7 +222,9 @@ def sweep_clusters(
     n = pca.n_heads_
     ks = [k for k in (_check_positive_int(k, "ks") for k in ks) if k < n]
     if not ks:
-        raise ValueError(f"ks: no cluster count below n_heads={n} to evaluate (k >= n_heads replaces nothing)")
+        raise ValueError(
+            f"ks: no cluster count below n_heads={n} to evaluate (k >= n_heads replaces nothing)"
+        )
     if W is None:
         W = circuit_matrices(model, circuit)  # type: ignore[arg-type]
     if baseline is None:
@@ -231,9 +235,17 @@ def sweep_clusters(
         row: dict[str, Any] = {"k": k, "replaced": cl.n_replaced}
         row.update(
             evaluate_edit(
-                model, tokens, cl.target(W).to(model.W_U.device), baseline,
-                heads=torch.as_tensor(cl.replaced_mask), batch_size=batch_size, progress=progress,
-                n_boot=n_boot, seed=seed, desc=f"k={k}", circuit=circuit,
+                model,
+                tokens,
+                cl.target(W).to(model.W_U.device),
+                baseline,
+                heads=torch.as_tensor(cl.replaced_mask),
+                batch_size=batch_size,
+                progress=progress,
+                n_boot=n_boot,
+                seed=seed,
+                desc=f"k={k}",
+                circuit=circuit,
             )
         )
         row["inertia"] = cl.inertia

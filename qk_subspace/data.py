@@ -56,9 +56,10 @@ def chunk_tokens(ids: list[int] | torch.Tensor, n_tokens: int | None, ctx: int) 
     """Cut a token stream to its first ``n_tokens`` then to whole chunks: ``[n_chunks, ctx]`` long."""
     if isinstance(ctx, bool) or not isinstance(ctx, int) or ctx < 2:
         raise ValueError(f"ctx must be an integer >= 2, got {ctx!r}")
-    if n_tokens is not None:
-        if isinstance(n_tokens, bool) or not isinstance(n_tokens, int) or n_tokens < ctx:
-            raise ValueError(f"n_tokens must be an integer >= ctx={ctx}, got {n_tokens!r}")
+    if n_tokens is not None and (
+        isinstance(n_tokens, bool) or not isinstance(n_tokens, int) or n_tokens < ctx
+    ):
+        raise ValueError(f"n_tokens must be an integer >= ctx={ctx}, got {n_tokens!r}")
     ids_t = torch.as_tensor(ids, dtype=torch.long).flatten()
     if n_tokens is not None:
         ids_t = ids_t[:n_tokens]

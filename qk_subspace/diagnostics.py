@@ -218,20 +218,30 @@ def _stream_pattern_pairs(
                         kept["p"] = pattern
 
                     def compare(
-                        pattern: torch.Tensor, hook: Any, layer: int = layer,
-                        kept: dict[str, torch.Tensor] = kept, batch: torch.Tensor = batch,
+                        pattern: torch.Tensor,
+                        hook: Any,
+                        layer: int = layer,
+                        kept: dict[str, torch.Tensor] = kept,
+                        batch: torch.Tensor = batch,
                     ) -> None:
                         on_layer(layer, kept["p"], pattern, batch)
 
                     with _state(model, original):
                         res_o = model.run_with_hooks(
-                            res_o, start_at_layer=layer, stop_at_layer=layer + 1,
-                            shortformer_pos_embed=sf_o, attention_mask=mask_o, fwd_hooks=[(hook_name, keep)],
+                            res_o,
+                            start_at_layer=layer,
+                            stop_at_layer=layer + 1,
+                            shortformer_pos_embed=sf_o,
+                            attention_mask=mask_o,
+                            fwd_hooks=[(hook_name, keep)],
                         )
                     with _state(model, edited):
                         res_e = model.run_with_hooks(
-                            res_e, start_at_layer=layer, stop_at_layer=layer + 1,
-                            shortformer_pos_embed=sf_e, attention_mask=mask_e,
+                            res_e,
+                            start_at_layer=layer,
+                            stop_at_layer=layer + 1,
+                            shortformer_pos_embed=sf_e,
+                            attention_mask=mask_e,
                             fwd_hooks=[(hook_name, compare)],
                         )
                     kept.clear()
@@ -293,7 +303,10 @@ class _DivergenceSums:
 
 def _smallest_positive(dtype: torch.dtype) -> float:
     """The smallest positive (subnormal) number of a float dtype."""
-    return float(torch.nextafter(torch.zeros((), dtype=dtype), torch.ones((), dtype=dtype))) or torch.finfo(dtype).tiny
+    return (
+        float(torch.nextafter(torch.zeros((), dtype=dtype), torch.ones((), dtype=dtype)))
+        or torch.finfo(dtype).tiny
+    )
 
 
 def detection_patterns(tokens: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -385,7 +398,9 @@ def repeated_random_tokens(
     if isinstance(half_len, bool) or not isinstance(half_len, int) or half_len < 1:
         raise ValueError(f"half_len must be a positive integer, got {half_len!r}")
     if 2 * half_len + extra > model.cfg.n_ctx:
-        raise ValueError(f"half_len={half_len}: 2*half_len{' + 1' if extra else ''} exceeds n_ctx={model.cfg.n_ctx}")
+        raise ValueError(
+            f"half_len={half_len}: 2*half_len{' + 1' if extra else ''} exceeds n_ctx={model.cfg.n_ctx}"
+        )
     if isinstance(n_seqs, bool) or not isinstance(n_seqs, int) or n_seqs < 1:
         raise ValueError(f"n_seqs must be a positive integer, got {n_seqs!r}")
     g = torch.Generator().manual_seed(seed)
@@ -487,8 +502,13 @@ def attention_diagnostics(
             **columns,
         }
     )
-    df.attrs.update({"n_seqs": int(tokens.shape[0]), "pos": int(tokens.shape[1]),
-                     "mode": "target" if target is not None else "inside"})
+    df.attrs.update(
+        {
+            "n_seqs": int(tokens.shape[0]),
+            "pos": int(tokens.shape[1]),
+            "mode": "target" if target is not None else "inside",
+        }
+    )
     return df
 
 
@@ -557,8 +577,15 @@ def diagnostics_sweep(
     device = model.W_U.device
     for K in tqdm(ks, desc="diagnostics K sweep", disable=not progress):
         df = attention_diagnostics(
-            model, tokens, pca.reconstruct(K).to(device), heads=heads, method=method,
-            head_scores=head_scores, rep_tokens=rep_tokens, batch_size=batch_size, progress=False,
+            model,
+            tokens,
+            pca.reconstruct(K).to(device),
+            heads=heads,
+            method=method,
+            head_scores=head_scores,
+            rep_tokens=rep_tokens,
+            batch_size=batch_size,
+            progress=False,
         )
         df.insert(0, "K", K)
         frames.append(df)
@@ -616,7 +643,9 @@ def breaking_heads(
         and the head's value at every K as ``{metric}@K{k}`` columns. Empty if no head ever breaks.
     """
     if "K" not in df.columns or metric not in df.columns:
-        raise ValueError(f"df: needs columns 'K' and {metric!r} (a diagnostics_sweep frame), got {list(df.columns)}")
+        raise ValueError(
+            f"df: needs columns 'K' and {metric!r} (a diagnostics_sweep frame), got {list(df.columns)}"
+        )
     above = df[df[metric] > threshold]
     cols = ["K", "layer", "head", "label", metric]
     if above.empty:
@@ -666,4 +695,3 @@ def show_patterns(
     return cv_attention.attention_heads(
         attention=torch.stack(mats), tokens=list(tokens), attention_head_names=names
     )
-

@@ -54,7 +54,9 @@ def validate_tokens(model: HookedTransformer, tokens: torch.Tensor) -> None:
         raise TypeError(f"tokens must be an integer tensor (torch.long), got dtype {tokens.dtype}")
     n, ctx = tokens.shape
     if n == 0 or ctx < 2:
-        raise ValueError(f"tokens must have at least 1 chunk of at least 2 tokens, got shape {tuple(tokens.shape)}")
+        raise ValueError(
+            f"tokens must have at least 1 chunk of at least 2 tokens, got shape {tuple(tokens.shape)}"
+        )
     if ctx > model.cfg.n_ctx:
         raise ValueError(f"tokens: ctx={ctx} is longer than the model's n_ctx={model.cfg.n_ctx}")
     lo, hi = int(tokens.min()), int(tokens.max())

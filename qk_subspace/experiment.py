@@ -71,7 +71,12 @@ __all__ = [
 VARIANCE_THRESHOLDS = (0.5, 0.8, 0.9, 0.95)
 _REPORT_N_HEADS = 144  # GPT-2 small, the model REPORT_K_GRID was written for
 _BREAK_THRESHOLD = 0.1  # KL (nats) above which a head counts as broken in the breaking-heads table
-_DTYPES = {"float32": torch.float32, "float64": torch.float64, "float16": torch.float16, "bfloat16": torch.bfloat16}
+_DTYPES = {
+    "float32": torch.float32,
+    "float64": torch.float64,
+    "float16": torch.float16,
+    "bfloat16": torch.bfloat16,
+}
 
 
 @dataclass
@@ -162,8 +167,11 @@ class ExperimentConfig:
     gauges: int = 0
 
     def __post_init__(self) -> None:
-        for name, allowed in (("circuit", ("qk", "ov")), ("order", ("variance", "importance")),
-                              ("importance_method", ("drop_one", "gradient"))):
+        for name, allowed in (
+            ("circuit", ("qk", "ov")),
+            ("order", ("variance", "importance")),
+            ("importance_method", ("drop_one", "gradient")),
+        ):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name} must be one of {list(allowed)}, got {getattr(self, name)!r}")
         for name, low in (("diag_seqs", 1), ("diag_ctx", 2), ("importance_tokens", 2)):
@@ -202,17 +210,31 @@ class ExperimentConfig:
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < low:
                 raise ValueError(f"{name} must be an integer >= {low}, got {v!r}")
-        qk_only = [flag for flag, on in (
-            (f"--space {self.space}", self.space != "raw"), ("--groupby layer", self.groupby == "layer"),
-            ("--baselines", self.baselines), (f"--gauges {self.gauges}", self.gauges > 0)) if on]
+        qk_only = [
+            flag
+            for flag, on in (
+                (f"--space {self.space}", self.space != "raw"),
+                ("--groupby layer", self.groupby == "layer"),
+                ("--baselines", self.baselines),
+                (f"--gauges {self.gauges}", self.gauges > 0),
+            )
+            if on
+        ]
         if qk_only and self.circuit != "qk":
-            raise ValueError(f"{', '.join(qk_only)} analyse QK circuits (W_Q, W_K) and cannot be combined with "
-                             f"--circuit {self.circuit}; drop them or use --circuit qk")
+            raise ValueError(
+                f"{', '.join(qk_only)} analyse QK circuits (W_Q, W_K) and cannot be combined with "
+                f"--circuit {self.circuit}; drop them or use --circuit qk"
+            )
         if self.space != "raw":
-            for flag, on in (("--order importance", self.order == "importance"), ("--diagnostics", self.diagnostics)):
+            for flag, on in (
+                ("--order importance", self.order == "importance"),
+                ("--diagnostics", self.diagnostics),
+            ):
                 if on:
-                    raise ValueError(f"{flag} works on the raw W_QK PCA and cannot be combined with "
-                                     f"--space {self.space}; use --space raw (default) or drop {flag}")
+                    raise ValueError(
+                        f"{flag} works on the raw W_QK PCA and cannot be combined with "
+                        f"--space {self.space}; use --space raw (default) or drop {flag}"
+                    )
 
     def replace(self, **changes: Any) -> ExperimentConfig:
         """A copy with some fields changed (unknown names raise ``TypeError``)."""
@@ -226,7 +248,9 @@ def default_k_grid(n_heads: int) -> list[int]:
     return sorted(k for k in scaled if k <= n_heads)
 
 
-def variance_summary(pca: Any, thresholds: Sequence[float] = VARIANCE_THRESHOLDS, top: int = 3) -> dict[str, Any]:
+def variance_summary(
+    pca: Any, thresholds: Sequence[float] = VARIANCE_THRESHOLDS, top: int = 3
+) -> dict[str, Any]:
     """The report's 6A numbers (a fitted ``HeadPCA`` or global ``CircuitPCA``): components per threshold, top ratios."""
     n = pca.n_heads_
     cum = pca.cumulative_variance_
@@ -236,7 +260,11 @@ def variance_summary(pca: Any, thresholds: Sequence[float] = VARIANCE_THRESHOLDS
         "n_components": pca.n_components_,
         "n_nonzero_components": pca.n_nonzero_components_,
         "thresholds": [
-            {"threshold": float(t), "K": pca.n_components_for(t), "fraction_of_heads": pca.n_components_for(t) / n}
+            {
+                "threshold": float(t),
+                "K": pca.n_components_for(t),
+                "fraction_of_heads": pca.n_components_for(t) / n,
+            }
             for t in thresholds
         ],
         "top_ratios": [float(r) for r in pca.explained_variance_ratio_[:top]],
@@ -281,19 +309,27 @@ def gate_check(rows: Any, K: int = 10, threshold: float = 1.1) -> GateResult:
     ratio = float(hits[-1]["ratio"])
     passed = ratio <= threshold
     verdict = "within" if passed else "not within"
-    return GateResult(int(K), float(threshold), ratio, passed, f"ratio at K={K} is {ratio:.3g}x, {verdict} {threshold}x")
+    return GateResult(
+        int(K), float(threshold), ratio, passed, f"ratio at K={K} is {ratio:.3g}x, {verdict} {threshold}x"
+    )
 
 
 def pca_map_rows(pca: HeadPCA, clustering: HeadClustering | None = None) -> list[dict[str, Any]]:
     """Every head's first two PCA coordinates with its layer, head, label and (optional) cluster."""
     n_layers, n_heads = pca.head_shape_[0], int(np.prod(pca.head_shape_[1:]))
     labels = head_labels(n_layers, n_heads)
-    clusters = clustering.assignments.reshape(-1).tolist() if clustering is not None else [None] * pca.n_heads_
+    clusters = (
+        clustering.assignments.reshape(-1).tolist() if clustering is not None else [None] * pca.n_heads_
+    )
     c = pca.coefficients_
     return [
         {
-            "label": labels[i], "layer": layer, "head": head,
-            "pc1": float(c[i, 0]), "pc2": float(c[i, 1]) if c.shape[1] > 1 else 0.0, "cluster": clusters[i],
+            "label": labels[i],
+            "layer": layer,
+            "head": head,
+            "pc1": float(c[i, 0]),
+            "pc2": float(c[i, 1]) if c.shape[1] > 1 else 0.0,
+            "cluster": clusters[i],
         }
         for i, (layer, head) in enumerate(head_index(n_layers, n_heads))
     ]
@@ -311,7 +347,15 @@ def model_display_name(model: str | os.PathLike | HookedTransformer) -> str:
 
 def _package_versions() -> dict[str, str]:
     out = {}
-    for pkg in ("qk_subspace", "torch", "transformer-lens", "transformers", "scikit-learn", "numpy", "datasets"):
+    for pkg in (
+        "qk_subspace",
+        "torch",
+        "transformer-lens",
+        "transformers",
+        "scikit-learn",
+        "numpy",
+        "datasets",
+    ):
         try:
             out[pkg] = importlib_metadata.version(pkg)
         except importlib_metadata.PackageNotFoundError:
@@ -336,11 +380,15 @@ def _sha256_tokens(tokens: torch.Tensor) -> str:
     return hashlib.sha256(repr(tuple(arr.shape)).encode() + arr.tobytes()).hexdigest()
 
 
-def evaluation_tokens(model: HookedTransformer, config: ExperimentConfig) -> tuple[torch.Tensor, dict[str, Any]]:
+def evaluation_tokens(
+    model: HookedTransformer, config: ExperimentConfig
+) -> tuple[torch.Tensor, dict[str, Any]]:
     """The evaluation tokens ``[n_chunks, ctx]`` of ``config`` and a description of the protocol."""
     ctx = config.ctx if config.ctx is not None else min(1024, int(model.cfg.n_ctx))
     if model.tokenizer is None:
-        raise ValueError("the model has no tokenizer; give run_experiment tokens=... or a checkpoint with tokenizer files")
+        raise ValueError(
+            "the model has no tokenizer; give run_experiment tokens=... or a checkpoint with tokenizer files"
+        )
     protocol: dict[str, Any] = {"ctx": ctx, "n_tokens_requested": config.n_tokens, "bos": False}
     if config.text_file is None:
         tokens = load_wikitext2(model.tokenizer, split=config.split, n_tokens=config.n_tokens, ctx=ctx)
@@ -390,7 +438,7 @@ def side_tokens(
                 f"perplexity tokens; the text has {len(stream)} more: {hint}, or lower --diag-seqs/--diag-ctx"
             )
         diag = diagnostic_batch(stream, config.diag_seqs, config.diag_ctx)
-    rest = stream[0 if diag is None else diag.numel():]
+    rest = stream[0 if diag is None else diag.numel() :]
     if want_rank:
         if len(rest) < max(config.importance_tokens, ctx):
             raise ValueError(
@@ -405,9 +453,15 @@ def side_tokens(
 def _model_config(model: HookedTransformer) -> dict[str, Any]:
     c = model.cfg
     return {
-        "model_name": c.model_name, "n_layers": c.n_layers, "n_heads": c.n_heads,
-        "n_key_value_heads": c.n_key_value_heads or c.n_heads, "d_model": c.d_model, "d_head": c.d_head,
-        "n_ctx": c.n_ctx, "d_vocab": c.d_vocab, "normalization_type": c.normalization_type,
+        "model_name": c.model_name,
+        "n_layers": c.n_layers,
+        "n_heads": c.n_heads,
+        "n_key_value_heads": c.n_key_value_heads or c.n_heads,
+        "d_model": c.d_model,
+        "d_head": c.d_head,
+        "n_ctx": c.n_ctx,
+        "d_vocab": c.d_vocab,
+        "normalization_type": c.normalization_type,
         "positional_embedding_type": c.positional_embedding_type,
     }
 
@@ -514,12 +568,18 @@ def run_experiment(
     t0 = time.perf_counter()
     caller_tokens = tokens is not None
     if tokens is not None:
-        protocol: dict[str, Any] = {"text": "tokens given by the caller", "route": "tokens", "ctx": int(tokens.shape[-1])}
+        protocol: dict[str, Any] = {
+            "text": "tokens given by the caller",
+            "route": "tokens",
+            "ctx": int(tokens.shape[-1]),
+        }
     else:
         tokens, protocol = evaluation_tokens(mdl, cfg)
     protocol.update(
-        n_chunks=int(tokens.shape[0]), n_tokens=int(tokens.numel()),
-        n_predicted_tokens=int(tokens.shape[0] * (tokens.shape[1] - 1)), tokens_sha256=_sha256_tokens(tokens),
+        n_chunks=int(tokens.shape[0]),
+        n_tokens=int(tokens.numel()),
+        n_predicted_tokens=int(tokens.shape[0] * (tokens.shape[1] - 1)),
+        tokens_sha256=_sha256_tokens(tokens),
     )
     want_diag = cfg.diagnostics and diag_tokens is None
     want_rank = cfg.order == "importance" and rank_tokens is None
@@ -540,16 +600,30 @@ def run_experiment(
             except (TypeError, ValueError) as exc:
                 raise type(exc)(f"{what}: {exc}") from None
     source = "text after the perplexity tokens" if side_info else "tokens given by the caller"
-    diag_meta = None if not cfg.diagnostics else {
-        "n_seqs": int(diag_tokens.shape[0]), "ctx": int(diag_tokens.shape[1]),  # type: ignore[union-attr]
-        "head_scores": cfg.head_scores, "tokens_sha256": _sha256_tokens(diag_tokens),  # type: ignore[arg-type]
-        "source": source, "offset": side_info.get("offset"), "breaking_threshold": _BREAK_THRESHOLD,
-    }
-    imp_meta = None if cfg.order != "importance" else {
-        "method": cfg.importance_method, "n_chunks": int(rank_tokens.shape[0]),  # type: ignore[union-attr]
-        "n_tokens": int(rank_tokens.numel()), "tokens_sha256": _sha256_tokens(rank_tokens),  # type: ignore[union-attr,arg-type]
-        "source": source + (" and the diagnostic batch" if side_info and cfg.diagnostics else ""),
-    }
+    diag_meta = (
+        None
+        if not cfg.diagnostics
+        else {
+            "n_seqs": int(diag_tokens.shape[0]),
+            "ctx": int(diag_tokens.shape[1]),  # type: ignore[union-attr]
+            "head_scores": cfg.head_scores,
+            "tokens_sha256": _sha256_tokens(diag_tokens),  # type: ignore[arg-type]
+            "source": source,
+            "offset": side_info.get("offset"),
+            "breaking_threshold": _BREAK_THRESHOLD,
+        }
+    )
+    imp_meta = (
+        None
+        if cfg.order != "importance"
+        else {
+            "method": cfg.importance_method,
+            "n_chunks": int(rank_tokens.shape[0]),  # type: ignore[union-attr]
+            "n_tokens": int(rank_tokens.numel()),
+            "tokens_sha256": _sha256_tokens(rank_tokens),  # type: ignore[union-attr,arg-type]
+            "source": source + (" and the diagnostic batch" if side_info and cfg.diagnostics else ""),
+        }
+    )
     stage_s["tokens"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
@@ -570,7 +644,9 @@ def run_experiment(
 
     # grids: K = all (exactness check) and the gate K are always evaluated
     base_ks = list(cfg.ks) if cfg.ks is not None else default_k_grid(n)
-    ks = sorted({validate_k(k, n, name="ks") for k in base_ks} | {n} | ({cfg.gate_k} if cfg.gate_k <= n else set()))
+    ks = sorted(
+        {validate_k(k, n, name="ks") for k in base_ks} | {n} | ({cfg.gate_k} if cfg.gate_k <= n else set())
+    )
     cluster_ks = sorted({int(k) for k in cfg.cluster_ks if k < n})
     dropped = sorted({int(k) for k in cfg.cluster_ks if k >= n})
     if cluster_ks and not 1 <= cfg.n_dims <= pca.n_components_:
@@ -593,13 +669,23 @@ def run_experiment(
         "processing": getattr(mdl, "qk_subspace_processing", None),
         "protocol": protocol,
         "n_tokens": protocol["n_tokens"],
-        "grids": {"K": ks, "cluster_k": cluster_ks, "cluster_k_dropped": dropped, "map_k": map_k,
-                  "K_layer": layer_ks, "K_global_matched": [matched[k] for k in layer_ks], "K_random": rand_ks},
+        "grids": {
+            "K": ks,
+            "cluster_k": cluster_ks,
+            "cluster_k_dropped": dropped,
+            "map_k": map_k,
+            "K_layer": layer_ks,
+            "K_global_matched": [matched[k] for k in layer_ks],
+            "K_random": rand_ks,
+        },
         "clustering": {"n_dims": cfg.n_dims, "kmeans_n_init": KMEANS_N_INIT},
         "seeds": {"kmeans": cfg.seed, "bootstrap": cfg.seed},
         "evaluation": {
-            "batch_size": cfg.batch_size, "n_boot": cfg.n_boot, "confidence": 0.95,
-            "device": str(mdl.W_U.device), "dtype": str(mdl.W_U.dtype).replace("torch.", ""),
+            "batch_size": cfg.batch_size,
+            "n_boot": cfg.n_boot,
+            "confidence": 0.95,
+            "device": str(mdl.W_U.device),
+            "dtype": str(mdl.W_U.dtype).replace("torch.", ""),
         },
         "gate": {"K": cfg.gate_k, "threshold": cfg.gate_threshold},
         "circuit": cfg.circuit,
@@ -608,16 +694,27 @@ def run_experiment(
         "importance": imp_meta,
         "space": cfg.space,
         "groupby": cfg.groupby,
-        "baselines": None if not cfg.baselines else {
-            "n_seeds": cfg.baseline_seeds, "seed_of_K": f"1000003 * {cfg.seed} + K", "within": "span",
+        "baselines": None
+        if not cfg.baselines
+        else {
+            "n_seeds": cfg.baseline_seeds,
+            "seed_of_K": f"1000003 * {cfg.seed} + K",
+            "within": "span",
         },
-        "gauges": None if not cfg.gauges else {"n_gauges": cfg.gauges, "seed": cfg.seed + 1, "spaces": ["raw", "circuit"]},
+        "gauges": None
+        if not cfg.gauges
+        else {"n_gauges": cfg.gauges, "seed": cfg.seed + 1, "spaces": ["raw", "circuit"]},
         "package_versions": _package_versions(),
     }
     store = ResultsStore.open(out / f"exp6_{name}.json", metadata, resume=cfg.resume, overwrite=cfg.overwrite)
     data = store.payload
     timings = data.get("timings") or {"runs": [], "points_s": {}}
-    run_entry: dict[str, Any] = {"started": started, "resumed": store.resumed, "evaluated": [], "stages_s": stage_s}
+    run_entry: dict[str, Any] = {
+        "started": started,
+        "resumed": store.resumed,
+        "evaluated": [],
+        "stages_s": stage_s,
+    }
     timings["runs"].append(run_entry)
     data["timings"] = timings
 
@@ -625,7 +722,10 @@ def run_experiment(
     data["variance"] = variance_summary(pca)
     old_cl = data.get("clustering") or {}
     data["clustering"] = {
-        "n_dims": cfg.n_dims, "seed": cfg.seed, "kmeans_n_init": KMEANS_N_INIT, "dropped_k": dropped,
+        "n_dims": cfg.n_dims,
+        "seed": cfg.seed,
+        "kmeans_n_init": KMEANS_N_INIT,
+        "dropped_k": dropped,
         "rows": old_cl.get("rows", []),
         "assignments": {str(k): c.assignments.tolist() for k, c in clusterings.items()},
         "representatives": {str(k): c.representative_labels() for k, c in clusterings.items()},
@@ -641,15 +741,27 @@ def run_experiment(
     glob_ks = sorted(set(matched.values()))
     if cfg.groupby == "layer":
         lw = data.setdefault("layerwise", {"per_layer": [], "global": []})
-        lw["parameter_count"] = (f"numbers stored, D = {D} per head matrix, n = {n} heads, L = {mdl.cfg.n_layers} "
-                                 "layers: per layer L (D + K D) + n K; global D + K D + n K")
+        lw["parameter_count"] = (
+            f"numbers stored, D = {D} per head matrix, n = {n} heads, L = {mdl.cfg.n_layers} "
+            "layers: per layer L (D + K D) + n K; global D + K D + n K"
+        )
         lw["matched"] = [{"K_layer": k, "K_global": matched[k]} for k in layer_ks]
-        lw["variance"] = {"cumulative_variance": layer_pca.cumulative_variance_.tolist(),
-                          "explained_variance_ratio": layer_pca.explained_variance_ratio_.tolist()}
+        lw["variance"] = {
+            "cumulative_variance": layer_pca.cumulative_variance_.tolist(),
+            "explained_variance_ratio": layer_pca.explained_variance_ratio_.tolist(),
+        }
     if cfg.baselines:
         data.setdefault("baselines", {"random_subspace": []})
-    n_points = (1 + len(ks) + len(cluster_ks) + (1 + len(ks) if by_importance else 0) + len(layer_ks) + len(glob_ks)
-                + ((1 + len(rand_ks)) if cfg.baselines else 0) + int(cfg.gauges > 0))
+    n_points = (
+        1
+        + len(ks)
+        + len(cluster_ks)
+        + (1 + len(ks) if by_importance else 0)
+        + len(layer_ks)
+        + len(glob_ks)
+        + ((1 + len(rand_ks)) if cfg.baselines else 0)
+        + int(cfg.gauges > 0)
+    )
 
     def status() -> dict[str, Any]:
         done = int("baseline" in data) + len(data["perplexity_vs_k"]) + len(data["clustering"]["rows"])
@@ -690,12 +802,16 @@ def run_experiment(
     # baseline (kept with its per-chunk NLL so resumed points pair with exactly the same numbers)
     if "baseline" in data:
         b = data["baseline"]
-        baseline = PerplexityResult(b["ppl"], b["mean_nll"], np.asarray(b["nll_per_chunk"], dtype=np.float64), b["n_predicted_tokens"])
+        baseline = PerplexityResult(
+            b["ppl"], b["mean_nll"], np.asarray(b["nll_per_chunk"], dtype=np.float64), b["n_predicted_tokens"]
+        )
     else:
         last[0] = time.perf_counter()
         baseline = perplexity(mdl, tokens, batch_size=cfg.batch_size, progress=cfg.progress, desc="baseline")
         data["baseline"] = {
-            "ppl": baseline.ppl, "mean_nll": baseline.mean_nll, "n_predicted_tokens": baseline.n_tokens,
+            "ppl": baseline.ppl,
+            "mean_nll": baseline.mean_nll,
+            "n_predicted_tokens": baseline.n_tokens,
             "nll_per_chunk": baseline.nll_per_chunk.tolist(),
         }
         finish_point("baseline")
@@ -704,13 +820,17 @@ def run_experiment(
     done_k = {int(r["K"]) for r in data["perplexity_vs_k"]}
     todo_k = [k for k in ks if k not in done_k]
     if todo_k:
+
         def on_k_row(row: dict[str, Any]) -> None:
             records = row.pop("attention_diagnostics", None)
             if records is not None:  # this K's per-head rows are saved together with its point
                 target = pca.reconstruct(int(row["K"])).to(mdl.W_U.device)
                 change = head_output_change(
-                    mdl, diag_tokens, lambda: inject_circuit(mdl, target, cfg.circuit),  # type: ignore[arg-type]
-                    batch_size=cfg.batch_size, progress=False,
+                    mdl,
+                    diag_tokens,
+                    lambda: inject_circuit(mdl, target, cfg.circuit),  # type: ignore[arg-type]
+                    batch_size=cfg.batch_size,
+                    progress=False,
                 )
                 for rec in records:
                     rec["output_change_z"] = float(change["z"][rec["layer"], rec["head"]])
@@ -722,15 +842,34 @@ def run_experiment(
         last[0] = time.perf_counter()
         if cfg.space == "raw":
             sweep_k(
-                mdl, pca, tokens, todo_k, batch_size=cfg.batch_size, progress=cfg.progress, baseline=baseline,
-                n_boot=cfg.n_boot, seed=cfg.seed, on_row=on_k_row, circuit=cfg.circuit,
-                diagnostics=cfg.diagnostics, diag_tokens=diag_tokens,
+                mdl,
+                pca,
+                tokens,
+                todo_k,
+                batch_size=cfg.batch_size,
+                progress=cfg.progress,
+                baseline=baseline,
+                n_boot=cfg.n_boot,
+                seed=cfg.seed,
+                on_row=on_k_row,
+                circuit=cfg.circuit,
+                diagnostics=cfg.diagnostics,
+                diag_tokens=diag_tokens,
                 diagnostics_options={"head_scores": cfg.head_scores} if cfg.diagnostics else None,
             )
         else:  # the sweep runs inside the space's gauge, paired with the (gauge-independent) baseline
             sweep_space(
-                mdl, tokens, todo_k, space=cfg.space, baseline=baseline, batch_size=cfg.batch_size,  # type: ignore[arg-type]
-                progress=cfg.progress, n_boot=cfg.n_boot, seed=cfg.seed, on_row=on_k_row, pca=pca,
+                mdl,
+                tokens,
+                todo_k,
+                space=cfg.space,
+                baseline=baseline,
+                batch_size=cfg.batch_size,  # type: ignore[arg-type]
+                progress=cfg.progress,
+                n_boot=cfg.n_boot,
+                seed=cfg.seed,
+                on_row=on_k_row,
+                pca=pca,
             )
 
     # importance-ordered K sweep (issue 6): rank once on separate tokens, then sweep the same K grid
@@ -739,13 +878,24 @@ def run_experiment(
         if "order" not in imp_sec:
             last[0] = time.perf_counter()
             imp = component_importance(
-                mdl, pca, rank_tokens, method=cfg.importance_method, circuit=cfg.circuit,  # type: ignore[arg-type]
-                batch_size=cfg.batch_size, progress=cfg.progress, n_boot=cfg.n_boot, seed=cfg.seed,
+                mdl,
+                pca,
+                rank_tokens,
+                method=cfg.importance_method,
+                circuit=cfg.circuit,  # type: ignore[arg-type]
+                batch_size=cfg.batch_size,
+                progress=cfg.progress,
+                n_boot=cfg.n_boot,
+                seed=cfg.seed,
             )
             data["importance"] = {
-                "method": cfg.importance_method, "circuit": cfg.circuit, "score": imp.attrs["score"],
-                "n_tokens": imp.attrs["n_tokens"], "baseline_ppl": imp.attrs.get("baseline_ppl"),
-                "order": importance_order(imp), "variance_order": list(range(pca.n_components_)),
+                "method": cfg.importance_method,
+                "circuit": cfg.circuit,
+                "score": imp.attrs["score"],
+                "n_tokens": imp.attrs["n_tokens"],
+                "baseline_ppl": imp.attrs.get("baseline_ppl"),
+                "order": importance_order(imp),
+                "variance_order": list(range(pca.n_components_)),
                 "components": jsonable(imp.to_dict("records")),
             }
             finish_point("importance")
@@ -753,41 +903,67 @@ def run_experiment(
         done_i = {int(r["K"]) for r in data["perplexity_vs_k_importance"]}
         todo_i = [k for k in ks if k not in done_i]
         if todo_i:
+
             def on_i_row(row: dict[str, Any]) -> None:
                 data["perplexity_vs_k_importance"].append(jsonable(row))
                 finish_point(f"importance K={row['K']}")
 
             last[0] = time.perf_counter()
             sweep_k(
-                mdl, pca, tokens, todo_i, batch_size=cfg.batch_size, progress=cfg.progress, baseline=baseline,
-                n_boot=cfg.n_boot, seed=cfg.seed, on_row=on_i_row, circuit=cfg.circuit,
-                order="importance", importance=ranking,
+                mdl,
+                pca,
+                tokens,
+                todo_i,
+                batch_size=cfg.batch_size,
+                progress=cfg.progress,
+                baseline=baseline,
+                n_boot=cfg.n_boot,
+                seed=cfg.seed,
+                on_row=on_i_row,
+                circuit=cfg.circuit,
+                order="importance",
+                importance=ranking,
             )
 
     # 6C: clustering
     done_c = {int(r["k"]) for r in data["clustering"]["rows"]}
     todo_c = [k for k in cluster_ks if k not in done_c]
     if todo_c:
+
         def on_c_row(row: dict[str, Any]) -> None:
             row = {k: v for k, v in row.items() if k not in ("assignments", "representatives")}
             data["clustering"]["rows"].append(jsonable(row))
             finish_point(f"cluster_k={row['k']}")
 
         last[0] = time.perf_counter()
-        cl_kw: dict[str, Any] = {"n_dims": cfg.n_dims, "seed": cfg.seed, "batch_size": cfg.batch_size,
-                                 "progress": cfg.progress, "baseline": baseline, "n_boot": cfg.n_boot, "on_row": on_c_row}
+        cl_kw: dict[str, Any] = {
+            "n_dims": cfg.n_dims,
+            "seed": cfg.seed,
+            "batch_size": cfg.batch_size,
+            "progress": cfg.progress,
+            "baseline": baseline,
+            "n_boot": cfg.n_boot,
+            "on_row": on_c_row,
+        }
         if cfg.space == "circuit":
             sweep_circuit_clusters(mdl, pca, tokens, todo_c, **cl_kw)
         else:
             with space_context(mdl, cfg.space):  # type: ignore[arg-type]
                 sweep_clusters(mdl, pca, tokens, todo_c, W=W, circuit=cfg.circuit, **cl_kw)
 
-    sw_kw: dict[str, Any] = {"baseline": baseline, "batch_size": cfg.batch_size, "progress": cfg.progress,
-                             "n_boot": cfg.n_boot}
+    sw_kw: dict[str, Any] = {
+        "baseline": baseline,
+        "batch_size": cfg.batch_size,
+        "progress": cfg.progress,
+        "n_boot": cfg.n_boot,
+    }
     # per-layer PCA (issue 5): same K in every layer, and the global PCA at matched parameter count
     if cfg.groupby == "layer":
         lw = data["layerwise"]
-        for key, grid, grouping, fitted in (("per_layer", layer_ks, "layer", layer_pca), ("global", glob_ks, None, pca)):
+        for key, grid, grouping, fitted in (
+            ("per_layer", layer_ks, "layer", layer_pca),
+            ("global", glob_ks, None, pca),
+        ):
             todo = [k for k in grid if k not in {int(r["K"]) for r in lw[key]}]
             if not todo:
                 continue
@@ -797,8 +973,17 @@ def run_experiment(
                 finish_point(f"{'layer' if key == 'per_layer' else 'matched global'} K={row['K']}")
 
             last[0] = time.perf_counter()
-            sweep_space(mdl, tokens, todo, space=cfg.space, groupby=grouping, seed=cfg.seed,  # type: ignore[arg-type]
-                        on_row=on_lw_row, pca=fitted, **sw_kw)
+            sweep_space(
+                mdl,
+                tokens,
+                todo,
+                space=cfg.space,
+                groupby=grouping,
+                seed=cfg.seed,  # type: ignore[arg-type]
+                on_row=on_lw_row,
+                pca=fitted,
+                **sw_kw,
+            )
 
     # null baselines (issue 5): spectrum nulls, then random K-dim subspaces (one point per K)
     if cfg.baselines:
@@ -810,8 +995,15 @@ def run_experiment(
             finish_point("spectrum nulls")
         for K in [k for k in rand_ks if k not in {int(r["K"]) for r in bl["random_subspace"]}]:
             last[0] = time.perf_counter()
-            rand = random_subspace_sweep(mdl, tokens, [K], space=cfg.space, n_seeds=cfg.baseline_seeds,  # type: ignore[arg-type]
-                                         seed=1_000_003 * cfg.seed + K, **sw_kw)
+            rand = random_subspace_sweep(
+                mdl,
+                tokens,
+                [K],
+                space=cfg.space,
+                n_seeds=cfg.baseline_seeds,  # type: ignore[arg-type]
+                seed=1_000_003 * cfg.seed + K,
+                **sw_kw,
+            )
             bl["random_subspace"].extend(jsonable(rand.to_dict("records")))
             finish_point(f"random K={K}")
         rows_r = bl["random_subspace"]
@@ -820,8 +1012,16 @@ def run_experiment(
     # gauge study (issue 5): raw and circuit curves under random gauges (one point, saved when done)
     if cfg.gauges and "gauge_study" not in data:
         last[0] = time.perf_counter()
-        study = gauge_study(mdl, tokens, ks, n_gauges=cfg.gauges, seed=cfg.seed + 1, batch_size=cfg.batch_size,
-                            progress=cfg.progress, n_boot=cfg.n_boot)
+        study = gauge_study(
+            mdl,
+            tokens,
+            ks,
+            n_gauges=cfg.gauges,
+            seed=cfg.seed + 1,
+            batch_size=cfg.batch_size,
+            progress=cfg.progress,
+            n_boot=cfg.n_boot,
+        )
         data["gauge_study"] = jsonable(study.summary())
         finish_point("gauge study")
 
@@ -831,8 +1031,13 @@ def run_experiment(
     k_all_err = abs(all_row["ratio"] - 1.0)
     data["checks"] = {
         "k_all": {
-            "K": n, "ppl": all_row["ppl"], "baseline_ppl": baseline.ppl, "ratio": all_row["ratio"],
-            "abs_ratio_error": k_all_err, "tolerance": K_ALL_TOLERANCE, "ok": k_all_err <= K_ALL_TOLERANCE,
+            "K": n,
+            "ppl": all_row["ppl"],
+            "baseline_ppl": baseline.ppl,
+            "ratio": all_row["ratio"],
+            "abs_ratio_error": k_all_err,
+            "tolerance": K_ALL_TOLERANCE,
+            "ok": k_all_err <= K_ALL_TOLERANCE,
         },
         "max_injection_residual": {
             "k_sweep": max(r["max_residual"] for r in k_rows),
@@ -841,24 +1046,33 @@ def run_experiment(
         "pca_reconstruction_max_abs_error": (
             None if W is None else float((pca.reconstruct(n).cpu() - W.cpu()).abs().max())
         ),
-        "replaced_equals_n_heads_minus_k": all(r["replaced"] == n - r["k"] for r in data["clustering"]["rows"]),
+        "replaced_equals_n_heads_minus_k": all(
+            r["replaced"] == n - r["k"] for r in data["clustering"]["rows"]
+        ),
     }
     if by_importance:
         imp_all = next(r for r in data["perplexity_vs_k_importance"] if r["K"] == n)
         err = abs(imp_all["ratio"] - 1.0)
         data["checks"]["k_all_importance"] = {
-            "K": n, "ratio": imp_all["ratio"], "abs_ratio_error": err, "tolerance": K_ALL_TOLERANCE,
+            "K": n,
+            "ratio": imp_all["ratio"],
+            "abs_ratio_error": err,
+            "tolerance": K_ALL_TOLERANCE,
             "ok": err <= K_ALL_TOLERANCE,
         }
     if cfg.groupby == "layer":
         lw_all = next(r for r in data["layerwise"]["per_layer"] if r["K"] == m_layer)
         data["checks"]["k_all_layerwise"] = {
-            "K": m_layer, "ratio": lw_all["ratio"], "abs_ratio_error": abs(lw_all["ratio"] - 1.0),
-            "tolerance": K_ALL_TOLERANCE, "ok": abs(lw_all["ratio"] - 1.0) <= K_ALL_TOLERANCE,
+            "K": m_layer,
+            "ratio": lw_all["ratio"],
+            "abs_ratio_error": abs(lw_all["ratio"] - 1.0),
+            "tolerance": K_ALL_TOLERANCE,
+            "ok": abs(lw_all["ratio"] - 1.0) <= K_ALL_TOLERANCE,
         }
     if cfg.gauges:
         data["checks"]["gauge_baseline"] = {
-            "max_rel_change": data["gauge_study"]["baseline_max_rel_change"], "ok": data["gauge_study"]["baseline_ok"],
+            "max_rel_change": data["gauge_study"]["baseline_max_rel_change"],
+            "ok": data["gauge_study"]["baseline_ok"],
         }
     if cfg.diagnostics:
         at_all = [r for r in data["attention_diagnostics"]["rows"] if r["K"] == n]
@@ -872,7 +1086,8 @@ def run_experiment(
     if not data["checks"]["k_all"]["ok"]:
         warnings.warn(
             f"K=all (K={n}) gives perplexity ratio {all_row['ratio']!r}, not within {K_ALL_TOLERANCE} of 1",
-            RuntimeWarning, stacklevel=2,
+            RuntimeWarning,
+            stacklevel=2,
         )
     data["gate"] = gate_check(k_rows, cfg.gate_k, cfg.gate_threshold).as_dict()
     data["status"] = status()
@@ -922,8 +1137,17 @@ def run_models(
             reason = f"gate failed on {done[-1].name}: {g.reason}"
             skipped = [(model_display_name(x), reason) for x in models[i:]]
             break
-        done.append(run_experiment(m, out_dir, cfg, tokens=tokens, write_report=False,
-                                   diag_tokens=diag_tokens, rank_tokens=rank_tokens))
+        done.append(
+            run_experiment(
+                m,
+                out_dir,
+                cfg,
+                tokens=tokens,
+                write_report=False,
+                diag_tokens=diag_tokens,
+                rank_tokens=rank_tokens,
+            )
+        )
     from .report import render_report
 
     report = Path(out_dir).expanduser() / "report.md"

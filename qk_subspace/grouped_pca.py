@@ -176,7 +176,7 @@ class GramPCA:
             K = validate_k(K, self.n_components_)
         for gi, idx in enumerate(self.groups_):
             m = len(idx)
-            if K is not None and K >= self._rank[gi]:
+            if K is not None and self._rank[gi] <= K:
                 block = np.eye(m)
             else:
                 keep = np.arange(K) if K is not None else np.asarray(list(components), dtype=np.int64)  # type: ignore[arg-type]
@@ -203,7 +203,7 @@ class GramPCA:
         for gi, idx in enumerate(self.groups_):
             m, r = len(idx), int(self._rank[gi])
             lam = self.eigvals_[gi][:r]
-            if K >= r:
+            if r <= K:
                 A[np.ix_(idx, idx)] = np.eye(m)
                 kept += float(lam.sum())
                 continue

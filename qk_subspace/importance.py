@@ -123,7 +123,7 @@ def _iter_chunk_gradients(
                 loss = _loss_per_chunk(model, batch).sum()
                 grads = torch.autograd.grad(loss, params)
             out = torch.empty(cfg.n_layers, cfg.n_heads, cfg.d_head, cfg.d_head, dtype=torch.float64)
-            for layer, (g, (_, GinvUt)) in enumerate(zip(grads, chain)):
+            for layer, (g, (_, GinvUt)) in enumerate(zip(grads, chain, strict=False)):
                 dR_t = GinvUt @ g.to(torch.float64)  # (dL/dR_g)^T: [n_groups, r*d_head, d_head]
                 dR = dR_t.transpose(-1, -2)  # [n_groups, d_head, r*d_head]
                 n_g = dR.shape[0]
@@ -241,8 +241,12 @@ def component_importance(
     evr = pca.explained_variance_ratio_
     device = model.W_U.device
     rows: list[dict[str, Any]] = []
-    attrs: dict[str, Any] = {"method": method, "circuit": circuit, "score": None,
-                             "n_tokens": int(tokens.shape[0] * (tokens.shape[1] - 1))}
+    attrs: dict[str, Any] = {
+        "method": method,
+        "circuit": circuit,
+        "score": None,
+        "n_tokens": int(tokens.shape[0] * (tokens.shape[1] - 1)),
+    }
     if method == "drop_one":
         if baseline is None:
             baseline = perplexity(model, tokens, batch_size=batch_size, progress=progress, desc="baseline")
@@ -250,17 +254,19 @@ def component_importance(
             with inject_circuit(model, drop_target(pca, [j]).to(device), circuit) as edit:
                 res = perplexity(model, tokens, batch_size=batch_size, progress=False)
             ci = paired_ratio(baseline, res, n_boot=n_boot, seed=seed)
-            rows.append({
-                "component": j,
-                "explained_variance_ratio": float(evr[j]),
-                "ppl": res.ppl,
-                "mean_nll": res.mean_nll,
-                "delta_nll": res.mean_nll - baseline.mean_nll,
-                "ratio": res.ppl / baseline.ppl,
-                "ratio_low": ci.low,
-                "ratio_high": ci.high,
-                "max_residual": float(edit.residual.max()),  # type: ignore[attr-defined]
-            })
+            rows.append(
+                {
+                    "component": j,
+                    "explained_variance_ratio": float(evr[j]),
+                    "ppl": res.ppl,
+                    "mean_nll": res.mean_nll,
+                    "delta_nll": res.mean_nll - baseline.mean_nll,
+                    "ratio": res.ppl / baseline.ppl,
+                    "ratio_low": ci.low,
+                    "ratio_high": ci.high,
+                    "max_residual": float(edit.residual.max()),  # type: ignore[attr-defined]
+                }
+            )
         attrs["baseline_ppl"] = baseline.ppl
     elif method == "gradient":
         V = torch.from_numpy(pca.components_[comps])  # [m, d*d]
@@ -275,15 +281,17 @@ def component_importance(
         taylor, fisher = S.mean(axis=0), 0.5 * (S**2).mean(axis=0)
         std = S.std(axis=0, ddof=1) if len(S) > 1 else np.zeros(len(comps))
         for i, j in enumerate(comps):
-            rows.append({
-                "component": j,
-                "explained_variance_ratio": float(evr[j]),
-                "taylor": float(taylor[i]),
-                "taylor_abs": float(abs(taylor[i])),
-                "fisher": float(fisher[i]),
-                "taylor_fisher": float(taylor[i] + fisher[i]),
-                "taylor_std": float(std[i]),
-            })
+            rows.append(
+                {
+                    "component": j,
+                    "explained_variance_ratio": float(evr[j]),
+                    "taylor": float(taylor[i]),
+                    "taylor_abs": float(abs(taylor[i])),
+                    "fisher": float(fisher[i]),
+                    "taylor_fisher": float(taylor[i] + fisher[i]),
+                    "taylor_std": float(std[i]),
+                }
+            )
         assert total is not None
         attrs["grad_norm"] = float(torch.linalg.vector_norm(total / len(tokens)))
     else:
@@ -306,7 +314,9 @@ def importance_order(result: pd.DataFrame | Sequence[int], score: str | None = N
         return [int(c) for c in result]
     col = score or result.attrs.get("score")
     if col is None or col not in result.columns:
-        raise ValueError(f"score: pick a column of the importance result, one of {list(result.columns)}; got {col!r}")
+        raise ValueError(
+            f"score: pick a column of the importance result, one of {list(result.columns)}; got {col!r}"
+        )
     ranked = result.sort_values([col, "component"], ascending=[False, True], kind="mergesort")
     return [int(c) for c in ranked["component"]]
 
@@ -393,20 +403,28 @@ def head_importance(
         with inject_circuit(model, target, circuit, heads=edit_heads) as edit:
             res = perplexity(model, tokens, batch_size=batch_size, progress=False)
         ci = paired_ratio(baseline, res, n_boot=n_boot, seed=seed)
-        rows.append({
-            "layer": layer, "head": head, "label": labels[layer * cfg.n_heads + head],
-            "ppl": res.ppl, "delta_nll": res.mean_nll - baseline.mean_nll,
-            "ratio": res.ppl / baseline.ppl, "ratio_low": ci.low, "ratio_high": ci.high,
-            "max_residual": float(edit.residual.max()),  # type: ignore[attr-defined]
-            "reconstruction_error": float(err[layer, head]),
-        })
+        rows.append(
+            {
+                "layer": layer,
+                "head": head,
+                "label": labels[layer * cfg.n_heads + head],
+                "ppl": res.ppl,
+                "delta_nll": res.mean_nll - baseline.mean_nll,
+                "ratio": res.ppl / baseline.ppl,
+                "ratio_low": ci.low,
+                "ratio_high": ci.high,
+                "max_residual": float(edit.residual.max()),  # type: ignore[attr-defined]
+                "reconstruction_error": float(err[layer, head]),
+            }
+        )
     df = pd.DataFrame(rows)
     df.attrs.update(attrs)
     return df
 
 
-def head_importance_matrix(df: pd.DataFrame, column: str = "ratio", n_layers: int | None = None,
-                           n_heads: int | None = None) -> np.ndarray:
+def head_importance_matrix(
+    df: pd.DataFrame, column: str = "ratio", n_layers: int | None = None, n_heads: int | None = None
+) -> np.ndarray:
     """A :func:`head_importance` column as a ``[n_layers, n_heads]`` array (NaN for heads not scored)."""
     L = n_layers if n_layers is not None else int(df["layer"].max()) + 1
     H = n_heads if n_heads is not None else int(df["head"].max()) + 1

@@ -44,7 +44,9 @@ _OFFLINE_HINT = (
 
 
 def _hub_reachable(timeout: float = 3.0) -> bool:
-    if os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0") or os.environ.get("TRANSFORMERS_OFFLINE", "") not in ("", "0"):
+    if os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0") or os.environ.get(
+        "TRANSFORMERS_OFFLINE", ""
+    ) not in ("", "0"):
         return False
     try:
         with socket.create_connection(("huggingface.co", 443), timeout=timeout):
@@ -58,7 +60,7 @@ def _hub_cached(repo_id: str) -> bool:
         from huggingface_hub import try_to_load_from_cache
 
         return isinstance(try_to_load_from_cache(repo_id, "config.json"), str)
-    except Exception:  # pragma: no cover - depends on the local cache layout
+    except Exception:  # noqa: BLE001 - any cache-layout error means "not cached"
         return False
 
 
@@ -71,7 +73,9 @@ def _processing(overrides: dict[str, Any]) -> dict[str, bool]:
     return {**DEFAULT_PROCESSING, **{k: bool(v) for k, v in overrides.items()}}
 
 
-def _record(model: HookedTransformer, source: str, processing: dict[str, bool], offline: bool) -> HookedTransformer:
+def _record(
+    model: HookedTransformer, source: str, processing: dict[str, bool], offline: bool
+) -> HookedTransformer:
     # Plain attributes on the module (not parameters or buffers): what was loaded and how.
     object.__setattr__(model, "qk_subspace_source", source)
     object.__setattr__(model, "qk_subspace_processing", dict(processing))
@@ -80,7 +84,13 @@ def _record(model: HookedTransformer, source: str, processing: dict[str, bool], 
     return model
 
 
-def _load_local(path: Path, device: str | torch.device | None, dtype: torch.dtype, processing: dict[str, bool], tokenizer: Any) -> HookedTransformer:
+def _load_local(
+    path: Path,
+    device: str | torch.device | None,
+    dtype: torch.dtype,
+    processing: dict[str, bool],
+    tokenizer: Any,
+) -> HookedTransformer:
     import transformer_lens.loading_from_pretrained as tl_loading
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -98,7 +108,7 @@ def _load_local(path: Path, device: str | torch.device | None, dtype: torch.dtyp
             "config (a JSON object with 'architectures')"
         ) from exc
     if not isinstance(hf_config, dict):
-        raise ValueError(  # noqa: TRY004 - bad file content, not a bad argument type
+        raise ValueError(
             f"model directory {str(path)!r}: config.json must hold a JSON object, got {type(hf_config).__name__}"
         )
     archs = hf_config.get("architectures") or []
@@ -111,20 +121,29 @@ def _load_local(path: Path, device: str | torch.device | None, dtype: torch.dtyp
     if arch == "GPT2LMHeadModel" and "n_ctx" not in hf_config:
         raise ValueError(
             f"model directory {str(path)!r}: a GPT-2 config.json needs 'n_ctx' (TransformerLens reads it); "
-            f"add \"n_ctx\": {hf_config.get('n_positions', 1024)} to config.json"
+            f'add "n_ctx": {hf_config.get("n_positions", 1024)} to config.json'
         )
     has_safetensors = any(path.glob("*.safetensors"))
     # Both routes avoid unpickling arbitrary objects: safetensors, or a pytorch_model.bin read by
     # transformers with torch.load(weights_only=True). No custom code from the directory is run.
     hf_model = AutoModelForCausalLM.from_pretrained(
-        str(path), dtype=dtype, local_files_only=True, use_safetensors=has_safetensors,
-        weights_only=True, trust_remote_code=False,
+        str(path),
+        dtype=dtype,
+        local_files_only=True,
+        use_safetensors=has_safetensors,
+        weights_only=True,
+        trust_remote_code=False,
     )
     hf_model.eval()
-    if tokenizer is None and any((path / f).exists() for f in ("tokenizer.json", "vocab.json", "tokenizer.model", "tokenizer_config.json")):
+    if tokenizer is None and any(
+        (path / f).exists()
+        for f in ("tokenizer.json", "vocab.json", "tokenizer.model", "tokenizer_config.json")
+    ):
         tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True, trust_remote_code=False)
     elif isinstance(tokenizer, (str, os.PathLike)):
-        tokenizer = AutoTokenizer.from_pretrained(str(tokenizer), local_files_only=True, trust_remote_code=False)
+        tokenizer = AutoTokenizer.from_pretrained(
+            str(tokenizer), local_files_only=True, trust_remote_code=False
+        )
     cfg = tl_loading.get_pretrained_model_config(
         str(path), fold_ln=processing["fold_ln"], device=device, dtype=dtype
     )
@@ -197,7 +216,7 @@ def load_model(
         model = _load_local(path, device, dtype, proc, tokenizer)
         return _record(model, str(path.resolve()), proc, offline=True)
     name = str(name_or_path)
-    if path.suffix or os.sep in name and not name.count("/") == 1:
+    if path.suffix or (os.sep in name and not name.count("/") == 1):
         raise FileNotFoundError(f"model directory {name!r} does not exist. {_OFFLINE_HINT}")
     from transformer_lens.loading_from_pretrained import get_official_model_name
 
@@ -219,6 +238,10 @@ def load_model(
             f"is unreachable (offline). {_OFFLINE_HINT}"
         )
     model = HookedTransformer.from_pretrained(
-        name, device=device, dtype=dtype, tokenizer=tokenizer, **proc  # type: ignore[arg-type]
+        name,
+        device=device,
+        dtype=dtype,
+        tokenizer=tokenizer,
+        **proc,  # type: ignore[arg-type]
     )
     return _record(model, official, proc, offline=False)

@@ -225,8 +225,12 @@ class OVEdit(ParameterEdit):
                 plan[value_parameter_name(model, layer)] = new
         touched = self.heads.reshape(cfg.n_layers, n_v, repeats).any(-1)
         labels = [f"L{layer}V{g}" for layer in range(cfg.n_layers) for g in range(n_v)]
-        sing = [labels[i] for i in torch.nonzero((conds >= COND_SINGULAR).flatten() & touched.flatten()).flatten()]
-        warn = [labels[i] for i in torch.nonzero((conds > self.cond_warn).flatten() & touched.flatten()).flatten()]
+        sing = [
+            labels[i] for i in torch.nonzero((conds >= COND_SINGULAR).flatten() & touched.flatten()).flatten()
+        ]
+        warn = [
+            labels[i] for i in torch.nonzero((conds > self.cond_warn).flatten() & touched.flatten()).flatten()
+        ]
         if sing:
             warnings.warn(
                 f"OV injection: the stacked W_O of value groups {sing} is rank deficient; solved in least "
@@ -251,7 +255,9 @@ class OVEdit(ParameterEdit):
         current = ov_matrices(model, torch.float64).cpu()
         hit = (current - self.target.to("cpu", torch.float64)).abs().amax(dim=(-1, -2))
         kept = (current - self._before).abs().amax(dim=(-1, -2))
-        group_touched = self.heads.reshape(cfg.n_layers, n_v, repeats).any(-1).repeat_interleave(repeats, dim=1)
+        group_touched = (
+            self.heads.reshape(cfg.n_layers, n_v, repeats).any(-1).repeat_interleave(repeats, dim=1)
+        )
         zero = torch.zeros((), dtype=torch.float64)
         self.residual = torch.where(self.heads, hit, torch.where(group_touched, kept, zero))
 
@@ -330,12 +336,14 @@ def head_output_change(
         return [cache[n].double() for n in names]  # each [b, pos, n_heads, d_head]
 
     with torch.no_grad():
-        for start in tqdm(range(0, len(tokens), batch_size), desc="head outputs", disable=not progress, leave=False):
+        for start in tqdm(
+            range(0, len(tokens), batch_size), desc="head outputs", disable=not progress, leave=False
+        ):
             batch = tokens[start : start + batch_size].long().to(device)
             base = run()
             with edit():
                 edited = run()
-            for layer, (z0, z1) in enumerate(zip(base, edited)):
+            for layer, (z0, z1) in enumerate(zip(base, edited, strict=False)):
                 w0 = torch.einsum("bphd,hdm->bphm", z0, W_O[layer].double())
                 w1 = torch.einsum("bphd,hdm->bphm", z1, W_O[layer].double())
                 sums["dz"][layer] += ((z1 - z0) ** 2).sum(dim=(0, 1, 3)).cpu().numpy()

@@ -63,7 +63,7 @@ def save_figure(fig: go.Figure, out_dir: str | os.PathLike, name: str, png: bool
             try:
                 fig.write_image(str(out / f"{name}.png"), scale=2)
                 written["png"] = str(out / f"{name}.png")
-            except Exception as exc:  # kaleido/Chromium failures must not lose the run
+            except Exception as exc:  # noqa: BLE001 - kaleido/Chromium failures must not lose the run
                 if not _PNG_WARNED:
                     warnings.warn(f"PNG export failed ({exc}); wrote HTML only", RuntimeWarning, stacklevel=2)
                     _PNG_WARNED = True
@@ -97,7 +97,11 @@ def fig_cumvar(results: dict) -> go.Figure:
     fig = go.Figure()
     fig.add_trace(
         go.Scatter(
-            x=list(range(1, len(cum) + 1)), y=cum, mode="lines+markers", marker={"size": 4}, name="cumulative",
+            x=list(range(1, len(cum) + 1)),
+            y=cum,
+            mode="lines+markers",
+            marker={"size": 4},
+            name="cumulative",
             hovertemplate="K=%{x}<br>cumulative variance %{y:.2f}%<extra></extra>",
         )
     )
@@ -105,15 +109,24 @@ def fig_cumvar(results: dict) -> go.Figure:
         fig.add_hline(y=100 * t["threshold"], line_dash="dot", line_color="grey")
         fig.add_trace(
             go.Scatter(
-                x=[t["K"]], y=[100 * t["threshold"]], mode="markers+text", text=[f"{100 * t['threshold']:.0f}%: K={t['K']}"],
-                textposition="bottom right", marker={"size": 9, "color": "crimson"}, showlegend=False,
+                x=[t["K"]],
+                y=[100 * t["threshold"]],
+                mode="markers+text",
+                text=[f"{100 * t['threshold']:.0f}%: K={t['K']}"],
+                textposition="bottom right",
+                marker={"size": 9, "color": "crimson"},
+                showlegend=False,
                 hovertemplate=f"{100 * t['threshold']:.0f}% needs K={t['K']}<extra></extra>",
             )
         )
     fig.update_layout(
         title=f"6A: cumulative variance of {_circuit_name(results)} across {var['n_heads']} heads ({model})",
-        xaxis_title="number of components K", yaxis_title="cumulative explained variance (%)",
-        yaxis_range=[0, 101], template="plotly_white", width=800, height=500,
+        xaxis_title="number of components K",
+        yaxis_title="cumulative explained variance (%)",
+        yaxis_range=[0, 101],
+        template="plotly_white",
+        width=800,
+        height=500,
     )
     return fig
 
@@ -123,7 +136,11 @@ def _ref_line(fig: go.Figure, x: list, y: float, name: str, dash: str = "dash", 
     xs = [min(x), max(x)] if x else [0, 1]
     fig.add_trace(
         go.Scatter(
-            x=xs, y=[y, y], mode="lines", name=name, line={"dash": dash, "color": color, "width": 1.5},
+            x=xs,
+            y=[y, y],
+            mode="lines",
+            name=name,
+            line={"dash": dash, "color": color, "width": 1.5},
             hovertemplate=f"{name}: %{{y:.4g}}<extra></extra>",
         )
     )
@@ -154,7 +171,11 @@ def fig_ppl_vs_k(results: dict, thresholds: tuple[float, ...] = RATIO_THRESHOLDS
     fig = go.Figure()
     fig.add_trace(
         go.Scatter(
-            x=x, y=y, mode="lines+markers", name="PCA top-K reconstruction", customdata=custom,
+            x=x,
+            y=y,
+            mode="lines+markers",
+            name="PCA top-K reconstruction",
+            customdata=custom,
             error_y={"type": "data", "array": hi, "arrayminus": lo, "visible": True},
             hovertemplate=(
                 "K=%{x}<br>PPL %{y:.4g}<br>ratio %{customdata[0]:.4g}x "
@@ -163,12 +184,16 @@ def fig_ppl_vs_k(results: dict, thresholds: tuple[float, ...] = RATIO_THRESHOLDS
         )
     )
     _ref_line(fig, x, base, f"baseline {base:.4g}", dash="solid", color="black")
-    for t, color in zip(thresholds, ("seagreen", "darkorange", "crimson", "grey", "grey")):
+    for t, color in zip(thresholds, ("seagreen", "darkorange", "crimson", "grey", "grey"), strict=False):
         _ref_line(fig, x, base * t, f"{t}x baseline", color=color)
     fig.update_layout(
         title=f"6B: perplexity vs number of kept components K ({model})",
-        xaxis_title="K (components kept; K = number of heads means all)", yaxis_title="perplexity (log scale)",
-        yaxis_type="log", template="plotly_white", width=800, height=500,
+        xaxis_title="K (components kept; K = number of heads means all)",
+        yaxis_title="perplexity (log scale)",
+        yaxis_type="log",
+        template="plotly_white",
+        width=800,
+        height=500,
     )
     fig.update_yaxes(**_log_ticks(y + [base * max(thresholds, default=1.0)]))
     return fig
@@ -182,10 +207,15 @@ def fig_cluster_ppl(results: dict) -> go.Figure:
     fig = go.Figure()
     fig.add_trace(
         go.Scatter(
-            x=[r["k"] for r in rows], y=[r["ppl"] for r in rows], mode="lines+markers", name="cluster representatives",
+            x=[r["k"] for r in rows],
+            y=[r["ppl"] for r in rows],
+            mode="lines+markers",
+            name="cluster representatives",
             customdata=[[r["replaced"], r["ratio"], r["ratio_low"], r["ratio_high"]] for r in rows],
             error_y={
-                "type": "data", "visible": True, "array": [base * r["ratio_high"] - r["ppl"] for r in rows],
+                "type": "data",
+                "visible": True,
+                "array": [base * r["ratio_high"] - r["ppl"] for r in rows],
                 "arrayminus": [r["ppl"] - base * r["ratio_low"] for r in rows],
             },
             hovertemplate=(
@@ -197,8 +227,12 @@ def fig_cluster_ppl(results: dict) -> go.Figure:
     _ref_line(fig, [r["k"] for r in rows], base, f"baseline {base:.4g}", dash="solid", color="black")
     fig.update_layout(
         title=f"6C: perplexity with each cluster replaced by its representative ({model})",
-        xaxis_title="number of clusters k", yaxis_title="perplexity (log scale)", yaxis_type="log",
-        template="plotly_white", width=800, height=500,
+        xaxis_title="number of clusters k",
+        yaxis_title="perplexity (log scale)",
+        yaxis_type="log",
+        template="plotly_white",
+        width=800,
+        height=500,
     )
     fig.update_yaxes(**_log_ticks([r["ppl"] for r in rows] + [base]))
     return fig
@@ -213,8 +247,13 @@ def fig_cluster_viz(results: dict) -> go.Figure:
     map_k = results["metadata"]["grids"].get("map_k")
     pc = results["variance"]["explained_variance_ratio"]
     fig = make_subplots(
-        rows=1, cols=2, horizontal_spacing=0.12,
-        subplot_titles=("coloured by layer", f"coloured by cluster (k={map_k})" if map_k else "no clustering"),
+        rows=1,
+        cols=2,
+        horizontal_spacing=0.12,
+        subplot_titles=(
+            "coloured by layer",
+            f"coloured by cluster (k={map_k})" if map_k else "no clustering",
+        ),
     )
     xs, ys = [r["pc1"] for r in rows], [r["pc2"] for r in rows]
     text = [r["label"] for r in rows]
@@ -222,31 +261,51 @@ def fig_cluster_viz(results: dict) -> go.Figure:
     n_layers = max(r["layer"] for r in rows) + 1
     fig.add_trace(
         go.Scatter(
-            x=xs, y=ys, mode="markers", text=text, customdata=[f"layer {r['layer']}" for r in rows],
-            hovertemplate=hover, showlegend=False,
+            x=xs,
+            y=ys,
+            mode="markers",
+            text=text,
+            customdata=[f"layer {r['layer']}" for r in rows],
+            hovertemplate=hover,
+            showlegend=False,
             marker={
-                "color": [r["layer"] for r in rows], "colorscale": "Viridis", "cmin": 0, "cmax": max(1, n_layers - 1),
-                "size": 8, "colorbar": {"title": "layer", "x": 0.44}, "line": {"width": 0.5, "color": "white"},
+                "color": [r["layer"] for r in rows],
+                "colorscale": "Viridis",
+                "cmin": 0,
+                "cmax": max(1, n_layers - 1),
+                "size": 8,
+                "colorbar": {"title": "layer", "x": 0.44},
+                "line": {"width": 0.5, "color": "white"},
             },
         ),
-        row=1, col=1,
+        row=1,
+        col=1,
     )
     clusters = sorted({r["cluster"] for r in rows if r["cluster"] is not None})
     for c in clusters:
         sel = [r for r in rows if r["cluster"] == c]
         fig.add_trace(
             go.Scatter(
-                x=[r["pc1"] for r in sel], y=[r["pc2"] for r in sel], mode="markers", name=f"cluster {c}",
-                text=[r["label"] for r in sel], customdata=[f"cluster {c}" for _ in sel], hovertemplate=hover,
+                x=[r["pc1"] for r in sel],
+                y=[r["pc2"] for r in sel],
+                mode="markers",
+                name=f"cluster {c}",
+                text=[r["label"] for r in sel],
+                customdata=[f"cluster {c}" for _ in sel],
+                hovertemplate=hover,
                 marker={"size": 8, "line": {"width": 0.5, "color": "white"}},
             ),
-            row=1, col=2,
+            row=1,
+            col=2,
         )
     for col in (1, 2):
         fig.update_xaxes(title_text=f"PC1 ({100 * pc[0]:.1f}%)", row=1, col=col)
         fig.update_yaxes(title_text=f"PC2 ({100 * pc[1]:.1f}%)" if len(pc) > 1 else "PC2", row=1, col=col)
     fig.update_layout(
-        title=f"PCA 2D map of the heads' {_circuit_name(results)} ({model})", template="plotly_white", width=1100, height=500,
+        title=f"PCA 2D map of the heads' {_circuit_name(results)} ({model})",
+        template="plotly_white",
+        width=1100,
+        height=500,
     )
     return fig
 
@@ -306,9 +365,11 @@ def importance_figures(results: dict) -> dict[str, go.Figure]:
     method = (results.get("importance") or {}).get("method", "")
     return {
         f"importance_overlay_{m}": importance_overlay_figure(
-            pd.DataFrame(results["perplexity_vs_k"]), pd.DataFrame(rows),
+            pd.DataFrame(results["perplexity_vs_k"]),
+            pd.DataFrame(rows),
             threshold=meta.get("gate", {}).get("threshold", 1.1),
-            reference=SEED_REPORT_RATIOS if circuit == "qk" else None, reference_scale=n / 144,
+            reference=SEED_REPORT_RATIOS if circuit == "qk" else None,
+            reference_scale=n / 144,
             title=f"{m}, {circuit.upper()}: compression by PCA variance vs by {method} importance",
         )
     }
@@ -316,16 +377,35 @@ def importance_figures(results: dict) -> dict[str, go.Figure]:
 
 #: The seed report's 6B table (GPT-2 small, WikiText-2): perplexity ratio at each K of 144.
 SEED_REPORT_RATIOS: dict[int, float] = {
-    1: 68.3, 3: 57.4, 10: 40.3, 32: 18.7, 64: 11.1, 80: 8.4, 100: 4.2, 110: 2.8, 120: 2.4, 130: 2.2,
-    140: 1.07, 144: 1.00,
+    1: 68.3,
+    3: 57.4,
+    10: 40.3,
+    32: 18.7,
+    64: 11.1,
+    80: 8.4,
+    100: 4.2,
+    110: 2.8,
+    120: 2.4,
+    130: 2.2,
+    140: 1.07,
+    144: 1.00,
 }
 
 
 def _sweep_trace(df: Any, name: str, color: str) -> go.Scatter:
     return go.Scatter(
-        x=df["K"], y=df["ratio"], name=name, mode="lines+markers", line={"color": color},
-        error_y={"type": "data", "symmetric": False, "array": df["ratio_high"] - df["ratio"],
-                 "arrayminus": df["ratio"] - df["ratio_low"], "thickness": 1},
+        x=df["K"],
+        y=df["ratio"],
+        name=name,
+        mode="lines+markers",
+        line={"color": color},
+        error_y={
+            "type": "data",
+            "symmetric": False,
+            "array": df["ratio_high"] - df["ratio"],
+            "arrayminus": df["ratio"] - df["ratio_low"],
+            "thickness": 1,
+        },
         customdata=np.stack([df["cumulative_variance"]], axis=-1),
         hovertemplate="K=%{x}<br>ratio=%{y:.3f}<br>variance kept=%{customdata[0]:.1%}",
     )
@@ -357,21 +437,34 @@ def importance_overlay_figure(
     if reference:
         ks = sorted(reference)
         scaled = "" if reference_scale == 1.0 else f", K x {reference_scale:.3g}"
-        fig.add_trace(go.Scatter(
-            x=[k * reference_scale for k in ks], y=[reference[k] for k in ks], mode="lines+markers",
-            name=f"seed report (GPT-2 small, QK, variance order{scaled})",
-            line={"color": "grey", "dash": "dot"}, marker={"symbol": "x"},
-        ))
+        fig.add_trace(
+            go.Scatter(
+                x=[k * reference_scale for k in ks],
+                y=[reference[k] for k in ks],
+                mode="lines+markers",
+                name=f"seed report (GPT-2 small, QK, variance order{scaled})",
+                line={"color": "grey", "dash": "dot"},
+                marker={"symbol": "x"},
+            )
+        )
     ks_all = list(variance_sweep["K"]) + list(importance_sweep["K"])
-    fig.add_trace(go.Scatter(  # a trace, not add_hline: hline annotations misplace on log axes
-        x=[min(ks_all), max(ks_all)], y=[threshold, threshold], mode="lines", name=f"{threshold:g}x baseline",
-        line={"dash": "dash", "color": "black", "width": 1},
-    ))
+    fig.add_trace(
+        go.Scatter(  # a trace, not add_hline: hline annotations misplace on log axes
+            x=[min(ks_all), max(ks_all)],
+            y=[threshold, threshold],
+            mode="lines",
+            name=f"{threshold:g}x baseline",
+            line={"dash": "dash", "color": "black", "width": 1},
+        )
+    )
     fig.update_yaxes(type="log", title="perplexity ratio to baseline (log)")
     fig.update_xaxes(title="K (components kept)")
     fig.update_layout(
         title=title or "Compression by PCA variance vs by measured importance",
-        template="plotly_white", width=900, height=520, legend={"x": 0.4, "y": 0.98},
+        template="plotly_white",
+        width=900,
+        height=520,
+        legend={"x": 0.4, "y": 0.98},
     )
     return fig
 
@@ -385,16 +478,25 @@ def head_importance_figure(df: Any, column: str = "ratio", title: str | None = N
     text = [[f"L{layer}H{head}<br>{z[layer, head]:.4g}" for head in range(H)] for layer in range(L)]
     mode = df.attrs.get("mode", "only")
     what = "compress only this head" if mode == "only" else "compress all heads but this one"
-    fig = go.Figure(go.Heatmap(
-        z=z, x=[f"H{h}" for h in range(H)], y=[f"L{layer}" for layer in range(L)], colorscale="Viridis",
-        text=text, texttemplate="%{text}", hovertemplate="%{text}<extra></extra>",
-        colorbar={"title": column},
-    ))
+    fig = go.Figure(
+        go.Heatmap(
+            z=z,
+            x=[f"H{h}" for h in range(H)],
+            y=[f"L{layer}" for layer in range(L)],
+            colorscale="Viridis",
+            text=text,
+            texttemplate="%{text}",
+            hovertemplate="%{text}<extra></extra>",
+            colorbar={"title": column},
+        )
+    )
     fig.update_yaxes(autorange="reversed")
     k = df.attrs.get("K")
     fig.update_layout(
         title=title or f"Head-level importance ({df.attrs.get('circuit', 'qk').upper()}, {what}, K={k})",
-        template="plotly_white", width=120 + 70 * H, height=160 + 60 * L,
+        template="plotly_white",
+        width=120 + 70 * H,
+        height=160 + 60 * L,
     )
     return fig
 
@@ -408,7 +510,9 @@ def _metric_title(metric: str) -> str:
     }.get(metric, metric)
 
 
-def plot_head_metric_heatmap(df, metric: str = "kl", active_k: int | None = None, zmax: float | None = None) -> go.Figure:
+def plot_head_metric_heatmap(
+    df, metric: str = "kl", active_k: int | None = None, zmax: float | None = None
+) -> go.Figure:
     """Layer x head heatmap of a per-head diagnostics metric, one frame per K with a slider.
 
     Args:
@@ -433,20 +537,33 @@ def plot_head_metric_heatmap(df, metric: str = "kl", active_k: int | None = None
         z[sub["layer"].to_numpy(), sub["head"].to_numpy()] = sub[metric].to_numpy()
         fig.add_trace(
             go.Heatmap(
-                z=z, x=list(range(n_heads)), y=list(range(n_layers)), zmin=0, zmax=zmax,
-                colorscale="Viridis", visible=i == active, colorbar={"title": metric},
+                z=z,
+                x=list(range(n_heads)),
+                y=list(range(n_layers)),
+                zmin=0,
+                zmax=zmax,
+                colorscale="Viridis",
+                visible=i == active,
+                colorbar={"title": metric},
                 hovertemplate="L%{y}H%{x}: %{z:.4g}<extra>K=" + str(k) + "</extra>",
             )
         )
     steps = [
-        {"method": "update", "label": str(k),
-         "args": [{"visible": [j == i for j in range(len(ks))]},
-                  {"title": f"{_metric_title(metric)} per head, K={k}"}]}
+        {
+            "method": "update",
+            "label": str(k),
+            "args": [
+                {"visible": [j == i for j in range(len(ks))]},
+                {"title": f"{_metric_title(metric)} per head, K={k}"},
+            ],
+        }
         for i, k in enumerate(ks)
     ]
     fig.update_layout(
         title=f"{_metric_title(metric)} per head, K={ks[active]}",
-        xaxis_title="head", yaxis_title="layer", yaxis_autorange="reversed",
+        xaxis_title="head",
+        yaxis_title="layer",
+        yaxis_autorange="reversed",
         sliders=[{"active": active, "currentvalue": {"prefix": "K = "}, "steps": steps}],
         template="plotly_white",
     )
@@ -463,8 +580,10 @@ def plot_layer_metric_vs_k(df, metric: str = "kl", log_y: bool = True) -> go.Fig
         fig.add_trace(go.Scatter(x=sub["K"], y=y, mode="lines+markers", name=f"layer {layer}"))
     fig.update_layout(
         title=f"Per-layer mean {_metric_title(metric)} vs K",
-        xaxis_title="K (PCA components kept)", yaxis_title=f"mean {metric}",
-        yaxis_type="log" if log_y else "linear", template="plotly_white",
+        xaxis_title="K (PCA components kept)",
+        yaxis_title=f"mean {metric}",
+        yaxis_type="log" if log_y else "linear",
+        template="plotly_white",
     )
     return fig
 
@@ -487,29 +606,64 @@ def plot_pattern_comparison(pairs, token_labels, titles: dict | None = None) -> 
     if len(token_labels) != pos:
         raise ValueError(f"token_labels: {len(token_labels)} labels for patterns over {pos} positions")
     # plotly tick text is HTML: escape tokens such as "<s>"; show newlines and bare spaces
-    labels = [html.escape(str(t).replace("\n", "\\n"), quote=False) if str(t).strip() else repr(str(t)) for t in token_labels]
+    labels = [
+        html.escape(str(t).replace("\n", "\\n"), quote=False) if str(t).strip() else repr(str(t))
+        for t in token_labels
+    ]
     ticks = list(range(pos))
     sub_titles = []
     for layer, head in heads:
         extra = f" ({titles[(layer, head)]})" if titles and (layer, head) in titles else ""
         sub_titles += [f"L{layer}H{head} original", f"L{layer}H{head} edited{extra}"]
-    fig = make_subplots(rows=len(heads), cols=2, subplot_titles=sub_titles,
-                        horizontal_spacing=0.1, vertical_spacing=0.25 / max(len(heads), 1))
+    fig = make_subplots(
+        rows=len(heads),
+        cols=2,
+        subplot_titles=sub_titles,
+        horizontal_spacing=0.1,
+        vertical_spacing=0.25 / max(len(heads), 1),
+    )
     for r, key in enumerate(heads, start=1):
         for c, mat in enumerate(pairs[key], start=1):
             # numeric axes with token tick labels (categorical axes would merge repeated tokens)
             fig.add_trace(
-                go.Heatmap(z=mat, x=ticks, y=ticks, zmin=0, zmax=1, colorscale="Blues",
-                           showscale=(r == 1 and c == 2), customdata=[[(labels[i], labels[j]) for j in ticks] for i in ticks],
-                           hovertemplate="query %{customdata[0]}<br>key %{customdata[1]}<br>%{z:.3f}<extra></extra>"),
-                row=r, col=c,
+                go.Heatmap(
+                    z=mat,
+                    x=ticks,
+                    y=ticks,
+                    zmin=0,
+                    zmax=1,
+                    colorscale="Blues",
+                    showscale=(r == 1 and c == 2),
+                    customdata=[[(labels[i], labels[j]) for j in ticks] for i in ticks],
+                    hovertemplate="query %{customdata[0]}<br>key %{customdata[1]}<br>%{z:.3f}<extra></extra>",
+                ),
+                row=r,
+                col=c,
             )
-            fig.update_yaxes(autorange="reversed", tickmode="array", tickvals=ticks, ticktext=labels,
-                             tickfont={"size": 8}, row=r, col=c)
-            fig.update_xaxes(tickmode="array", tickvals=ticks, ticktext=labels, tickfont={"size": 8},
-                             tickangle=-90, row=r, col=c)
-    fig.update_layout(height=max(480, 470 * len(heads)), width=1000, template="plotly_white",
-                      title="Attention patterns: original vs edited (rows: query, columns: key)")
+            fig.update_yaxes(
+                autorange="reversed",
+                tickmode="array",
+                tickvals=ticks,
+                ticktext=labels,
+                tickfont={"size": 8},
+                row=r,
+                col=c,
+            )
+            fig.update_xaxes(
+                tickmode="array",
+                tickvals=ticks,
+                ticktext=labels,
+                tickfont={"size": 8},
+                tickangle=-90,
+                row=r,
+                col=c,
+            )
+    fig.update_layout(
+        height=max(480, 470 * len(heads)),
+        width=1000,
+        template="plotly_white",
+        title="Attention patterns: original vs edited (rows: query, columns: key)",
+    )
     return fig
 
 
@@ -520,7 +674,9 @@ def plot_breaking_heads_table(table) -> go.Figure:
     fig = go.Figure(go.Table(header={"values": cols, "fill_color": "#dde"}, cells={"values": cells}))
     thr = table.attrs.get("threshold")
     k = table.attrs.get("K_break")
-    title = "Heads that break first" + (f" ({table.attrs.get('metric')} > {thr:g} at K={k})" if thr is not None else "")
+    title = "Heads that break first" + (
+        f" ({table.attrs.get('metric')} > {thr:g} at K={k})" if thr is not None else ""
+    )
     fig.update_layout(title=title, template="plotly_white")
     return fig
 
@@ -539,15 +695,40 @@ def gauge_figure(study: object, title: str = "Gauge dependence of the QK PCA") -
     from plotly.subplots import make_subplots
 
     table = study.table  # type: ignore[attr-defined]
-    fig = make_subplots(rows=1, cols=2, subplot_titles=("cumulative explained variance", "perplexity ratio (log)"))
+    fig = make_subplots(
+        rows=1, cols=2, subplot_titles=("cumulative explained variance", "perplexity ratio (log)")
+    )
     for (space, gauge), grp in table.groupby(["space", "gauge"], sort=True):
         color = _SPACE_COLORS.get(str(space), "#333333")
         name = f"{space}, {'as loaded' if gauge == 0 else f'gauge {gauge}'}"
         line = dict(color=color, dash="solid" if gauge == 0 else "dash", width=2.5 if gauge == 0 else 1.3)
-        fig.add_trace(go.Scatter(x=grp["K"], y=grp["cumulative_variance"], mode="lines+markers", name=name,
-                                 legendgroup=name, line=line, marker=dict(size=4)), row=1, col=1)
-        fig.add_trace(go.Scatter(x=grp["K"], y=grp["ratio"], mode="lines+markers", name=name, legendgroup=name,
-                                 showlegend=False, line=line, marker=dict(size=4)), row=1, col=2)
+        fig.add_trace(
+            go.Scatter(
+                x=grp["K"],
+                y=grp["cumulative_variance"],
+                mode="lines+markers",
+                name=name,
+                legendgroup=name,
+                line=line,
+                marker=dict(size=4),
+            ),
+            row=1,
+            col=1,
+        )
+        fig.add_trace(
+            go.Scatter(
+                x=grp["K"],
+                y=grp["ratio"],
+                mode="lines+markers",
+                name=name,
+                legendgroup=name,
+                showlegend=False,
+                line=line,
+                marker=dict(size=4),
+            ),
+            row=1,
+            col=2,
+        )
     fig.update_xaxes(title_text="K (components kept)")
     fig.update_yaxes(range=[0, 1.02], row=1, col=1)
     fig.update_yaxes(type="log", row=1, col=2)
@@ -570,28 +751,87 @@ def baselines_figure(
     """
     from plotly.subplots import make_subplots
 
-    fig = make_subplots(rows=1, cols=2, subplot_titles=("cumulative explained variance", "perplexity ratio (log)"))
-    styles = {"real": ("#000000", "solid"), "shuffled": ("#ff7f0e", "dash"), "gaussian": ("#2ca02c", "dash"),
-              "random_subspace": ("#7f7f7f", "dot"), "marchenko_pastur": ("#9467bd", "dashdot")}
+    fig = make_subplots(
+        rows=1, cols=2, subplot_titles=("cumulative explained variance", "perplexity ratio (log)")
+    )
+    styles = {
+        "real": ("#000000", "solid"),
+        "shuffled": ("#ff7f0e", "dash"),
+        "gaussian": ("#2ca02c", "dash"),
+        "random_subspace": ("#7f7f7f", "dot"),
+        "marchenko_pastur": ("#9467bd", "dashdot"),
+    }
     for curve, grp in nulls.groupby("curve", sort=False):  # type: ignore[attr-defined]
         color, dash = styles.get(str(curve), ("#333333", "solid"))
-        err = dict(type="data", array=grp["std"], visible=True, thickness=1) if grp["std"].abs().sum() > 0 else None
-        label = {"real": "real heads", "shuffled": "entries shuffled within heads",
-                 "gaussian": "Gaussian heads, matched norms", "random_subspace": "random K-dim subspace (K/r)",
-                 "marchenko_pastur": "Marchenko-Pastur (i.i.d.)"}.get(str(curve), str(curve))
-        fig.add_trace(go.Scatter(x=grp["K"], y=grp["cumulative_variance"], mode="lines", name=label,
-                                 line=dict(color=color, dash=dash), error_y=err), row=1, col=1)
+        err = (
+            dict(type="data", array=grp["std"], visible=True, thickness=1)
+            if grp["std"].abs().sum() > 0
+            else None
+        )
+        label = {
+            "real": "real heads",
+            "shuffled": "entries shuffled within heads",
+            "gaussian": "Gaussian heads, matched norms",
+            "random_subspace": "random K-dim subspace (K/r)",
+            "marchenko_pastur": "Marchenko-Pastur (i.i.d.)",
+        }.get(str(curve), str(curve))
+        fig.add_trace(
+            go.Scatter(
+                x=grp["K"],
+                y=grp["cumulative_variance"],
+                mode="lines",
+                name=label,
+                line=dict(color=color, dash=dash),
+                error_y=err,
+            ),
+            row=1,
+            col=1,
+        )
     if real_sweep is not None:
-        fig.add_trace(go.Scatter(x=real_sweep["K"], y=real_sweep["ratio"], mode="lines+markers", name="real PCA",  # type: ignore[index]
-                                 line=dict(color="#000000")), row=1, col=2)
+        fig.add_trace(
+            go.Scatter(
+                x=real_sweep["K"],
+                y=real_sweep["ratio"],
+                mode="lines+markers",
+                name="real PCA",  # type: ignore[index]
+                line=dict(color="#000000"),
+            ),
+            row=1,
+            col=2,
+        )
     if random_sweep is not None:
         agg = random_sweep.groupby("K")["ratio"].agg(["mean", "min", "max"]).reset_index()  # type: ignore[attr-defined]
-        fig.add_trace(go.Scatter(x=agg["K"], y=agg["max"], mode="lines", line=dict(width=0), showlegend=False,
-                                 hoverinfo="skip"), row=1, col=2)
-        fig.add_trace(go.Scatter(x=agg["K"], y=agg["min"], mode="lines", line=dict(width=0), fill="tonexty",
-                                 fillcolor="rgba(127,127,127,0.25)", name="random subspace (min-max)"), row=1, col=2)
-        fig.add_trace(go.Scatter(x=agg["K"], y=agg["mean"], mode="lines+markers", name="random subspace (mean)",
-                                 line=dict(color="#7f7f7f", dash="dot")), row=1, col=2)
+        fig.add_trace(
+            go.Scatter(
+                x=agg["K"], y=agg["max"], mode="lines", line=dict(width=0), showlegend=False, hoverinfo="skip"
+            ),
+            row=1,
+            col=2,
+        )
+        fig.add_trace(
+            go.Scatter(
+                x=agg["K"],
+                y=agg["min"],
+                mode="lines",
+                line=dict(width=0),
+                fill="tonexty",
+                fillcolor="rgba(127,127,127,0.25)",
+                name="random subspace (min-max)",
+            ),
+            row=1,
+            col=2,
+        )
+        fig.add_trace(
+            go.Scatter(
+                x=agg["K"],
+                y=agg["mean"],
+                mode="lines+markers",
+                name="random subspace (mean)",
+                line=dict(color="#7f7f7f", dash="dot"),
+            ),
+            row=1,
+            col=2,
+        )
     fig.update_xaxes(title_text="K (components kept)")
     fig.update_yaxes(range=[0, 1.02], row=1, col=1)
     fig.update_yaxes(type="log", row=1, col=2)
@@ -599,23 +839,51 @@ def baselines_figure(
     return fig
 
 
-def layerwise_figure(table: object, title: str = "Per-layer vs global PCA at equal parameter count") -> go.Figure:
+def layerwise_figure(
+    table: object, title: str = "Per-layer vs global PCA at equal parameter count"
+) -> go.Figure:
     """Variance about the global mean (left) and PPL ratio (right) vs parameters stored.
 
     ``table`` is :func:`qk_subspace.spaces.compare_layerwise_global` output.
     """
     from plotly.subplots import make_subplots
 
-    fig = make_subplots(rows=1, cols=2, subplot_titles=("variance explained (about the global mean)",
-                                                        "perplexity ratio (log)"))
+    fig = make_subplots(
+        rows=1,
+        cols=2,
+        subplot_titles=("variance explained (about the global mean)", "perplexity ratio (log)"),
+    )
     for groupby, grp in table.groupby("groupby"):  # type: ignore[attr-defined]
         name = "per layer" if groupby == "layer" else "global"
         color = "#2ca02c" if groupby == "layer" else "#000000"
         text = [f"K={k}" for k in grp["K"]]
-        fig.add_trace(go.Scatter(x=grp["n_params"], y=grp["global_variance"], mode="lines+markers", name=name,
-                                 legendgroup=name, text=text, line=dict(color=color)), row=1, col=1)
-        fig.add_trace(go.Scatter(x=grp["n_params"], y=grp["ratio"], mode="lines+markers", name=name, legendgroup=name,
-                                 showlegend=False, text=text, line=dict(color=color)), row=1, col=2)
+        fig.add_trace(
+            go.Scatter(
+                x=grp["n_params"],
+                y=grp["global_variance"],
+                mode="lines+markers",
+                name=name,
+                legendgroup=name,
+                text=text,
+                line=dict(color=color),
+            ),
+            row=1,
+            col=1,
+        )
+        fig.add_trace(
+            go.Scatter(
+                x=grp["n_params"],
+                y=grp["ratio"],
+                mode="lines+markers",
+                name=name,
+                legendgroup=name,
+                showlegend=False,
+                text=text,
+                line=dict(color=color),
+            ),
+            row=1,
+            col=2,
+        )
     fig.update_xaxes(title_text="numbers stored (means + components + coefficients)")
     fig.update_yaxes(type="log", row=1, col=2)
     fig.update_layout(title=title, template="plotly_white", width=1150, height=480)
@@ -636,19 +904,26 @@ def space_figures(results: dict) -> dict[str, go.Figure]:
     if bl and bl.get("spectrum_nulls"):
         rand = pd.DataFrame(bl["random_subspace"]) if bl.get("random_subspace") else None
         figs[f"baselines_{m}"] = baselines_figure(
-            pd.DataFrame(bl["spectrum_nulls"]), pd.DataFrame(results["perplexity_vs_k"]), rand,
+            pd.DataFrame(bl["spectrum_nulls"]),
+            pd.DataFrame(results["perplexity_vs_k"]),
+            rand,
             title=f"{m}, {space} space: real PCA vs null baselines",
         )
     lw = results.get("layerwise")
     if lw and lw.get("per_layer"):
         per_layer = pd.DataFrame(lw["per_layer"])
         glob = {int(r["K"]): r for r in lw["global"]}
-        rows = [dict(glob[p["K_global"]], K_layer=p["K_layer"]) for p in lw["matched"] if p["K_global"] in glob]
+        rows = [
+            dict(glob[p["K_global"]], K_layer=p["K_layer"]) for p in lw["matched"] if p["K_global"] in glob
+        ]
         table = pd.concat([per_layer.assign(K_layer=per_layer["K"]), pd.DataFrame(rows)], ignore_index=True)
         figs[f"layerwise_{m}"] = layerwise_figure(
-            table, title=f"{m}, {space} space: per-layer vs global PCA at equal parameter count")
+            table, title=f"{m}, {space} space: per-layer vs global PCA at equal parameter count"
+        )
     gs = results.get("gauge_study")
     if gs and gs.get("table"):
-        figs[f"gauge_{m}"] = gauge_figure(types.SimpleNamespace(table=pd.DataFrame(gs["table"])),
-                                          title=f"{m}: gauge dependence of the QK PCA")
+        figs[f"gauge_{m}"] = gauge_figure(
+            types.SimpleNamespace(table=pd.DataFrame(gs["table"])),
+            title=f"{m}: gauge dependence of the QK PCA",
+        )
     return figs

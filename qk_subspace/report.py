@@ -68,20 +68,38 @@ def result_tables(results: Mapping[str, Any]) -> dict[str, pd.DataFrame]:
     var = results["variance"]
     n = var["n_heads"]
     vt = pd.DataFrame(
-        [{"threshold": f"{100 * t['threshold']:.0f}%", "K": t["K"], f"K / {n}": f"{100 * t['fraction_of_heads']:.1f}%"}
-         for t in var["thresholds"]]
+        [
+            {
+                "threshold": f"{100 * t['threshold']:.0f}%",
+                "K": t["K"],
+                f"K / {n}": f"{100 * t['fraction_of_heads']:.1f}%",
+            }
+            for t in var["thresholds"]
+        ]
     )
     kt = pd.DataFrame(
-        [{
-            "K": r["K"], "cum. variance": f"{100 * r['cumulative_variance']:.1f}%", "PPL": r["ppl"],
-            "ratio": r["ratio"], "95% CI": f"[{r['ratio_low']:.3g}, {r['ratio_high']:.3g}]",
-        } for r in results["perplexity_vs_k"]]
+        [
+            {
+                "K": r["K"],
+                "cum. variance": f"{100 * r['cumulative_variance']:.1f}%",
+                "PPL": r["ppl"],
+                "ratio": r["ratio"],
+                "95% CI": f"[{r['ratio_low']:.3g}, {r['ratio_high']:.3g}]",
+            }
+            for r in results["perplexity_vs_k"]
+        ]
     )
     ct = pd.DataFrame(
-        [{
-            "k": r["k"], "replaced heads": r["replaced"], "PPL": r["ppl"], "ratio": r["ratio"],
-            "95% CI": f"[{r['ratio_low']:.3g}, {r['ratio_high']:.3g}]",
-        } for r in results["clustering"]["rows"]],
+        [
+            {
+                "k": r["k"],
+                "replaced heads": r["replaced"],
+                "PPL": r["ppl"],
+                "ratio": r["ratio"],
+                "95% CI": f"[{r['ratio_low']:.3g}, {r['ratio_high']:.3g}]",
+            }
+            for r in results["clustering"]["rows"]
+        ],
         columns=["k", "replaced heads", "PPL", "ratio", "95% CI"],
     )
     return {"variance": vt, "perplexity_vs_k": kt, "clustering": ct}
@@ -93,8 +111,10 @@ def format_tables(results: Mapping[str, Any]) -> str:
     meta, var, chk = results["metadata"], results["variance"], results["checks"]
     fmt = {"PPL": lambda x: f"{x:.4g}", "ratio": lambda x: f"{x:.4g}x"}
     lines = [
-        (f"== {meta['model']}: {var['n_heads']} heads, {meta['protocol']['n_chunks']} chunks x "
-        f"{meta['protocol']['ctx']} tokens ({meta['protocol']['text']})"),
+        (
+            f"== {meta['model']}: {var['n_heads']} heads, {meta['protocol']['n_chunks']} chunks x "
+            f"{meta['protocol']['ctx']} tokens ({meta['protocol']['text']})"
+        ),
         "6A variance: top-3 ratios " + ", ".join(f"{100 * r:.1f}%" for r in var["top_ratios"]),
         t["variance"].to_string(index=False),
         "",
@@ -102,11 +122,15 @@ def format_tables(results: Mapping[str, Any]) -> str:
         t["perplexity_vs_k"].to_string(index=False, formatters=fmt),
         "",
         "6C clustering (representative replaces its cluster)",
-        t["clustering"].to_string(index=False, formatters=fmt) if len(t["clustering"]) else "(no k below n_heads)",
+        t["clustering"].to_string(index=False, formatters=fmt)
+        if len(t["clustering"])
+        else "(no k below n_heads)",
         "",
-        (f"check K=all: ratio {chk['k_all']['ratio']!r} (|ratio-1| = {chk['k_all']['abs_ratio_error']:.2e}, "
-        f"{'OK' if chk['k_all']['ok'] else 'FAILED'} at {chk['k_all']['tolerance']:g}); "
-        f"gate: {results['gate']['reason']}"),
+        (
+            f"check K=all: ratio {chk['k_all']['ratio']!r} (|ratio-1| = {chk['k_all']['abs_ratio_error']:.2e}, "
+            f"{'OK' if chk['k_all']['ok'] else 'FAILED'} at {chk['k_all']['tolerance']:g}); "
+            f"gate: {results['gate']['reason']}"
+        ),
     ]
     return "\n".join(lines)
 
@@ -135,8 +159,10 @@ def _patterns(rows: Sequence[Mapping[str, Any]]) -> list[str]:
 
     best = mark(ratio[10] <= 1.05 if 10 in ratio else None, f"K=10: {ratio.get(10, float('nan')):.3g}x")
     good_k = min(mid, key=lambda k: mid[k]) if mid else None
-    good = mark(mid[good_k] <= 1.1 if good_k is not None else None,
-                f"best K in 16-32: K={good_k}, {mid.get(good_k, float('nan')):.3g}x" if good_k else "")
+    good = mark(
+        mid[good_k] <= 1.1 if good_k is not None else None,
+        f"best K in 16-32: K={good_k}, {mid.get(good_k, float('nan')):.3g}x" if good_k else "",
+    )
     poor = mark(ratio[64] > 1.2 if 64 in ratio else None, f"K=64: {ratio.get(64, float('nan')):.3g}x")
     return [
         f"best:     K=10 within 1.05x       -> {best}",
@@ -153,26 +179,41 @@ def _model_section(res: Mapping[str, Any]) -> str:
     base = res["baseline"]["ppl"]
     gate_k, gate_t = meta["gate"]["K"], meta["gate"]["threshold"]
     started = (res.get("timings", {}).get("runs") or [{}])[0].get("started", "?")
-    s: list[str] = [f"# Experiment 6: Universal Weight Subspace -- PCA of W_QK and its functional impact ({meta['model']})", ""]
+    s: list[str] = [
+        f"# Experiment 6: Universal Weight Subspace -- PCA of W_QK and its functional impact ({meta['model']})",
+        "",
+    ]
     if ref is not None:
         s += [
-            ("> Columns marked **reference** are the seed report's published GPT-2 small numbers "
-            f"({ref['source']}), copied for comparison; they are not results of this run."),
+            (
+                "> Columns marked **reference** are the seed report's published GPT-2 small numbers "
+                f"({ref['source']}), copied for comparison; they are not results of this run."
+            ),
             "",
         ]
     s += [
-        "## Conditions", "",
+        "## Conditions",
+        "",
         "- **Target**: W_QK = W_Q.T @ W_K (d_head x d_head) of every attention head",
-        (f"- **Model**: {meta['model']} ({meta['model_source']}): {c['n_layers']} layers x {c['n_heads']} heads = {n} heads, "
-        f"d_head={c['d_head']}, key/value heads per layer {c['n_key_value_heads']}"),
-        (f"- **PCA input**: ({n}, {var['n_features']}) matrix (each W_QK flattened); "
-        f"{var['n_nonzero_components']} components with non-zero variance"),
-        (f"- **Perplexity**: {proto['text']} ({proto['route']}), {proto['n_chunks']} chunks x {proto['ctx']} tokens "
-        f"= {proto['n_tokens']:,} tokens"),
+        (
+            f"- **Model**: {meta['model']} ({meta['model_source']}): {c['n_layers']} layers x {c['n_heads']} heads = {n} heads, "
+            f"d_head={c['d_head']}, key/value heads per layer {c['n_key_value_heads']}"
+        ),
+        (
+            f"- **PCA input**: ({n}, {var['n_features']}) matrix (each W_QK flattened); "
+            f"{var['n_nonzero_components']} components with non-zero variance"
+        ),
+        (
+            f"- **Perplexity**: {proto['text']} ({proto['route']}), {proto['n_chunks']} chunks x {proto['ctx']} tokens "
+            f"= {proto['n_tokens']:,} tokens"
+        ),
         f"- **Device**: {meta['evaluation']['device']} ({meta['evaluation']['dtype']}), batch size {meta['evaluation']['batch_size']}",
         f"- **Date**: {started}",
-        "", "---", "",
-        "## 1. Cumulative variance of W_QK (6A)", "",
+        "",
+        "---",
+        "",
+        "## 1. Cumulative variance of W_QK (6A)",
+        "",
     ]
     header = ["threshold", "K", f"fraction of all ({n})"]
     if ref is not None:
@@ -186,18 +227,25 @@ def _model_section(res: Mapping[str, Any]) -> str:
         rows.append(r)
     s += [_md_table(header, rows), ""]
     top = ", ".join(f"PC{i + 1}={100 * x:.1f}%" for i, x in enumerate(var["top_ratios"]))
-    s.append(f"Top {len(var['top_ratios'])} components explain {100 * var['top_cumulative']:.1f}% of the variance: {top}.")
+    s.append(
+        f"Top {len(var['top_ratios'])} components explain {100 * var['top_cumulative']:.1f}% of the variance: {top}."
+    )
     if ref is not None:
         s.append(
             f"(reference: {100 * ref['top3_cumulative']:.1f}%: "
-            + ", ".join(f"PC{i + 1}={100 * x:.1f}%" for i, x in enumerate(ref["top_ratios"])) + ")"
+            + ", ".join(f"PC{i + 1}={100 * x:.1f}%" for i, x in enumerate(ref["top_ratios"]))
+            + ")"
         )
     ka = chk["k_all"]
     s += [
-        "", "## 2. Perplexity vs number of components K (6B)", "",
+        "",
+        "## 2. Perplexity vs number of components K (6B)",
+        "",
         f"Baseline perplexity: **{base:.4g}**" + (f" (reference {ref['baseline_ppl']})" if ref else ""),
-        (f"K=all ({ka['K']}) check: **{ka['ppl']:.4g}** (ratio {ka['ratio']!r}, |ratio-1| = {ka['abs_ratio_error']:.1e}, "
-        f"{'OK' if ka['ok'] else 'FAILED'} at tolerance {ka['tolerance']:g})"),
+        (
+            f"K=all ({ka['K']}) check: **{ka['ppl']:.4g}** (ratio {ka['ratio']!r}, |ratio-1| = {ka['abs_ratio_error']:.1e}, "
+            f"{'OK' if ka['ok'] else 'FAILED'} at tolerance {ka['tolerance']:g})"
+        ),
         "",
     ]
     header = ["K", "cum. variance", "perplexity", "ratio", "95% CI (bootstrap over chunks)", "verdict"]
@@ -205,9 +253,19 @@ def _model_section(res: Mapping[str, Any]) -> str:
         header += ["cum. variance (reference)", "perplexity (reference)", "ratio (reference)"]
     rows = []
     for r in res["perplexity_vs_k"]:
-        verdict = "baseline (all components)" if r["is_all"] else (f"within {gate_t}x" if r["ratio"] <= gate_t else "")
-        row = [r["K"], f"{100 * r['cumulative_variance']:.1f}%", f"{r['ppl']:.4g}", _ratio(r["ratio"]),
-               f"[{r['ratio_low']:.3g}, {r['ratio_high']:.3g}]", verdict]
+        verdict = (
+            "baseline (all components)"
+            if r["is_all"]
+            else (f"within {gate_t}x" if r["ratio"] <= gate_t else "")
+        )
+        row = [
+            r["K"],
+            f"{100 * r['cumulative_variance']:.1f}%",
+            f"{r['ppl']:.4g}",
+            _ratio(r["ratio"]),
+            f"[{r['ratio_low']:.3g}, {r['ratio_high']:.3g}]",
+            verdict,
+        ]
         if ref is not None:
             rv = ref["perplexity_vs_k"].get(r["K"])
             row += [f"{100 * rv[0]:.1f}%", rv[1], _ratio(rv[2])] if rv else ["-", "-", "-"]
@@ -215,7 +273,8 @@ def _model_section(res: Mapping[str, Any]) -> str:
     s += [_md_table(header, rows), ""]
     cl = res["clustering"]
     s += [
-        "## 3. Head clustering (6C)", "",
+        "## 3. Head clustering (6C)",
+        "",
         f"k-means (n_init={cl['kmeans_n_init']}, seed={cl['seed']}) on the top {cl['n_dims']} PCA coefficients; "
         "the member nearest each centroid represents its cluster and every other member's W_QK is replaced by "
         "the representative's (exact injection)."
@@ -227,7 +286,13 @@ def _model_section(res: Mapping[str, Any]) -> str:
         header += ["replaced (reference)", "perplexity (reference)", "ratio (reference)"]
     rows = []
     for r in cl["rows"]:
-        row = [r["k"], r["replaced"], f"{r['ppl']:.4g}", _ratio(r["ratio"]), f"[{r['ratio_low']:.3g}, {r['ratio_high']:.3g}]"]
+        row = [
+            r["k"],
+            r["replaced"],
+            f"{r['ppl']:.4g}",
+            _ratio(r["ratio"]),
+            f"[{r['ratio_low']:.3g}, {r['ratio_high']:.3g}]",
+        ]
         if ref is not None:
             rv = ref["clustering"].get(r["k"])
             row += [rv[0], rv[1], _ratio(rv[2])] if rv else ["-", "-", "-"]
@@ -238,27 +303,39 @@ def _model_section(res: Mapping[str, Any]) -> str:
     pc1 = np.array([p["pc1"] for p in pm])
     r_layer = float(np.corrcoef(layers, pc1)[0, 1]) if layers.std() > 0 and pc1.std() > 0 else float("nan")
     s += [
-        "## 4. PCA 2D map", "",
+        "## 4. PCA 2D map",
+        "",
         f"The first two components explain {100 * var['pc12_cumulative']:.1f}% of the variance"
         + (f" (reference {100 * ref['pc12_cumulative']:.1f}%)" if ref else "")
         + f". Pearson correlation of PC1 with the layer index: {r_layer:.2f}.",
         "",
-        "## 5. The predicted patterns (seed README)", "",
-        "```", *_patterns(res["perplexity_vs_k"]), "```", "",
-        "## 6. Gate (6D)", "",
+        "## 5. The predicted patterns (seed README)",
+        "",
+        "```",
+        *_patterns(res["perplexity_vs_k"]),
+        "```",
+        "",
+        "## 6. Gate (6D)",
+        "",
         f"Rule: continue to the next (larger) model only if the ratio at K={gate_k} is within {gate_t}x. "
         f"Result: {res['gate']['reason']} -> **{_gate_word(res['gate']['passed'])}**."
         + (" (reference: K=10 gave 40x, so the report skipped GPT-2 medium)" if ref else ""),
         "",
-        "## Checks", "",
-        f"- K=all ratio: {ka['ratio']!r} ({'OK' if ka['ok'] else 'FAILED'})",
-        (f"- max injection residual |W_Q_new^T W_K - target|: K sweep {chk['max_injection_residual']['k_sweep']:.2e}, "
-        f"clustering {chk['max_injection_residual']['clustering']:.2e}"),
-        (f"- PCA reconstruction with all components, max abs error: {chk['pca_reconstruction_max_abs_error']:.2e}"
-         if chk.get("pca_reconstruction_max_abs_error") is not None else
-         "- PCA reconstruction: circuit space (circuits not materialised; see the injection residuals)"),
+        "## Checks",
         "",
-        "## Files", "",
+        f"- K=all ratio: {ka['ratio']!r} ({'OK' if ka['ok'] else 'FAILED'})",
+        (
+            f"- max injection residual |W_Q_new^T W_K - target|: K sweep {chk['max_injection_residual']['k_sweep']:.2e}, "
+            f"clustering {chk['max_injection_residual']['clustering']:.2e}"
+        ),
+        (
+            f"- PCA reconstruction with all components, max abs error: {chk['pca_reconstruction_max_abs_error']:.2e}"
+            if chk.get("pca_reconstruction_max_abs_error") is not None
+            else "- PCA reconstruction: circuit space (circuits not materialised; see the injection residuals)"
+        ),
+        "",
+        "## Files",
+        "",
         f"- `exp6_{meta['model']}.json` -- all numbers (6A/6B/6C, 2D map, checks; clock times only in `timings`)",
         f"- `exp6a_cumvar_{meta['model']}.html/.png` -- cumulative variance",
         f"- `exp6b_ppl_vs_K_{meta['model']}.html/.png` -- perplexity vs K",
@@ -269,8 +346,11 @@ def _model_section(res: Mapping[str, Any]) -> str:
     s += _extra_sections(res)
     text = "\n".join(s)
     if meta.get("circuit") == "ov":  # the same pipeline on OV circuits, edited through W_V
-        text = text.replace("W_QK = W_Q.T @ W_K", "W_OV = W_V.T @ W_O.T").replace(
-            "|W_Q_new^T W_K - target|", "|W_V_new^T W_O^T - target|").replace("W_QK", "W_OV")
+        text = (
+            text.replace("W_QK = W_Q.T @ W_K", "W_OV = W_V.T @ W_O.T")
+            .replace("|W_Q_new^T W_K - target|", "|W_V_new^T W_O^T - target|")
+            .replace("W_QK", "W_OV")
+        )
     return text
 
 
@@ -280,23 +360,48 @@ def _extra_sections(res: Mapping[str, Any]) -> list[str]:
     m = res["metadata"]["model"]
     if res.get("perplexity_vs_k_importance"):
         imp = res.get("importance") or {}
-        s += ["## Importance-ordered compression", "",
-              (f"Components ranked by {imp.get('method')} importance (score `{imp.get('score')}`) on "
-               f"{res['metadata']['importance']['n_tokens']} tokens not used in the sweep; ranking "
-               f"{imp.get('order')}."), "",
-              *_md_table(["K", "ratio (variance order)", "ratio (importance order)"], [
-                  [a["K"], _ratio(a["ratio"]), _ratio(b["ratio"])]
-                  for a, b in zip(res["perplexity_vs_k"], res["perplexity_vs_k_importance"])
-              ]).splitlines(),
-              "", f"Figure: `importance_overlay_{m}.html/.png`.", ""]
+        s += [
+            "## Importance-ordered compression",
+            "",
+            (
+                f"Components ranked by {imp.get('method')} importance (score `{imp.get('score')}`) on "
+                f"{res['metadata']['importance']['n_tokens']} tokens not used in the sweep; ranking "
+                f"{imp.get('order')}."
+            ),
+            "",
+            *_md_table(
+                ["K", "ratio (variance order)", "ratio (importance order)"],
+                [
+                    [a["K"], _ratio(a["ratio"]), _ratio(b["ratio"])]
+                    for a, b in zip(res["perplexity_vs_k"], res["perplexity_vs_k_importance"], strict=False)
+                ],
+            ).splitlines(),
+            "",
+            f"Figure: `importance_overlay_{m}.html/.png`.",
+            "",
+        ]
     if res.get("attention_diagnostics"):
-        s += ["## Attention diagnostics", "",
-              *_md_table(["K", "mean KL", "max KL (head)", "mean JS", "top-1 agreement"], [
-                  [r["K"], f"{r['diag_mean_kl']:.4g}", f"{r['diag_max_kl']:.4g} ({r['diag_max_kl_head']})",
-                   f"{r['diag_mean_js']:.4g}", f"{r['diag_mean_top1_agreement']:.3f}"]
-                  for r in res["perplexity_vs_k"] if "diag_mean_kl" in r
-              ]).splitlines(),
-              "", f"Per-head rows in `attention_diagnostics`; figures `diag_*_{m}.html/.png`.", ""]
+        s += [
+            "## Attention diagnostics",
+            "",
+            *_md_table(
+                ["K", "mean KL", "max KL (head)", "mean JS", "top-1 agreement"],
+                [
+                    [
+                        r["K"],
+                        f"{r['diag_mean_kl']:.4g}",
+                        f"{r['diag_max_kl']:.4g} ({r['diag_max_kl_head']})",
+                        f"{r['diag_mean_js']:.4g}",
+                        f"{r['diag_mean_top1_agreement']:.3f}",
+                    ]
+                    for r in res["perplexity_vs_k"]
+                    if "diag_mean_kl" in r
+                ],
+            ).splitlines(),
+            "",
+            f"Per-head rows in `attention_diagnostics`; figures `diag_*_{m}.html/.png`.",
+            "",
+        ]
     s += _space_sections(res)
     return s
 
@@ -307,46 +412,118 @@ def _space_sections(res: Mapping[str, Any]) -> list[str]:
     meta = res["metadata"]
     m, space = meta["model"], meta.get("space", "raw")
     if space != "raw":
-        what = {"canonical": "W_QK = W_Q^T W_K with every head in its canonical gauge (`canonical_gauge`)",
-                "circuit": ("the gauge-invariant circuits C_h = W_Q W_K^T (d_model x d_model), injected through "
-                            "W_Q by least squares; `max_residual` is the largest relative injection residual")}
-        s += ["## PCA space", "", f"Space **{space}**: variance, K sweep, clustering and map use {what[space]}.", ""]
+        what = {
+            "canonical": "W_QK = W_Q^T W_K with every head in its canonical gauge (`canonical_gauge`)",
+            "circuit": (
+                "the gauge-invariant circuits C_h = W_Q W_K^T (d_model x d_model), injected through "
+                "W_Q by least squares; `max_residual` is the largest relative injection residual"
+            ),
+        }
+        s += [
+            "## PCA space",
+            "",
+            f"Space **{space}**: variance, K sweep, clustering and map use {what[space]}.",
+            "",
+        ]
         if space == "circuit":
-            s += _md_table(["K", "ratio", "max residual", "mean residual"], [
-                [r["K"], _ratio(r["ratio"]), f"{r['max_residual']:.2e}", f"{r.get('mean_residual', 0.0):.2e}"]
-                for r in res["perplexity_vs_k"]]).splitlines() + [""]
+            s += _md_table(
+                ["K", "ratio", "max residual", "mean residual"],
+                [
+                    [
+                        r["K"],
+                        _ratio(r["ratio"]),
+                        f"{r['max_residual']:.2e}",
+                        f"{r.get('mean_residual', 0.0):.2e}",
+                    ]
+                    for r in res["perplexity_vs_k"]
+                ],
+            ).splitlines() + [""]
     lw = res.get("layerwise")
     if lw and lw.get("per_layer"):
         glob = {int(r["K"]): r for r in lw["global"]}
         per = {int(r["K"]): r for r in lw["per_layer"]}
-        s += ["## Per-layer PCA vs global PCA", "", f"Parameter count: {lw['parameter_count']}.", "",
-              *_md_table(["K per layer", "params", "variance (global mean)", "ratio", "global K", "params",
-                          "variance", "ratio"], [
-                  [p["K_layer"], per[p["K_layer"]]["n_params"], f"{per[p['K_layer']]['global_variance']:.3f}",
-                   _ratio(per[p["K_layer"]]["ratio"]), p["K_global"], glob[p["K_global"]]["n_params"],
-                   f"{glob[p['K_global']]['global_variance']:.3f}", _ratio(glob[p["K_global"]]["ratio"])]
-                  for p in lw["matched"] if p["K_layer"] in per and p["K_global"] in glob
-              ]).splitlines(), "", f"Figure: `layerwise_{m}.html/.png`.", ""]
+        s += [
+            "## Per-layer PCA vs global PCA",
+            "",
+            f"Parameter count: {lw['parameter_count']}.",
+            "",
+            *_md_table(
+                [
+                    "K per layer",
+                    "params",
+                    "variance (global mean)",
+                    "ratio",
+                    "global K",
+                    "params",
+                    "variance",
+                    "ratio",
+                ],
+                [
+                    [
+                        p["K_layer"],
+                        per[p["K_layer"]]["n_params"],
+                        f"{per[p['K_layer']]['global_variance']:.3f}",
+                        _ratio(per[p["K_layer"]]["ratio"]),
+                        p["K_global"],
+                        glob[p["K_global"]]["n_params"],
+                        f"{glob[p['K_global']]['global_variance']:.3f}",
+                        _ratio(glob[p["K_global"]]["ratio"]),
+                    ]
+                    for p in lw["matched"]
+                    if p["K_layer"] in per and p["K_global"] in glob
+                ],
+            ).splitlines(),
+            "",
+            f"Figure: `layerwise_{m}.html/.png`.",
+            "",
+        ]
     bl = res.get("baselines")
     if bl and bl.get("summary") is not None:
         real = {int(r["K"]): r for r in res["perplexity_vs_k"]}
-        s += ["## Null baselines", "",
-              (f"Random K-dim subspaces of the span of the centred heads ({meta['baselines']['n_seeds']} seeds per "
-               "K) against the top-K principal components; spectrum nulls (shuffled and Gaussian heads, "
-               "Marchenko-Pastur) in `baselines.spectrum_nulls`."), "",
-              *_md_table(["K", "PCA ratio", "random ratio (mean)", "random ratio (min-max)", "random variance (mean)"], [
-                  [r["K"], _ratio(real[r["K"]]["ratio"]) if r["K"] in real else "", _ratio(r["ratio_mean"]),
-                   f"{_ratio(r['ratio_min'])} - {_ratio(r['ratio_max'])}", f"{r['variance_mean']:.3f}"]
-                  for r in bl["summary"]
-              ]).splitlines(), "", f"Figure: `baselines_{m}.html/.png`.", ""]
+        s += [
+            "## Null baselines",
+            "",
+            (
+                f"Random K-dim subspaces of the span of the centred heads ({meta['baselines']['n_seeds']} seeds per "
+                "K) against the top-K principal components; spectrum nulls (shuffled and Gaussian heads, "
+                "Marchenko-Pastur) in `baselines.spectrum_nulls`."
+            ),
+            "",
+            *_md_table(
+                ["K", "PCA ratio", "random ratio (mean)", "random ratio (min-max)", "random variance (mean)"],
+                [
+                    [
+                        r["K"],
+                        _ratio(real[r["K"]]["ratio"]) if r["K"] in real else "",
+                        _ratio(r["ratio_mean"]),
+                        f"{_ratio(r['ratio_min'])} - {_ratio(r['ratio_max'])}",
+                        f"{r['variance_mean']:.3f}",
+                    ]
+                    for r in bl["summary"]
+                ],
+            ).splitlines(),
+            "",
+            f"Figure: `baselines_{m}.html/.png`.",
+            "",
+        ]
     gs = res.get("gauge_study")
     if gs:
-        s += ["## Gauge study", "",
-              (f"{gs['config']['n_gauges']} random gauges; baseline perplexity max relative change "
-               f"{gs['baseline_max_rel_change']:.2e} ({'OK' if gs['baseline_ok'] else 'NOT unchanged'})."), "",
-              *_md_table(list(gs["spread"][0].keys()) if gs["spread"] else [], [
-                  [f"{v:.4g}" if isinstance(v, float) else v for v in r.values()] for r in gs["spread"]
-              ]).splitlines(), "", f"Figure: `gauge_{m}.html/.png`.", ""]
+        s += [
+            "## Gauge study",
+            "",
+            (
+                f"{gs['config']['n_gauges']} random gauges; baseline perplexity max relative change "
+                f"{gs['baseline_max_rel_change']:.2e} ({'OK' if gs['baseline_ok'] else 'NOT unchanged'})."
+            ),
+            "",
+            *_md_table(
+                list(gs["spread"][0].keys()) if gs["spread"] else [],
+                [[f"{v:.4g}" if isinstance(v, float) else v for v in r.values()] for r in gs["spread"]],
+            ).splitlines(),
+            "",
+            f"Figure: `gauge_{m}.html/.png`.",
+            "",
+        ]
     return s
 
 

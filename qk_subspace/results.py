@@ -15,6 +15,7 @@ difference and leaves the file untouched.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import math
@@ -44,8 +45,16 @@ SCHEMA_VERSION = 1
 TIMINGS_KEY = "timings"
 #: Top-level sections in the order they are written (others follow in insertion order; timings last).
 SECTION_ORDER = (
-    "schema_version", "status", "metadata", "variance", "baseline", "perplexity_vs_k", "clustering",
-    "pca_map", "checks", "gate",
+    "schema_version",
+    "status",
+    "metadata",
+    "variance",
+    "baseline",
+    "perplexity_vs_k",
+    "clustering",
+    "pca_map",
+    "checks",
+    "gate",
 )
 #: Metadata entries that describe *where* things are, not *what* was computed: not part of the
 #: resume check (moving the text file does not invalidate a run; its sha256 is checked instead).
@@ -111,10 +120,8 @@ def atomic_write_json(path: str | os.PathLike, data: Mapping[str, Any]) -> None:
         os.chmod(tmp, 0o666 & ~_umask())  # mkstemp creates 0600; give the file the usual mode
         os.replace(tmp, path)
     except BaseException:
-        try:
+        with contextlib.suppress(OSError):
             os.unlink(tmp)
-        except OSError:
-            pass
         raise
 
 

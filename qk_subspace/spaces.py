@@ -86,7 +86,7 @@ def _max_k(pca: Any) -> int:
 
 
 def _is_all(pca: Any, K: int) -> bool:
-    return K >= pca.n_nonzero_components_
+    return pca.n_nonzero_components_ <= K
 
 
 def _feature_dim(model: HookedTransformer, space: str) -> int:
@@ -259,10 +259,19 @@ def sweep_circuit_clusters(
         cl = cluster_heads(pca, k, n_dims=n_dims, seed=seed)  # type: ignore[arg-type]
         A = torch.eye(n, dtype=torch.float64)[torch.as_tensor(cl.source_index())].numpy()
         row: dict[str, Any] = {"k": int(k), "replaced": cl.n_replaced}
-        row.update(evaluate_parameter_edit(
-            model, tokens, pca.inject(model, A=A), baseline, batch_size=batch_size, progress=progress,
-            n_boot=n_boot, seed=seed, desc=f"k={k}",
-        ))
+        row.update(
+            evaluate_parameter_edit(
+                model,
+                tokens,
+                pca.inject(model, A=A),
+                baseline,
+                batch_size=batch_size,
+                progress=progress,
+                n_boot=n_boot,
+                seed=seed,
+                desc=f"k={k}",
+            )
+        )
         row["inertia"] = cl.inertia
         row["representatives"] = cl.representative_labels()
         row["assignments"] = cl.assignments.tolist()

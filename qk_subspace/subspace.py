@@ -63,7 +63,9 @@ class HeadPCA:
         pca_: the underlying fitted :class:`sklearn.decomposition.PCA`.
     """
 
-    def __new__(cls, n_components: int | None = None, *, space: str = "raw", groupby: str | None = None) -> Any:
+    def __new__(
+        cls, n_components: int | None = None, *, space: str = "raw", groupby: str | None = None
+    ) -> Any:
         # HeadPCA(space="circuit") / HeadPCA(groupby="layer") return the Gram-based estimators
         # (qk_subspace.circuit_pca.CircuitPCA, qk_subspace.grouped_pca.LayerwisePCA); the default
         # raw, global PCA is this class.
@@ -84,7 +86,9 @@ class HeadPCA:
             return LayerwisePCA(n_components=n_components, groupby="layer")
         return super().__new__(cls)
 
-    def __init__(self, n_components: int | None = None, *, space: str = "raw", groupby: str | None = None) -> None:
+    def __init__(
+        self, n_components: int | None = None, *, space: str = "raw", groupby: str | None = None
+    ) -> None:
         self.n_components = n_components
         self.space = space
         self.groupby = groupby
@@ -126,17 +130,25 @@ class HeadPCA:
     def _flatten(
         self, W: torch.Tensor | np.ndarray, fitting: bool = False
     ) -> tuple[np.ndarray, tuple[int, ...], tuple[int, int]]:
-        arr = W.detach().to("cpu", torch.float64).numpy() if isinstance(W, torch.Tensor) else np.asarray(W, dtype=np.float64)
+        arr = (
+            W.detach().to("cpu", torch.float64).numpy()
+            if isinstance(W, torch.Tensor)
+            else np.asarray(W, dtype=np.float64)
+        )
         if arr.ndim < 3 or arr.shape[-1] != arr.shape[-2]:
             raise ValueError(
                 f"W must have shape [..., d, d] (e.g. [n_layers, n_heads, d_head, d_head]), got {tuple(arr.shape)}"
             )
         if not np.all(np.isfinite(arr)):
-            raise ValueError(f"W must be finite, but it contains {int(np.sum(~np.isfinite(arr)))} NaN or Inf values")
+            raise ValueError(
+                f"W must be finite, but it contains {int(np.sum(~np.isfinite(arr)))} NaN or Inf values"
+            )
         if not fitting:
             self._check_fitted()
             if tuple(arr.shape[-2:]) != self.matrix_shape_:
-                raise ValueError(f"W: expected matrices of shape {self.matrix_shape_}, got {tuple(arr.shape[-2:])}")
+                raise ValueError(
+                    f"W: expected matrices of shape {self.matrix_shape_}, got {tuple(arr.shape[-2:])}"
+                )
         head_shape = tuple(int(s) for s in arr.shape[:-2])
         matrix_shape = (int(arr.shape[-2]), int(arr.shape[-1]))
         return arr.reshape(-1, matrix_shape[0] * matrix_shape[1]), head_shape, matrix_shape
@@ -150,9 +162,14 @@ class HeadPCA:
     def inverse_transform(self, coefficients: np.ndarray | torch.Tensor) -> torch.Tensor:
         """Map coefficients ``[n, c]`` (``c <= n_components_``) back to matrices ``[n, d, d]`` (float64)."""
         self._check_fitted()
-        C = np.asarray(coefficients.detach().cpu() if isinstance(coefficients, torch.Tensor) else coefficients, dtype=np.float64)
+        C = np.asarray(
+            coefficients.detach().cpu() if isinstance(coefficients, torch.Tensor) else coefficients,
+            dtype=np.float64,
+        )
         if C.ndim != 2 or C.shape[1] > self.n_components_:
-            raise ValueError(f"coefficients must have shape [n, c] with c <= {self.n_components_}, got {C.shape}")
+            raise ValueError(
+                f"coefficients must have shape [n, c] with c <= {self.n_components_}, got {C.shape}"
+            )
         X = self.mean_ + C @ self.components_[: C.shape[1]]
         return torch.from_numpy(X.reshape(-1, *self.matrix_shape_))
 
@@ -202,7 +219,7 @@ class HeadPCA:
     def reconstruction_error(self, W: torch.Tensor | np.ndarray, K: int) -> float:
         """Frobenius norm of ``W - reconstruct(K)`` over all heads."""
         W_t = W if isinstance(W, torch.Tensor) else torch.from_numpy(np.asarray(W))
-        return float(torch.linalg.vector_norm((W_t.to("cpu", torch.float64) - self.reconstruct(K).cpu())))
+        return float(torch.linalg.vector_norm(W_t.to("cpu", torch.float64) - self.reconstruct(K).cpu()))
 
     def __repr__(self) -> str:
         if hasattr(self, "components_"):

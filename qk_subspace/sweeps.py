@@ -121,7 +121,9 @@ def sweep_k(
     ks = [validate_k(k, pca.n_heads_) for k in ks]
     imp_circuit = getattr(importance, "attrs", {}).get("circuit", circuit)
     if imp_circuit != circuit:
-        raise ValueError(f"importance was measured on the {imp_circuit!r} circuit, the sweep is on {circuit!r}")
+        raise ValueError(
+            f"importance was measured on the {imp_circuit!r} circuit, the sweep is on {circuit!r}"
+        )
     component_order = _component_order(pca, order, importance)
     if not ks:
         raise ValueError(f"ks must contain at least one K in [0, {pca.n_heads_}], got {ks!r}")
@@ -162,8 +164,15 @@ def sweep_k(
         target = pca.reconstruct(K) if order == "variance" else pca.reconstruct(components=kept)
         row.update(
             evaluate_edit(
-                model, tokens, target.to(model.W_U.device), baseline,
-                batch_size=batch_size, progress=progress, n_boot=n_boot, seed=seed, desc=f"K={K}",
+                model,
+                tokens,
+                target.to(model.W_U.device),
+                baseline,
+                batch_size=batch_size,
+                progress=progress,
+                n_boot=n_boot,
+                seed=seed,
+                desc=f"K={K}",
                 circuit=circuit,
                 inside=inside,
             )
@@ -218,6 +227,8 @@ def _component_order(pca: HeadPCA, order: str, importance: Any) -> list[int]:
             f"got {ranked}"
         )
     return ranked + [c for c in range(pca.n_components_) if c not in set(ranked)]
+
+
 def evaluate_parameter_edit(
     model: HookedTransformer,
     tokens: torch.Tensor,

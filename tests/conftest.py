@@ -35,15 +35,27 @@ def make_model(
     """A tiny random HookedTransformer. ``kind``: "mha" (GPT-2 style, LN, learned positions) or
     "gqa" (Llama style: RMSNorm, rotary, gated SiLU MLP, grouped-query attention)."""
     common = dict(
-        n_layers=n_layers, d_model=d_model, n_heads=n_heads, d_head=d_head, d_mlp=2 * d_model,
-        n_ctx=n_ctx, d_vocab=d_vocab, seed=seed, dtype=dtype, device="cpu",
+        n_layers=n_layers,
+        d_model=d_model,
+        n_heads=n_heads,
+        d_head=d_head,
+        d_mlp=2 * d_model,
+        n_ctx=n_ctx,
+        d_vocab=d_vocab,
+        seed=seed,
+        dtype=dtype,
+        device="cpu",
     )
     if kind == "mha":
         cfg = HookedTransformerConfig(act_fn="gelu_new", normalization_type="LN", **common)
     elif kind == "gqa":
         cfg = HookedTransformerConfig(
-            act_fn="silu", normalization_type="RMS", positional_embedding_type="rotary",
-            rotary_dim=d_head, gated_mlp=True, n_key_value_heads=n_kv_heads or max(1, n_heads // 2),
+            act_fn="silu",
+            normalization_type="RMS",
+            positional_embedding_type="rotary",
+            rotary_dim=d_head,
+            gated_mlp=True,
+            n_key_value_heads=n_kv_heads or max(1, n_heads // 2),
             **common,
         )
     else:

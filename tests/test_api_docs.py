@@ -34,5 +34,7 @@ def test_every_public_name_is_documented_and_exists() -> None:
 
 
 def test_public_callables_have_docstrings() -> None:
-    missing = [n for n in qs.__all__ if callable(getattr(qs, n)) and not (getattr(qs, n).__doc__ or "").strip()]
+    missing = [
+        n for n in qs.__all__ if callable(getattr(qs, n)) and not (getattr(qs, n).__doc__ or "").strip()
+    ]
     assert missing == []

@@ -73,7 +73,11 @@ def _make_singular(ctx: Ctx) -> None:
 
 def _singular_case(ctx: Ctx):
     _make_singular(ctx)
-    return ValueError, _enter(lambda: qs.inject_qk(ctx.model, _target(ctx))), ["L1H2", "singular", "< 1e+14", "heads="]
+    return (
+        ValueError,
+        _enter(lambda: qs.inject_qk(ctx.model, _target(ctx))),
+        ["L1H2", "singular", "< 1e+14", "heads="],
+    )
 
 
 def _sweep_bad_k(ctx: Ctx):
@@ -107,128 +111,279 @@ CASES: dict[str, Case] = {
     "K bool": lambda c: (TypeError, lambda: c.pca.reconstruct(K=True), ["K", "True", "integer"]),
     "sweep_k K out of range (validated before any evaluation)": _sweep_bad_k,
     "sweep_k non-integer K": lambda c: (
-        TypeError, lambda: qs.sweep_k(c.model, c.pca, c.tokens, [2, 3.5], progress=False), ["K", "3.5", "integer"]),
+        TypeError,
+        lambda: qs.sweep_k(c.model, c.pca, c.tokens, [2, 3.5], progress=False),
+        ["K", "3.5", "integer"],
+    ),
     "sweep_k empty ks": lambda c: (
-        ValueError, lambda: qs.sweep_k(c.model, c.pca, c.tokens, [], progress=False), ["ks", "[]", "at least one"]),
+        ValueError,
+        lambda: qs.sweep_k(c.model, c.pca, c.tokens, [], progress=False),
+        ["ks", "[]", "at least one"],
+    ),
     "K and components both": lambda c: (
-        ValueError, lambda: c.pca.reconstruct(K=2, components=[0]), ["K", "components", "exactly one"]),
+        ValueError,
+        lambda: c.pca.reconstruct(K=2, components=[0]),
+        ["K", "components", "exactly one"],
+    ),
     "components out of range": lambda c: (
-        ValueError, lambda: c.pca.reconstruct(components=[0, 8]), ["components", "8", "[0, 7]"]),
+        ValueError,
+        lambda: c.pca.reconstruct(components=[0, 8]),
+        ["components", "8", "[0, 7]"],
+    ),
     "components repeated": lambda c: (
-        ValueError, lambda: c.pca.reconstruct(components=[1, 1]), ["components", "[1, 1]", "distinct"]),
+        ValueError,
+        lambda: c.pca.reconstruct(components=[1, 1]),
+        ["components", "[1, 1]", "distinct"],
+    ),
     "components not integers": lambda c: (
-        TypeError, lambda: c.pca.reconstruct(components=[0, 1.5]), ["components", "1.5", "integers", "[0, 7]"]),
+        TypeError,
+        lambda: c.pca.reconstruct(components=[0, 1.5]),
+        ["components", "1.5", "integers", "[0, 7]"],
+    ),
     "sweep_k with a pca fitted on another model": lambda c: (
-        ValueError, lambda: qs.sweep_k(c.model, qs.HeadPCA().fit(torch.randn(3, 2, 8, 8)), c.tokens, [1], progress=False),
-        ["pca", "(3, 2)", "(2, 4)"]),
+        ValueError,
+        lambda: qs.sweep_k(c.model, qs.HeadPCA().fit(torch.randn(3, 2, 8, 8)), c.tokens, [1], progress=False),
+        ["pca", "(3, 2)", "(2, 4)"],
+    ),
     # --- HeadPCA inputs
     "HeadPCA W not [..., d, d]": lambda c: (
-        ValueError, lambda: qs.HeadPCA().fit(torch.zeros(3, 4)), ["W", "(3, 4)", "[..., d, d]"]),
+        ValueError,
+        lambda: qs.HeadPCA().fit(torch.zeros(3, 4)),
+        ["W", "(3, 4)", "[..., d, d]"],
+    ),
     "HeadPCA W with NaN": lambda c: (
-        ValueError, lambda: qs.HeadPCA().fit(_with_nan(c)), ["W", "NaN", "finite"]),
+        ValueError,
+        lambda: qs.HeadPCA().fit(_with_nan(c)),
+        ["W", "NaN", "finite"],
+    ),
     "HeadPCA one head": lambda c: (
-        ValueError, lambda: qs.HeadPCA().fit(torch.zeros(1, 1, 3, 3)), ["W", "1", "at least 2"]),
+        ValueError,
+        lambda: qs.HeadPCA().fit(torch.zeros(1, 1, 3, 3)),
+        ["W", "1", "at least 2"],
+    ),
     "HeadPCA n_components=0": lambda c: (
-        ValueError, lambda: qs.HeadPCA(n_components=0).fit(_target(c)), ["n_components", "0", "[1, 8]"]),
+        ValueError,
+        lambda: qs.HeadPCA(n_components=0).fit(_target(c)),
+        ["n_components", "0", "[1, 8]"],
+    ),
     "HeadPCA transform wrong d": lambda c: (
-        ValueError, lambda: c.pca.transform(torch.zeros(2, 6, 6)), ["W", "(6, 6)", "(8, 8)"]),
+        ValueError,
+        lambda: c.pca.transform(torch.zeros(2, 6, 6)),
+        ["W", "(6, 6)", "(8, 8)"],
+    ),
     "threshold > 1": lambda c: (
-        ValueError, lambda: c.pca.n_components_for(1.5), ["threshold", "1.5", "(0, 1]"]),
+        ValueError,
+        lambda: c.pca.n_components_for(1.5),
+        ["threshold", "1.5", "(0, 1]"],
+    ),
     "unfitted HeadPCA": lambda c: (RuntimeError, lambda: qs.HeadPCA().reconstruct(K=1), ["HeadPCA", "fit"]),
     # --- W_QK target (inject_qk)
     "target wrong shape": lambda c: (
-        ValueError, _enter(lambda: qs.inject_qk(c.model, torch.zeros(2, 4, 8))), ["target", "(2, 4, 8)", "(2, 4, 8, 8)"]),
+        ValueError,
+        _enter(lambda: qs.inject_qk(c.model, torch.zeros(2, 4, 8))),
+        ["target", "(2, 4, 8)", "(2, 4, 8, 8)"],
+    ),
     "target integer dtype": lambda c: (
-        TypeError, _enter(lambda: qs.inject_qk(c.model, torch.zeros(2, 4, 8, 8, dtype=torch.long))),
-        ["target", "torch.int64", "floating-point"]),
+        TypeError,
+        _enter(lambda: qs.inject_qk(c.model, torch.zeros(2, 4, 8, 8, dtype=torch.long))),
+        ["target", "torch.int64", "floating-point"],
+    ),
     "target complex dtype": lambda c: (
-        TypeError, _enter(lambda: qs.inject_qk(c.model, torch.zeros(2, 4, 8, 8, dtype=torch.complex64))),
-        ["target", "torch.complex64", "floating-point"]),
+        TypeError,
+        _enter(lambda: qs.inject_qk(c.model, torch.zeros(2, 4, 8, 8, dtype=torch.complex64))),
+        ["target", "torch.complex64", "floating-point"],
+    ),
     "target wrong device (meta)": lambda c: (
-        ValueError, _enter(lambda: qs.inject_qk(c.model, torch.zeros(2, 4, 8, 8, device="meta"))),
-        ["target", "meta", "cpu"]),
+        ValueError,
+        _enter(lambda: qs.inject_qk(c.model, torch.zeros(2, 4, 8, 8, device="meta"))),
+        ["target", "meta", "cpu"],
+    ),
     "target not a tensor": lambda c: (
-        TypeError, _enter(lambda: qs.inject_qk(c.model, np.zeros((2, 4, 8, 8)))), ["target", "ndarray", "torch.Tensor"]),
+        TypeError,
+        _enter(lambda: qs.inject_qk(c.model, np.zeros((2, 4, 8, 8)))),
+        ["target", "ndarray", "torch.Tensor"],
+    ),
     "target with Inf": lambda c: (
-        ValueError, _enter(lambda: qs.inject_qk(c.model, _with_inf(c))), ["target", "Inf", "L1H2", "finite"]),
+        ValueError,
+        _enter(lambda: qs.inject_qk(c.model, _with_inf(c))),
+        ["target", "Inf", "L1H2", "finite"],
+    ),
     "target with NaN": lambda c: (
-        ValueError, _enter(lambda: qs.inject_qk(c.model, _with_nan(c))), ["target", "NaN", "L0H1", "finite"]),
+        ValueError,
+        _enter(lambda: qs.inject_qk(c.model, _with_nan(c))),
+        ["target", "NaN", "L0H1", "finite"],
+    ),
     "target overflowing float32 weights": lambda c: (
-        ValueError, _enter(lambda: qs.inject_qk(c.model, _target(c) * 1e300)), ["target", "L0H0", "overflow", "float32"]),
+        ValueError,
+        _enter(lambda: qs.inject_qk(c.model, _target(c) * 1e300)),
+        ["target", "L0H0", "overflow", "float32"],
+    ),
     "method unknown": lambda c: (
-        ValueError, _enter(lambda: qs.inject_qk(c.model, _target(c), method="lstsq")), ["method", "'lstsq'", "'exact'"]),
+        ValueError,
+        _enter(lambda: qs.inject_qk(c.model, _target(c), method="lstsq")),
+        ["method", "'lstsq'", "'exact'"],
+    ),
     "singular W_K^T W_K": _singular_case,
     # --- heads
     "heads flat index out of range": lambda c: (
-        ValueError, _enter(lambda: qs.inject_qk(c.model, _target(c), heads=[3, 8])), ["heads", "8", "0..7"]),
+        ValueError,
+        _enter(lambda: qs.inject_qk(c.model, _target(c), heads=[3, 8])),
+        ["heads", "8", "0..7"],
+    ),
     "heads negative flat index": lambda c: (
-        ValueError, _enter(lambda: qs.inject_qk(c.model, _target(c), heads=[-1])), ["heads", "-1", "0..7"]),
+        ValueError,
+        _enter(lambda: qs.inject_qk(c.model, _target(c), heads=[-1])),
+        ["heads", "-1", "0..7"],
+    ),
     "heads (layer, head) out of range": lambda c: (
-        ValueError, _enter(lambda: qs.inject_qk(c.model, _target(c), heads=[(2, 0)])), ["heads", "(2, 0)", "0..1"]),
+        ValueError,
+        _enter(lambda: qs.inject_qk(c.model, _target(c), heads=[(2, 0)])),
+        ["heads", "(2, 0)", "0..1"],
+    ),
     "heads mask wrong shape": lambda c: (
-        ValueError, _enter(lambda: qs.inject_qk(c.model, _target(c), heads=torch.ones(3, 4, dtype=torch.bool))),
-        ["heads", "(3, 4)", "(2, 4)"]),
+        ValueError,
+        _enter(lambda: qs.inject_qk(c.model, _target(c), heads=torch.ones(3, 4, dtype=torch.bool))),
+        ["heads", "(3, 4)", "(2, 4)"],
+    ),
     "heads non-integer index": lambda c: (
-        ValueError, _enter(lambda: qs.inject_qk(c.model, _target(c), heads=[1.5])), ["heads", "1.5", "0..7"]),
+        ValueError,
+        _enter(lambda: qs.inject_qk(c.model, _target(c), heads=[1.5])),
+        ["heads", "1.5", "0..7"],
+    ),
     "heads (layer, head) not integers": lambda c: (
-        ValueError, _enter(lambda: qs.inject_qk(c.model, _target(c), heads=[(1.5, 0)])), ["heads", "(1.5, 0)", "0..3"]),
+        ValueError,
+        _enter(lambda: qs.inject_qk(c.model, _target(c), heads=[(1.5, 0)])),
+        ["heads", "(1.5, 0)", "0..3"],
+    ),
     # --- ParameterEdit plans
     "plan names a missing parameter": lambda c: (
-        KeyError, _enter(lambda: qs.ParameterEdit(c.model, {"blocks.9.attn.W_Q": torch.zeros(1)})),
-        ["blocks.9.attn.W_Q", "named_parameters"]),
+        KeyError,
+        _enter(lambda: qs.ParameterEdit(c.model, {"blocks.9.attn.W_Q": torch.zeros(1)})),
+        ["blocks.9.attn.W_Q", "named_parameters"],
+    ),
     "plan value of wrong shape after a good one": lambda c: (
-        ValueError, _enter(lambda: qs.ParameterEdit(
-            c.model, {"blocks.0.attn.W_Q": torch.zeros(4, 32, 8), "blocks.1.attn.W_Q": torch.zeros(4, 8, 32)})),
-        ["blocks.1.attn.W_Q", "(4, 8, 32)", "(4, 32, 8)"]),
+        ValueError,
+        _enter(
+            lambda: qs.ParameterEdit(
+                c.model,
+                {"blocks.0.attn.W_Q": torch.zeros(4, 32, 8), "blocks.1.attn.W_Q": torch.zeros(4, 8, 32)},
+            )
+        ),
+        ["blocks.1.attn.W_Q", "(4, 8, 32)", "(4, 32, 8)"],
+    ),
     # --- tokens (perplexity)
     "tokens rank 1": lambda c: (
-        ValueError, lambda: qs.perplexity(c.model, c.tokens[0], progress=False), ["tokens", "(16,)", "rank 2"]),
+        ValueError,
+        lambda: qs.perplexity(c.model, c.tokens[0], progress=False),
+        ["tokens", "(16,)", "rank 2"],
+    ),
     "tokens float dtype": lambda c: (
-        TypeError, lambda: qs.perplexity(c.model, c.tokens.float(), progress=False), ["tokens", "torch.float32", "integer"]),
+        TypeError,
+        lambda: qs.perplexity(c.model, c.tokens.float(), progress=False),
+        ["tokens", "torch.float32", "integer"],
+    ),
     "tokens id >= d_vocab": lambda c: (
-        ValueError, lambda: qs.perplexity(c.model, torch.full((2, 8), 50), progress=False), ["tokens", "max 50", "[0, 49]"]),
+        ValueError,
+        lambda: qs.perplexity(c.model, torch.full((2, 8), 50), progress=False),
+        ["tokens", "max 50", "[0, 49]"],
+    ),
     "tokens negative id": lambda c: (
-        ValueError, lambda: qs.perplexity(c.model, torch.full((2, 8), -1), progress=False), ["tokens", "min -1", "[0, 49]"]),
+        ValueError,
+        lambda: qs.perplexity(c.model, torch.full((2, 8), -1), progress=False),
+        ["tokens", "min -1", "[0, 49]"],
+    ),
     "tokens longer than n_ctx": lambda c: (
-        ValueError, lambda: qs.perplexity(c.model, torch.zeros(2, 40, dtype=torch.long), progress=False),
-        ["tokens", "ctx=40", "n_ctx=32"]),
+        ValueError,
+        lambda: qs.perplexity(c.model, torch.zeros(2, 40, dtype=torch.long), progress=False),
+        ["tokens", "ctx=40", "n_ctx=32"],
+    ),
     "tokens empty": lambda c: (
-        ValueError, lambda: qs.perplexity(c.model, torch.zeros(0, 16, dtype=torch.long), progress=False),
-        ["tokens", "(0, 16)", "at least 1 chunk"]),
+        ValueError,
+        lambda: qs.perplexity(c.model, torch.zeros(0, 16, dtype=torch.long), progress=False),
+        ["tokens", "(0, 16)", "at least 1 chunk"],
+    ),
     "batch_size 0": lambda c: (
-        ValueError, lambda: qs.perplexity(c.model, c.tokens, batch_size=0, progress=False), ["batch_size", "0", "positive"]),
+        ValueError,
+        lambda: qs.perplexity(c.model, c.tokens, batch_size=0, progress=False),
+        ["batch_size", "0", "positive"],
+    ),
     "paired_ratio confidence": lambda c: (
-        ValueError, lambda: qs.paired_ratio(*[qs.perplexity(c.model, c.tokens, progress=False)] * 2, confidence=1.5),
-        ["confidence", "1.5", "(0, 1)"]),
+        ValueError,
+        lambda: qs.paired_ratio(*[qs.perplexity(c.model, c.tokens, progress=False)] * 2, confidence=1.5),
+        ["confidence", "1.5", "(0, 1)"],
+    ),
     # --- text and chunking
-    "empty text": lambda c: (ValueError, lambda: qs.chunk_text(CharTokenizer(), "", ctx=8), ["text", "''", "non-empty"]),
+    "empty text": lambda c: (
+        ValueError,
+        lambda: qs.chunk_text(CharTokenizer(), "", ctx=8),
+        ["text", "''", "non-empty"],
+    ),
     "whitespace-only text": lambda c: (
-        ValueError, lambda: qs.chunk_text(CharTokenizer(), " \n\n ", ctx=8), ["text", "non-empty"]),
+        ValueError,
+        lambda: qs.chunk_text(CharTokenizer(), " \n\n ", ctx=8),
+        ["text", "non-empty"],
+    ),
     "text shorter than one chunk": lambda c: (
-        ValueError, lambda: qs.chunk_text(CharTokenizer(), "hello", ctx=8), ["text", "5 tokens", "ctx=8"]),
+        ValueError,
+        lambda: qs.chunk_text(CharTokenizer(), "hello", ctx=8),
+        ["text", "5 tokens", "ctx=8"],
+    ),
     "n_tokens < ctx": lambda c: (
-        ValueError, lambda: qs.chunk_text(CharTokenizer(), "x" * 100, n_tokens=4, ctx=8), ["n_tokens", "4", "ctx=8"]),
-    "ctx < 2": lambda c: (ValueError, lambda: qs.chunk_tokens(list(range(10)), None, ctx=1), ["ctx", "1", ">= 2"]),
-    "no tokenizer": lambda c: (ValueError, lambda: qs.chunk_text(None, "some text", ctx=2), ["tokenizer", "None"]),
+        ValueError,
+        lambda: qs.chunk_text(CharTokenizer(), "x" * 100, n_tokens=4, ctx=8),
+        ["n_tokens", "4", "ctx=8"],
+    ),
+    "ctx < 2": lambda c: (
+        ValueError,
+        lambda: qs.chunk_tokens(list(range(10)), None, ctx=1),
+        ["ctx", "1", ">= 2"],
+    ),
+    "no tokenizer": lambda c: (
+        ValueError,
+        lambda: qs.chunk_text(None, "some text", ctx=2),
+        ["tokenizer", "None"],
+    ),
     "missing text file": lambda c: (
-        FileNotFoundError, lambda: qs.load_wikitext2(CharTokenizer(), text_file=c.tmp / "nope.raw"),
-        ["text_file", "nope.raw", "existing"]),
+        FileNotFoundError,
+        lambda: qs.load_wikitext2(CharTokenizer(), text_file=c.tmp / "nope.raw"),
+        ["text_file", "nope.raw", "existing"],
+    ),
     # --- loading
     "local dir without config.json": lambda c: (
-        FileNotFoundError, lambda: qs.load_model(_local_dir(c, None)), ["ckpt", "config.json"]),
+        FileNotFoundError,
+        lambda: qs.load_model(_local_dir(c, None)),
+        ["ckpt", "config.json"],
+    ),
     "local dir with unsupported architecture": lambda c: (
-        ValueError, lambda: qs.load_model(_local_dir(c, json.dumps({"architectures": ["T5ForConditionalGeneration"]}))),
-        ["ckpt", "T5ForConditionalGeneration", "GPT2LMHeadModel"]),
+        ValueError,
+        lambda: qs.load_model(_local_dir(c, json.dumps({"architectures": ["T5ForConditionalGeneration"]}))),
+        ["ckpt", "T5ForConditionalGeneration", "GPT2LMHeadModel"],
+    ),
     "local dir with broken config.json": lambda c: (
-        ValueError, lambda: qs.load_model(_local_dir(c, "{not json")), ["config.json", "ckpt", "JSON"]),
+        ValueError,
+        lambda: qs.load_model(_local_dir(c, "{not json")),
+        ["config.json", "ckpt", "JSON"],
+    ),
     "nonexistent model path": lambda c: (
-        FileNotFoundError, lambda: qs.load_model(c.tmp / "models" / "mine.safetensors"), ["mine.safetensors", "local"]),
+        FileNotFoundError,
+        lambda: qs.load_model(c.tmp / "models" / "mine.safetensors"),
+        ["mine.safetensors", "local"],
+    ),
     "official name that unpickles, without opt-in": lambda c: (
-        ValueError, lambda: qs.load_model("solu-1l"), ["solu-1l", "trust_remote_code=True", "False"]),
+        ValueError,
+        lambda: qs.load_model("solu-1l"),
+        ["solu-1l", "trust_remote_code=True", "False"],
+    ),
     "dtype given as a string": lambda c: (
-        TypeError, lambda: qs.load_model(_local_dir(c, "{}"), dtype="float32"), ["dtype", "'float32'", "torch.float32"]),
+        TypeError,
+        lambda: qs.load_model(_local_dir(c, "{}"), dtype="float32"),
+        ["dtype", "'float32'", "torch.float32"],
+    ),
     "unknown processing option": lambda c: (
-        TypeError, lambda: qs.load_model("gpt2", fold_layernorm=True), ["fold_layernorm", "fold_ln"]),
+        TypeError,
+        lambda: qs.load_model("gpt2", fold_layernorm=True),
+        ["fold_layernorm", "fold_ln"],
+    ),
 }
 
 
@@ -268,7 +423,9 @@ def test_unknown_or_uncached_model_name_offline_is_fast_and_says_how_to_load_loc
         qs.load_model(name)
     assert time.perf_counter() - t0 < 5
     msg = str(info.value)
-    assert name in msg and "local Hugging Face checkpoint directory" in msg and "qs.load_model('path/to" in msg
+    assert (
+        name in msg and "local Hugging Face checkpoint directory" in msg and "qs.load_model('path/to" in msg
+    )
 
 
 # ------------------------------------------------------------------ output directory of the runner
@@ -286,7 +443,9 @@ def test_unwritable_output_dir_is_refused_before_any_work(tmp_path, monkeypatch)
     ro = tmp_path / "read_only"
     ro.mkdir()
     real_access = os.access
-    monkeypatch.setattr(experiment.os, "access", lambda p, m: False if str(p) == str(ro) else real_access(p, m))
+    monkeypatch.setattr(
+        experiment.os, "access", lambda p, m: False if str(p) == str(ro) else real_access(p, m)
+    )
     with pytest.raises(PermissionError, match=r"out_dir '.*read_only' is not writable"):
         qs.run_experiment(str(tmp_path / "no_model"), ro)
     assert list(ro.iterdir()) == [] and loaded == []

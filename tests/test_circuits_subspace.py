@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
 import pytest
 import torch
@@ -53,14 +55,16 @@ def test_headpca_matches_numpy_svd() -> None:
     np.testing.assert_allclose(pca.cumulative_variance_, np.cumsum(var / var.sum()), rtol=1e-10)
     assert pca.n_components_ == 24 and pca.n_nonzero_components_ == 23  # centred: n - 1
     k90 = pca.n_components_for(0.9)
-    assert pca.cumulative_variance_[k90 - 1] >= 0.9 - 1e-12 and (k90 == 1 or pca.cumulative_variance_[k90 - 2] < 0.9)
+    assert pca.cumulative_variance_[k90 - 1] >= 0.9 - 1e-12 and (
+        k90 == 1 or pca.cumulative_variance_[k90 - 2] < 0.9
+    )
 
 
 def test_headpca_reconstruction_monotone_and_exact() -> None:
     W = _random_heads()
     pca = qs.HeadPCA().fit(W)
-    errs = [pca.reconstruction_error(W, K) for K in range(0, 25)]
-    assert all(a >= b - 1e-12 for a, b in zip(errs, errs[1:]))
+    errs = [pca.reconstruction_error(W, K) for K in range(25)]
+    assert all(a >= b - 1e-12 for a, b in itertools.pairwise(errs))
     assert errs[23] < 1e-10 and errs[24] < 1e-10  # K >= nonzero components: exact
     mean_head = W.reshape(24, 6, 6).mean(0)
     rec0 = pca.reconstruct(0)

@@ -28,9 +28,29 @@ def tiny(tmp_path_factory: pytest.TempPathFactory) -> dict:
     text = write_text(d / "stories.txt", n_words=3000)
     model_dir = save_tiny_gpt2(d / "tiny", text.read_text())
     base = [
-        "run", "--model", str(model_dir), "--text-file", str(text), "--n-tokens", str(N_TOKENS), "--ctx", str(CTX),
-        "--batch-size", "16", "--ks", "0,2", "--cluster-ks", "2,4", "--n-dims", "4", "--gate-k", "2",
-        "--n-boot", "100", "--no-png", "--no-progress",
+        "run",
+        "--model",
+        str(model_dir),
+        "--text-file",
+        str(text),
+        "--n-tokens",
+        str(N_TOKENS),
+        "--ctx",
+        str(CTX),
+        "--batch-size",
+        "16",
+        "--ks",
+        "0,2",
+        "--cluster-ks",
+        "2,4",
+        "--n-dims",
+        "4",
+        "--gate-k",
+        "2",
+        "--n-boot",
+        "100",
+        "--no-png",
+        "--no-progress",
     ]
     model = qs.load_model(model_dir, dtype=torch.float32)
     stream = qs.chunk_text(model.tokenizer, text.read_text(), None, 2).flatten()
@@ -53,7 +73,9 @@ def test_diagnostics_per_head_rows_per_k_and_figures(tiny: dict, tmp_path: Path)
     rows = pd.DataFrame(data["attention_diagnostics"]["rows"])
     assert sorted(rows["K"].unique()) == [0, 2, n]
     for _, sub in rows.groupby("K"):
-        assert sorted(zip(sub["layer"], sub["head"])) == [(layer, h) for layer in range(2) for h in range(4)]
+        assert sorted(zip(sub["layer"], sub["head"], strict=False)) == [
+            (layer, h) for layer in range(2) for h in range(4)
+        ]
     assert "induction_orig" not in rows.columns  # --no-head-scores
     at_all = rows[rows["K"] == n]
     assert at_all["kl"].max() < 1e-6 and at_all["js"].max() < 1e-6 and (at_all["top1_agreement"] == 1).all()
@@ -66,18 +88,33 @@ def test_diagnostics_per_head_rows_per_k_and_figures(tiny: dict, tmp_path: Path)
     got = rows[rows["K"] == 0].sort_values(["layer", "head"])
     np.testing.assert_allclose(got["kl"].to_numpy(), ref["kl"].to_numpy(), rtol=1e-6, atol=1e-9)
     assert got["kl"].max() > 1e-3  # K=0 changes patterns of this model
-    ch = qs.head_output_change(model, diag, lambda: qs.inject_qk(model, pca.reconstruct(0).float()), progress=False)
+    ch = qs.head_output_change(
+        model, diag, lambda: qs.inject_qk(model, pca.reconstruct(0).float()), progress=False
+    )
     np.testing.assert_allclose(got["output_change_write"].to_numpy(), ch["write"].flatten(), rtol=1e-5)
     # per-K summary columns in the sweep rows
     assert {"diag_mean_kl", "diag_max_kl", "diag_max_kl_head"} <= set(data["perplexity_vs_k"][0])
-    for name in ("diag_kl_heatmap", "diag_layer_kl_vs_K", "diag_output_change_heatmap", "diag_breaking_heads"):
+    for name in (
+        "diag_kl_heatmap",
+        "diag_layer_kl_vs_K",
+        "diag_output_change_heatmap",
+        "diag_breaking_heads",
+    ):
         assert (tmp_path / f"{name}_tiny.html").stat().st_size > 10_000
     assert "## Attention diagnostics" in (tmp_path / "report.md").read_text()
 
 
 def test_order_importance_writes_orderings_sweep_and_overlay(tiny: dict, tmp_path: Path) -> None:
-    data = _run(tiny, tmp_path, "--order", "importance", "--importance-method", "gradient",
-                "--importance-tokens", "512")
+    data = _run(
+        tiny,
+        tmp_path,
+        "--order",
+        "importance",
+        "--importance-method",
+        "gradient",
+        "--importance-tokens",
+        "512",
+    )
     model = tiny["model"]
     imp = data["importance"]
     assert imp["method"] == "gradient" and imp["score"] == "fisher" and imp["n_tokens"] == 16 * 31
@@ -109,7 +146,9 @@ def test_circuit_ov_sweep_clustering_and_diagnostics(tiny: dict, tmp_path: Path)
     assert data["checks"]["k_all"]["ok"] and abs(data["checks"]["k_all"]["ratio"] - 1) < 1e-5
     W = qs.ov_matrices(model)
     pca = qs.HeadPCA().fit(W)
-    assert data["variance"]["explained_variance_ratio"] == pytest.approx(pca.explained_variance_ratio_.tolist())
+    assert data["variance"]["explained_variance_ratio"] == pytest.approx(
+        pca.explained_variance_ratio_.tolist()
+    )
     toks = tiny["stream"][:N_TOKENS].reshape(-1, CTX)
     base = qs.perplexity(model, toks, progress=False)
     cl = qs.cluster_heads(pca, 2, n_dims=4, seed=0)
@@ -127,9 +166,19 @@ def test_circuit_ov_sweep_clustering_and_diagnostics(tiny: dict, tmp_path: Path)
     assert "W_OV = W_V.T @ W_O.T" in report and "W_QK" not in report
 
 
-def test_resume_keeps_finished_points_of_new_sections_and_refuses_changed_options(tiny: dict, tmp_path: Path) -> None:
-    extra = (*DIAG, "--no-head-scores", "--order", "importance", "--importance-method", "gradient",
-             "--importance-tokens", "256")
+def test_resume_keeps_finished_points_of_new_sections_and_refuses_changed_options(
+    tiny: dict, tmp_path: Path
+) -> None:
+    extra = (
+        *DIAG,
+        "--no-head-scores",
+        "--order",
+        "importance",
+        "--importance-method",
+        "gradient",
+        "--importance-tokens",
+        "256",
+    )
     ref_dir, out = tmp_path / "ref", tmp_path / "out"
     assert _run(tiny, ref_dir, *extra)["status"]["complete"]
     shutil.copytree(ref_dir, out)
@@ -144,7 +193,7 @@ def test_resume_keeps_finished_points_of_new_sections_and_refuses_changed_option
     before = path.read_text()
     # a changed option refuses and leaves the file alone
     assert main([*tiny["base"], *extra[:-1], "300", "--out", str(out), "--resume"]) == 2
-    assert main([*tiny["base"], *extra[len(DIAG):], "--out", str(out), "--resume"]) == 2  # diagnostics off
+    assert main([*tiny["base"], *extra[len(DIAG) :], "--out", str(out), "--resume"]) == 2  # diagnostics off
     assert path.read_text() == before
     assert _run(tiny, out, *extra, "--resume")["status"]["complete"]
     a, b = (ref_dir / "exp6_tiny.json").read_text(), path.read_text()
@@ -157,11 +206,25 @@ def test_run_experiment_side_tokens_errors(tiny: dict, tmp_path: Path) -> None:
     model = make_model("gqa", n_heads=4, n_kv_heads=2)
     toks = torch.randint(0, 50, (4, 16), generator=torch.Generator().manual_seed(0))
     with pytest.raises(ValueError, match="diag_tokens"):
-        qs.run_experiment(model, tmp_path, tokens=toks, ks=(0,), cluster_ks=(), diagnostics=True, progress=False)
+        qs.run_experiment(
+            model, tmp_path, tokens=toks, ks=(0,), cluster_ks=(), diagnostics=True, progress=False
+        )
     res = qs.run_experiment(
-        model, tmp_path, tokens=toks, ks=(0,), cluster_ks=(), n_boot=50, progress=False, png=False,
-        diagnostics=True, diag_tokens=toks[:2, :8], head_scores=False, order="importance",
-        rank_tokens=toks[:2], importance_method="drop_one", circuit="ov",
+        model,
+        tmp_path,
+        tokens=toks,
+        ks=(0,),
+        cluster_ks=(),
+        n_boot=50,
+        progress=False,
+        png=False,
+        diagnostics=True,
+        diag_tokens=toks[:2, :8],
+        head_scores=False,
+        order="importance",
+        rank_tokens=toks[:2],
+        importance_method="drop_one",
+        circuit="ov",
     )
     assert res.results["metadata"]["diagnostics"]["source"] == "tokens given by the caller"
     imp = res.results["importance"]
@@ -170,11 +233,33 @@ def test_run_experiment_side_tokens_errors(tiny: dict, tmp_path: Path) -> None:
     assert [deltas[c] for c in imp["order"]] == sorted(deltas.values(), reverse=True)
     assert res.results["checks"]["k_all_importance"]["ok"] and res.results["checks"]["k_all"]["ok"]
     with pytest.raises(ValueError, match="n-tokens"):  # no text left after the perplexity tokens
-        qs.run_experiment(tiny["model"], tmp_path / "x", text_file=tiny["base"][4], n_tokens=None, ctx=CTX,
-                          ks=(0,), cluster_ks=(), diagnostics=True, diag_seqs=4, diag_ctx=32, progress=False)
-    with pytest.raises(ValueError, match="diag-ctx.*n_ctx=64"):  # checked before any evaluation
-        qs.run_experiment(tiny["model"], tmp_path / "y", text_file=tiny["base"][4], n_tokens=N_TOKENS, ctx=CTX,
-                          ks=(0,), cluster_ks=(), diagnostics=True, diag_seqs=1, diag_ctx=128, progress=False)
+        qs.run_experiment(
+            tiny["model"],
+            tmp_path / "x",
+            text_file=tiny["base"][4],
+            n_tokens=None,
+            ctx=CTX,
+            ks=(0,),
+            cluster_ks=(),
+            diagnostics=True,
+            diag_seqs=4,
+            diag_ctx=32,
+            progress=False,
+        )
+    with pytest.raises(ValueError, match=r"diag-ctx.*n_ctx=64"):  # checked before any evaluation
+        qs.run_experiment(
+            tiny["model"],
+            tmp_path / "y",
+            text_file=tiny["base"][4],
+            n_tokens=N_TOKENS,
+            ctx=CTX,
+            ks=(0,),
+            cluster_ks=(),
+            diagnostics=True,
+            diag_seqs=1,
+            diag_ctx=128,
+            progress=False,
+        )
     assert not (tmp_path / "y" / "exp6_tiny.json").exists()
     with pytest.raises(ValueError, match="circuit"):
         qs.ExperimentConfig(circuit="vo")

@@ -24,9 +24,29 @@ def tiny(tmp_path_factory: pytest.TempPathFactory) -> dict:
     text = write_text(d / "stories.txt", n_words=2000)
     model_dir = save_tiny_gpt2(d / "tiny", text.read_text())
     base = [
-        "run", "--model", str(model_dir), "--text-file", str(text), "--n-tokens", str(N_TOKENS), "--ctx", str(CTX),
-        "--batch-size", "16", "--ks", "0,2", "--cluster-ks", "2", "--n-dims", "3", "--gate-k", "2",
-        "--n-boot", "50", "--no-png", "--no-progress",
+        "run",
+        "--model",
+        str(model_dir),
+        "--text-file",
+        str(text),
+        "--n-tokens",
+        str(N_TOKENS),
+        "--ctx",
+        str(CTX),
+        "--batch-size",
+        "16",
+        "--ks",
+        "0,2",
+        "--cluster-ks",
+        "2",
+        "--n-dims",
+        "3",
+        "--gate-k",
+        "2",
+        "--n-boot",
+        "50",
+        "--no-png",
+        "--no-progress",
     ]
     return {"base": base, "dir": model_dir, "text": text}
 
@@ -128,16 +148,21 @@ def test_resume_skips_finished_points_and_refuses_changed_space(tiny: dict, tmp_
     a, b = (ref_dir / "exp6_tiny.json").read_text(), path.read_text()
     assert without_timings(a) == without_timings(b)
     evaluated = json.loads(b)[TIMINGS_KEY]["runs"][-1]["evaluated"]
-    assert evaluated[-1] == "random K=2" and len(evaluated) == 2 and evaluated[0].startswith("matched global K=")
+    assert (
+        evaluated[-1] == "random K=2" and len(evaluated) == 2 and evaluated[0].startswith("matched global K=")
+    )
 
 
-@pytest.mark.parametrize("extra, words", [
-    (("--space", "circuit", "--circuit", "ov"), ["--space circuit", "--circuit ov"]),
-    (("--baselines", "--circuit", "ov"), ["--baselines", "--circuit ov"]),
-    (("--space", "canonical", "--order", "importance"), ["--order importance", "--space canonical"]),
-    (("--space", "circuit", "--diagnostics"), ["--diagnostics", "--space circuit"]),
-    (("--baseline-seeds", "0", "--baselines"), ["baseline_seeds"]),
-])
+@pytest.mark.parametrize(
+    "extra, words",
+    [
+        (("--space", "circuit", "--circuit", "ov"), ["--space circuit", "--circuit ov"]),
+        (("--baselines", "--circuit", "ov"), ["--baselines", "--circuit ov"]),
+        (("--space", "canonical", "--order", "importance"), ["--order importance", "--space canonical"]),
+        (("--space", "circuit", "--diagnostics"), ["--diagnostics", "--space circuit"]),
+        (("--baseline-seeds", "0", "--baselines"), ["baseline_seeds"]),
+    ],
+)
 def test_unsupported_combinations_refuse_before_writing(
     tiny: dict, tmp_path: Path, capsys: pytest.CaptureFixture[str], extra: tuple[str, ...], words: list[str]
 ) -> None:

@@ -66,7 +66,9 @@ def test_k_equal_n_heads_changes_nothing(tokens: torch.Tensor) -> None:
     assert cl.n_replaced == 0 and sorted(cl.representatives.tolist()) == list(range(8))
     assert torch.equal(cl.target(W), W)
     base = qs.perplexity(model, tokens, progress=False)
-    row = qs.evaluate_edit(model, tokens, cl.target(W), base, heads=torch.as_tensor(cl.replaced_mask), progress=False)
+    row = qs.evaluate_edit(
+        model, tokens, cl.target(W), base, heads=torch.as_tensor(cl.replaced_mask), progress=False
+    )
     assert row["ratio"] == 1.0 and row["max_residual"] == 0.0
     # the same through all heads: injecting each head's own circuit is exact to float32 round-off
     row = qs.evaluate_edit(model, tokens, cl.target(W), base, progress=False)
@@ -76,7 +78,9 @@ def test_k_equal_n_heads_changes_nothing(tokens: torch.Tensor) -> None:
 def test_deterministic_given_seed() -> None:
     _, _, pca = _fit(n_layers=3, n_heads=4)
     a, b = qs.cluster_heads(pca, 4, n_dims=6, seed=3), qs.cluster_heads(pca, 4, n_dims=6, seed=3)
-    assert np.array_equal(a.assignments, b.assignments) and np.array_equal(a.representatives, b.representatives)
+    assert np.array_equal(a.assignments, b.assignments) and np.array_equal(
+        a.representatives, b.representatives
+    )
     assert a.inertia == b.inertia
 
 
@@ -97,7 +101,9 @@ def test_validation_errors() -> None:
 def test_sweep_clusters_drops_k_at_or_above_n_heads(tokens: torch.Tensor) -> None:
     model, W, pca = _fit()
     rows: list[dict] = []
-    df = qs.sweep_clusters(model, pca, tokens, [2, 8, 64], n_dims=4, progress=False, n_boot=100, on_row=rows.append)
+    df = qs.sweep_clusters(
+        model, pca, tokens, [2, 8, 64], n_dims=4, progress=False, n_boot=100, on_row=rows.append
+    )
     assert list(df["k"]) == [2] and list(df["replaced"]) == [6] and len(rows) == 1
     cl = qs.cluster_heads(pca, 2, n_dims=4)
     with qs.inject_qk(model, cl.target(W), heads=torch.as_tensor(cl.replaced_mask)):

@@ -74,7 +74,9 @@ def test_constant_scores_head_is_uniform_with_analytic_kl(kind: str) -> None:
             _, cache_e = model.run_with_cache(toks, names_filter=lambda n: n.endswith("hook_pattern"))
         n = torch.arange(1, pos + 1, dtype=torch.float64)
         uniform = torch.tril(torch.ones(pos, pos, dtype=torch.float64)) / n[:, None]
-        torch.testing.assert_close(cache_e["pattern", L][:, H], uniform.expand(3, pos, pos), atol=1e-15, rtol=0)
+        torch.testing.assert_close(
+            cache_e["pattern", L][:, H], uniform.expand(3, pos, pos), atol=1e-15, rtol=0
+        )
 
         df = attention_diagnostics(model, toks, target, heads=[(L, H)], method="pinv").set_index("label")
     assert_params_equal(model, snap)
@@ -85,7 +87,10 @@ def test_constant_scores_head_is_uniform_with_analytic_kl(kind: str) -> None:
     kl = (log_n - H_p).mean()
     tv = (0.5 * (p - uniform).abs().sum(-1)).mean()
     m = 0.5 * (p + uniform)
-    js = 0.5 * (torch.special.xlogy(p, p / m).nan_to_num(0).sum(-1) + (uniform * torch.log(uniform / m)).nan_to_num(0).sum(-1))
+    js = 0.5 * (
+        torch.special.xlogy(p, p / m).nan_to_num(0).sum(-1)
+        + (uniform * torch.log(uniform / m)).nan_to_num(0).sum(-1)
+    )
     row = df.loc[f"L{L}H{H}"]
     assert row["edited"]
     assert abs(row["kl"] - float(kl)) < 1e-12
@@ -140,8 +145,11 @@ def _reference_from_full_caches(model, toks, target) -> pd.DataFrame:
                         det = getattr(head_detector, f"get_{name}_head_detection_pattern")(rep[b : b + 1])
                         scores.append(
                             head_detector.compute_head_attention_similarity_score(
-                                cache["pattern", layer][b, h].double(), det.double(),
-                                exclude_bos=False, exclude_current_token=False, error_measure="mul",
+                                cache["pattern", layer][b, h].double(),
+                                det.double(),
+                                exclude_bos=False,
+                                exclude_current_token=False,
+                                error_measure="mul",
                             )
                         )
                     row[f"{name}_{which}"] = float(np.mean(scores))
@@ -299,8 +307,16 @@ def test_sweep_k_with_diagnostics() -> None:
     pca = qs.HeadPCA().fit(qs.qk_matrices(model))
     seen = []
     df = qs.sweep_k(
-        model, pca, toks, [1, pca.n_heads_], progress=False, n_boot=50, diagnostics=True,
-        diag_tokens=diag_toks, diagnostics_options={"head_scores": False}, on_row=seen.append,
+        model,
+        pca,
+        toks,
+        [1, pca.n_heads_],
+        progress=False,
+        n_boot=50,
+        diagnostics=True,
+        diag_tokens=diag_toks,
+        diagnostics_options={"head_scores": False},
+        on_row=seen.append,
     )
     recs = df.attrs["attention_diagnostics"]
     assert len(recs) == 2 * model.cfg.n_layers * model.cfg.n_heads
@@ -309,7 +325,9 @@ def test_sweep_k_with_diagnostics() -> None:
     assert len(seen[0]["attention_diagnostics"]) == model.cfg.n_layers * model.cfg.n_heads
     assert "attention_diagnostics" not in df.columns
     direct = attention_diagnostics(model, diag_toks, pca.reconstruct(1), head_scores=False)
-    np.testing.assert_allclose(pd.DataFrame(recs).query("K == 1")["kl"].to_numpy(), direct["kl"].to_numpy(), atol=1e-9)
+    np.testing.assert_allclose(
+        pd.DataFrame(recs).query("K == 1")["kl"].to_numpy(), direct["kl"].to_numpy(), atol=1e-9
+    )
     with pytest.raises(ValueError, match="diag_tokens"):
         qs.sweep_k(model, pca, toks, [1], progress=False, diagnostics=True)
 
@@ -348,7 +366,9 @@ def test_head_patterns_match_run_with_cache() -> None:
     np.testing.assert_array_equal(pairs[(1, 1)][1], c_e["pattern", 1][0, 1].numpy())
 
 
-@pytest.mark.skipif(importlib.util.find_spec("circuitsvis") is None, reason="circuitsvis (extra 'viz') not installed")
+@pytest.mark.skipif(
+    importlib.util.find_spec("circuitsvis") is None, reason="circuitsvis (extra 'viz') not installed"
+)
 def test_show_patterns_circuitsvis() -> None:
     model = make_model("mha")
     toks = _toks(1, 6)

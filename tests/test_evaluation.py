@@ -40,7 +40,9 @@ def test_paired_ratio_ci() -> None:
     b = qs.PerplexityResult(ppl=0, mean_nll=0, nll_per_chunk=a.nll_per_chunk + 0.1, n_tokens=0)
     ci = qs.paired_ratio(a, b, seed=1)
     assert abs(ci.ratio - np.exp(0.1)) < 1e-12 and abs(ci.low - ci.ratio) < 1e-9  # constant shift
-    c = qs.PerplexityResult(ppl=0, mean_nll=0, nll_per_chunk=a.nll_per_chunk + rng.normal(0.1, 0.05, 50), n_tokens=0)
+    c = qs.PerplexityResult(
+        ppl=0, mean_nll=0, nll_per_chunk=a.nll_per_chunk + rng.normal(0.1, 0.05, 50), n_tokens=0
+    )
     ci = qs.paired_ratio(a, c, seed=1)
     assert ci.low < ci.ratio < ci.high
     assert ci == qs.paired_ratio(a, c, seed=1)

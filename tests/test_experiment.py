@@ -71,9 +71,14 @@ def _datasets_route(monkeypatch: pytest.MonkeyPatch, rows: list[str]) -> None:
     monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)
 
 
-def test_text_file_and_datasets_rows_give_identical_tokens(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_text_file_and_datasets_rows_give_identical_tokens(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     raw = tmp_path / "wiki.test.raw"
-    raw.write_text(" \n = Title = \n \n a cat sat on the mat . \n \n\n = = Sub = = \n the dog ran home .\n", encoding="utf-8")
+    raw.write_text(
+        " \n = Title = \n \n a cat sat on the mat . \n \n\n = = Sub = = \n the dog ran home .\n",
+        encoding="utf-8",
+    )
     model_dir = save_tiny_gpt2(tmp_path / "m", raw.read_text() + " big small red")
     tok = qs.load_model(model_dir).tokenizer
     _datasets_route(monkeypatch, _hf_rows(raw))
@@ -105,25 +110,71 @@ def tiny_dir(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     return save_tiny_gpt2(d / "tiny-gpt2", text.read_text()), text
 
 
-def test_cli_end_to_end_writes_json_figures_report(tiny_dir, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+def test_cli_end_to_end_writes_json_figures_report(
+    tiny_dir, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
     model_dir, text = tiny_dir
     out = tmp_path / "out"
-    rc = main([
-        "run", "--model", str(model_dir), "--text-file", str(text), "--n-tokens", "1024", "--ctx", "64",
-        "--ks", "0,2,5", "--cluster-ks", "2,4,8,64", "--n-dims", "4", "--gate-k", "2", "--n-boot", "200",
-        "--out", str(out), "--no-png", "--no-progress",
-    ])
+    rc = main(
+        [
+            "run",
+            "--model",
+            str(model_dir),
+            "--text-file",
+            str(text),
+            "--n-tokens",
+            "1024",
+            "--ctx",
+            "64",
+            "--ks",
+            "0,2,5",
+            "--cluster-ks",
+            "2,4,8,64",
+            "--n-dims",
+            "4",
+            "--gate-k",
+            "2",
+            "--n-boot",
+            "200",
+            "--out",
+            str(out),
+            "--no-png",
+            "--no-progress",
+        ]
+    )
     printed = capsys.readouterr().out
     assert rc == 0
     data = json.loads((out / "exp6_tiny-gpt2.json").read_text())
     assert list(data) == [
-        "schema_version", "status", "metadata", "variance", "baseline", "perplexity_vs_k", "clustering",
-        "pca_map", "checks", "gate", "timings",
+        "schema_version",
+        "status",
+        "metadata",
+        "variance",
+        "baseline",
+        "perplexity_vs_k",
+        "clustering",
+        "pca_map",
+        "checks",
+        "gate",
+        "timings",
     ]
     meta = data["metadata"]
-    for key in ("model", "model_source", "processing", "protocol", "n_tokens", "seeds", "package_versions", "grids"):
+    for key in (
+        "model",
+        "model_source",
+        "processing",
+        "protocol",
+        "n_tokens",
+        "seeds",
+        "package_versions",
+        "grids",
+    ):
         assert key in meta
-    assert meta["protocol"]["n_chunks"] == 16 and meta["n_tokens"] == 1024 and meta["protocol"]["route"] == "plain text file"
+    assert (
+        meta["protocol"]["n_chunks"] == 16
+        and meta["n_tokens"] == 1024
+        and meta["protocol"]["route"] == "plain text file"
+    )
     assert meta["grids"]["K"] == [0, 2, 5, 8]  # K = all (8) added
     assert meta["grids"]["cluster_k"] == [2, 4] and meta["grids"]["cluster_k_dropped"] == [8, 64]
     assert data["status"] == {"complete": True, "points_done": 7, "points_total": 7}
@@ -131,7 +182,16 @@ def test_cli_end_to_end_writes_json_figures_report(tiny_dir, tmp_path: Path, cap
     rows = data["perplexity_vs_k"]
     assert [r["K"] for r in rows] == [0, 2, 5, 8]
     for r in rows:
-        assert {"K", "cumulative_variance", "ppl", "ratio", "ratio_low", "ratio_high", "max_residual", "is_all"} <= set(r)
+        assert {
+            "K",
+            "cumulative_variance",
+            "ppl",
+            "ratio",
+            "ratio_low",
+            "ratio_high",
+            "max_residual",
+            "is_all",
+        } <= set(r)
         assert r["ratio_low"] <= r["ratio"] <= r["ratio_high"]
         assert abs(r["ratio"] - r["ppl"] / data["baseline"]["ppl"]) < 1e-12
     assert data["checks"]["k_all"]["ok"] and abs(data["checks"]["k_all"]["ratio"] - 1) < 1e-5
@@ -157,12 +217,23 @@ def test_cli_end_to_end_writes_json_figures_report(tiny_dir, tmp_path: Path, cap
 def test_run_experiment_in_memory_model(tmp_path: Path) -> None:
     model = make_model("gqa", n_heads=4, n_kv_heads=2)
     toks = torch.randint(0, 50, (6, 16), generator=torch.Generator().manual_seed(0))
-    res = qs.run_experiment(model, tmp_path, tokens=toks, ks=(0, 2), cluster_ks=(2, 3), n_dims=3, n_boot=100,
-                            png=False, progress=False)
+    res = qs.run_experiment(
+        model,
+        tmp_path,
+        tokens=toks,
+        ks=(0, 2),
+        cluster_ks=(2, 3),
+        n_dims=3,
+        n_boot=100,
+        png=False,
+        progress=False,
+    )
     assert set(res.figures) == {f"{f}_{res.name}" for f in FIGS}
     assert all(isinstance(f, go.Figure) for f in res.figures.values())
     assert res.figures[f"exp6b_ppl_vs_K_{res.name}"].layout.yaxis.type == "log"
-    assert len(res.figures[f"exp6c_cluster_viz_{res.name}"].data) == 1 + 2  # layer panel + one trace per cluster
+    assert (
+        len(res.figures[f"exp6c_cluster_viz_{res.name}"].data) == 1 + 2
+    )  # layer panel + one trace per cluster
     t = res.tables()
     assert list(t["perplexity_vs_k"]["K"]) == [0, 2, 8] and list(t["clustering"]["k"]) == [2, 3]
     assert res.results["metadata"]["protocol"]["route"] == "tokens"
@@ -172,7 +243,9 @@ def test_run_experiment_in_memory_model(tmp_path: Path) -> None:
     logp = logits[:, :-1] - torch.logsumexp(logits[:, :-1], dim=-1, keepdim=True)
     ref_nll = -torch.gather(logp, -1, toks[:, 1:, None]).squeeze(-1).mean(dim=1).numpy()
     np.testing.assert_allclose(res.results["baseline"]["nll_per_chunk"], ref_nll, rtol=1e-6)
-    assert abs(res.results["baseline"]["ppl"] - np.exp(ref_nll.mean())) < 1e-5 * res.results["baseline"]["ppl"]
+    assert (
+        abs(res.results["baseline"]["ppl"] - np.exp(ref_nll.mean())) < 1e-5 * res.results["baseline"]["ppl"]
+    )
     # independent check of one point
     pca = qs.HeadPCA().fit(qs.qk_matrices(model))
     with qs.inject_qk(model, pca.reconstruct(2)):
@@ -187,8 +260,9 @@ def test_run_experiment_in_memory_model(tmp_path: Path) -> None:
 def test_report_shows_reference_numbers_only_for_gpt2(tmp_path: Path) -> None:
     model = make_model("mha")
     toks = torch.randint(0, 50, (4, 16), generator=torch.Generator().manual_seed(0))
-    res = qs.run_experiment(model, tmp_path, tokens=toks, ks=(1,), cluster_ks=(4,), n_dims=3, n_boot=50,
-                            png=False, progress=False)
+    res = qs.run_experiment(
+        model, tmp_path, tokens=toks, ks=(1,), cluster_ks=(4,), n_dims=3, n_boot=50, png=False, progress=False
+    )
     plain = qs.render_report([res.results])
     assert "2034.3" not in plain and "reference" not in plain
     fake = json.loads(json.dumps(res.results))
@@ -206,7 +280,15 @@ def test_run_models_applies_the_gate(tmp_path: Path) -> None:
     a, b = make_model("mha", seed=1), make_model("mha", seed=2)
     a.cfg.model_name, b.cfg.model_name = "small", "medium"
     toks = torch.randint(0, 50, (4, 16), generator=torch.Generator().manual_seed(0))
-    kw = {"ks": (1,), "cluster_ks": (4,), "n_dims": 3, "n_boot": 50, "png": False, "progress": False, "gate_k": 1}
+    kw = {
+        "ks": (1,),
+        "cluster_ks": (4,),
+        "n_dims": 3,
+        "n_boot": 50,
+        "png": False,
+        "progress": False,
+        "gate_k": 1,
+    }
     done, skipped = qs.run_models([a, b], tmp_path / "fail", tokens=toks, gate_threshold=1e-3, **kw)
     assert [r.name for r in done] == ["small"] and [s[0] for s in skipped] == ["medium"]
     assert done[0].gate.passed is False
@@ -220,10 +302,29 @@ def test_run_models_applies_the_gate(tmp_path: Path) -> None:
 def test_cli_arguments_map_to_config_fields() -> None:
     from qk_subspace.cli import build_parser, config_from_args
 
-    args = build_parser().parse_args([
-        "run", "--model", "gpt2", "gpt2-medium", "--ks", "1,3", "10", "--cluster-ks", "4,8", "--n-tokens", "all",
-        "--ctx", "512", "--seed", "3", "--no-png", "--resume", "--gate-threshold", "1.2",
-    ])
+    args = build_parser().parse_args(
+        [
+            "run",
+            "--model",
+            "gpt2",
+            "gpt2-medium",
+            "--ks",
+            "1,3",
+            "10",
+            "--cluster-ks",
+            "4,8",
+            "--n-tokens",
+            "all",
+            "--ctx",
+            "512",
+            "--seed",
+            "3",
+            "--no-png",
+            "--resume",
+            "--gate-threshold",
+            "1.2",
+        ]
+    )
     cfg = config_from_args(args)
     assert args.model == ["gpt2", "gpt2-medium"]
     assert (cfg.ks, cfg.cluster_ks, cfg.n_tokens, cfg.ctx, cfg.seed) == ((1, 3, 10), (4, 8), None, 512, 3)

@@ -33,8 +33,17 @@ def test_drop_none_reproduces_baseline_and_zero_variance_drop_is_free(circuit: s
     with qs.inject_circuit(model, drop_target(pca, []), circuit):
         kept_all = qs.perplexity(model, toks, progress=False)
     assert abs(kept_all.ppl / base.ppl - 1) < 1e-5
-    df = qs.component_importance(model, pca, toks, "drop_one", components=[7, 2], circuit=circuit,
-                                 baseline=base, progress=False, n_boot=200)
+    df = qs.component_importance(
+        model,
+        pca,
+        toks,
+        "drop_one",
+        components=[7, 2],
+        circuit=circuit,
+        baseline=base,
+        progress=False,
+        n_boot=200,
+    )
     assert list(df["component"]) == [7, 2] and df.attrs["score"] == "delta_nll"
     zero, real = df.iloc[0], df.iloc[1]
     assert abs(zero["delta_nll"]) < 1e-6 and abs(zero["ratio"] - 1) < 1e-5
@@ -144,8 +153,9 @@ def test_sweep_k_importance_order() -> None:
     toks = _toks()
     pca = qs.HeadPCA().fit(qs.qk_matrices(model))
     order = [3, 0, 5]
-    df = qs.sweep_k(model, pca, toks, [0, 1, 2, 8], order="importance", importance=order,
-                    progress=False, n_boot=100)
+    df = qs.sweep_k(
+        model, pca, toks, [0, 1, 2, 8], order="importance", importance=order, progress=False, n_boot=100
+    )
     assert df.attrs["order"] == "importance"
     assert df.attrs["component_order"] == [3, 0, 5, 1, 2, 4, 6, 7]  # unranked ones follow by variance
     assert df.attrs["variance_order"] == list(range(8))
@@ -184,9 +194,17 @@ def test_head_importance_only_and_all_but() -> None:
     assert M.shape == (2, 4) and M[1, 2] == df[df["label"] == "L1H2"]["ratio"].iloc[0]
     fig = qs.head_importance_figure(df)
     assert fig.data[0].z.shape == (2, 4)
-    ab = qs.head_importance(model, qs.HeadPCA().fit(qs.ov_matrices(model)), toks, K=1, mode="all_but",
-                            heads=[(0, 0)], circuit="ov",
-                            progress=False, n_boot=100)
+    ab = qs.head_importance(
+        model,
+        qs.HeadPCA().fit(qs.ov_matrices(model)),
+        toks,
+        K=1,
+        mode="all_but",
+        heads=[(0, 0)],
+        circuit="ov",
+        progress=False,
+        n_boot=100,
+    )
     pca_ov = qs.HeadPCA().fit(qs.ov_matrices(model))
     with qs.inject_ov(model, pca_ov.reconstruct(1), heads=~qs.parse_heads([(0, 0)], 2, 4)):
         direct = qs.perplexity(model, toks, progress=False)

@@ -15,7 +15,9 @@ def _save_tiny_gpt2(path: Path) -> torch.nn.Module:
     from transformers import GPT2Config, GPT2LMHeadModel
 
     torch.manual_seed(0)
-    cfg = GPT2Config(n_layer=2, n_embd=32, n_head=4, n_positions=64, vocab_size=100)  # TL assumes d_mlp = 4 d_model
+    cfg = GPT2Config(
+        n_layer=2, n_embd=32, n_head=4, n_positions=64, vocab_size=100
+    )  # TL assumes d_mlp = 4 d_model
     hf = GPT2LMHeadModel(cfg).eval()
     hf.save_pretrained(path)
     # TransformerLens' config conversion needs these two keys (a bare GPT2Config has neither).
@@ -42,7 +44,7 @@ def test_local_gpt2_checkpoint_loads_offline(tmp_path: Path, monkeypatch: pytest
 
 
 def test_local_dir_errors(tmp_path: Path) -> None:
-    with pytest.raises(FileNotFoundError, match="config.json"):
+    with pytest.raises(FileNotFoundError, match=r"config\.json"):
         qs.load_model(tmp_path)
     (tmp_path / "config.json").write_text(json.dumps({"architectures": ["T5ForConditionalGeneration"]}))
     with pytest.raises(ValueError, match="T5ForConditionalGeneration"):
@@ -56,7 +58,7 @@ def test_unknown_or_offline_name_fails_fast(monkeypatch: pytest.MonkeyPatch) -> 
     t0 = time.perf_counter()
     with pytest.raises(ValueError, match="local"):
         qs.load_model("definitely-not-a-model-xyz")
-    with pytest.raises((ConnectionError, OSError), match="offline|local"):
+    with pytest.raises((ConnectionError, OSError), match=r"offline|local"):
         qs.load_model("gpt2-xl")
     assert time.perf_counter() - t0 < 10
 

@@ -110,7 +110,9 @@ def test_gqa_subset_keeps_siblings_form() -> None:
         assert (now[0, 0] - before[0, 0]).abs().max() < 1e-10  # sibling (same value head) keeps its form
         torch.testing.assert_close(now[0, 2:], before[0, 2:], rtol=0, atol=0)
         torch.testing.assert_close(now[1], before[1], rtol=0, atol=0)
-        assert torch.equal(model.blocks[0].attn._W_V[1], snap["blocks.0.attn._W_V"][1])  # other group untouched
+        assert torch.equal(
+            model.blocks[0].attn._W_V[1], snap["blocks.0.attn._W_V"][1]
+        )  # other group untouched
         assert torch.equal(model.blocks[1].attn._W_V, snap["blocks.1.attn._W_V"])
         assert edit.residual[0, :2].max() < 1e-10 and edit.residual[0, 2:].abs().max() == 0
     assert_params_equal(model, snap)
@@ -153,8 +155,9 @@ def test_head_output_change(tokens: torch.Tensor) -> None:
     assert same["z"].shape == (2, 4) and same["z"].max() < 1e-12 and same["write"].max() < 1e-12
     target = W.clone()
     target[1, 2] = 0.0
-    ch = qs.head_output_change(model, tokens, lambda: qs.inject_ov(model, target, heads=[(1, 2)]),
-                               batch_size=3, progress=False)
+    ch = qs.head_output_change(
+        model, tokens, lambda: qs.inject_ov(model, target, heads=[(1, 2)]), batch_size=3, progress=False
+    )
     # independent: the edited head's z from caches
     _, c0 = model.run_with_cache(tokens)
     with qs.inject_ov(model, target, heads=[(1, 2)]):

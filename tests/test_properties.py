@@ -34,7 +34,9 @@ def architectures(draw: st.DrawFn) -> dict:
         "n_layers": draw(st.integers(1, 2)),
         "n_heads": n_heads,
         "d_head": d_head,
-        "d_model": draw(st.integers(d_head, 20)),  # W_K [d_model, d_head] needs d_model >= d_head for full rank
+        "d_model": draw(
+            st.integers(d_head, 20)
+        ),  # W_K [d_model, d_head] needs d_model >= d_head for full rank
         "dtype": draw(st.sampled_from([torch.float32, torch.float64])),
         "seed": draw(st.integers(0, 2**16)),
     }
@@ -63,10 +65,14 @@ def test_injection_identity_and_bit_for_bit_restore(arch: dict, scale: float, da
     model = _build(arch)
     cfg = model.cfg
     heads = torch.tensor(
-        data.draw(st.lists(st.booleans(), min_size=cfg.n_layers * cfg.n_heads, max_size=cfg.n_layers * cfg.n_heads))
+        data.draw(
+            st.lists(st.booleans(), min_size=cfg.n_layers * cfg.n_heads, max_size=cfg.n_layers * cfg.n_heads)
+        )
     ).reshape(cfg.n_layers, cfg.n_heads)
     g = torch.Generator().manual_seed(arch["seed"])
-    target = scale * torch.randn(cfg.n_layers, cfg.n_heads, cfg.d_head, cfg.d_head, generator=g, dtype=torch.float64)
+    target = scale * torch.randn(
+        cfg.n_layers, cfg.n_heads, cfg.d_head, cfg.d_head, generator=g, dtype=torch.float64
+    )
     before = {k: v.detach().clone() for k, v in model.named_parameters()}
     hashes = param_hashes(model)
     raise_inside = data.draw(st.booleans())
@@ -92,7 +98,9 @@ def test_injection_identity_and_bit_for_bit_restore(arch: dict, scale: float, da
                     if arch["dtype"] == torch.float64:
                         # the part of W_Q outside span(W_K) is kept
                         P_perp = torch.eye(cfg.d_model, dtype=torch.float64) - Wk @ torch.linalg.pinv(Wk)
-                        assert (P_perp @ (Wq - old_Q[h])).norm() <= 64 * EPS64 * cond * (Wq.norm() + old_Q[h].norm())
+                        assert (P_perp @ (Wq - old_Q[h])).norm() <= 64 * EPS64 * cond * (
+                            Wq.norm() + old_Q[h].norm()
+                        )
             assert edit.residual.shape == (cfg.n_layers, cfg.n_heads)
             assert torch.all(edit.residual[~heads] == 0)
             for name, p in model.named_parameters():
@@ -121,7 +129,9 @@ def test_random_nested_edits_restore_bit_for_bit_at_every_level(arch: dict, data
         n = cfg.n_layers * cfg.n_heads
         flat = data.draw(st.lists(st.integers(0, n - 1), min_size=1, max_size=n, unique=True))
         g = torch.Generator().manual_seed(arch["seed"] + i)
-        target = torch.randn(cfg.n_layers, cfg.n_heads, cfg.d_head, cfg.d_head, generator=g, dtype=torch.float64)
+        target = torch.randn(
+            cfg.n_layers, cfg.n_heads, cfg.d_head, cfg.d_head, generator=g, dtype=torch.float64
+        )
         with qs.inject_qk(model, target, heads=flat, cond_warn=float("inf")):
             level(i + 1)
             if i == fail_at:

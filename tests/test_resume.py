@@ -29,9 +29,29 @@ def setup(tmp_path_factory: pytest.TempPathFactory) -> dict:
     text = write_text(d / "stories.txt", n_words=3000)
     model = save_tiny_gpt2(d / "tiny", text.read_text())
     args = [
-        "run", "--model", str(model), "--text-file", str(text), "--n-tokens", "1024", "--ctx", "64", "--batch-size", "16",
-        "--ks", KS, "--cluster-ks", CLUSTER_KS, "--n-dims", "4", "--gate-k", "2", "--n-boot", "100",
-        "--no-png", "--no-progress",
+        "run",
+        "--model",
+        str(model),
+        "--text-file",
+        str(text),
+        "--n-tokens",
+        "1024",
+        "--ctx",
+        "64",
+        "--batch-size",
+        "16",
+        "--ks",
+        KS,
+        "--cluster-ks",
+        CLUSTER_KS,
+        "--n-dims",
+        "4",
+        "--gate-k",
+        "2",
+        "--n-boot",
+        "100",
+        "--no-png",
+        "--no-progress",
     ]
     ref = d / "reference"
     assert main([*args, "--out", str(ref)]) == 0  # an uninterrupted run
@@ -60,7 +80,10 @@ def test_sigkill_mid_sweep_then_resume_equals_uninterrupted(setup: dict, tmp_pat
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     proc = subprocess.Popen(
         [sys.executable, "-m", "qk_subspace.cli", *setup["args"], "--out", str(out)],
-        cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
     )
     seen = None
     try:
@@ -95,7 +118,9 @@ def test_sigkill_mid_sweep_then_resume_equals_uninterrupted(setup: dict, tmp_pat
     assert not list(out.glob(".exp6_tiny.json.*.tmp"))
 
 
-def test_resume_refuses_a_different_configuration(setup: dict, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+def test_resume_refuses_a_different_configuration(
+    setup: dict, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
     out = tmp_path / "out"
     out.mkdir()
     path = out / "exp6_tiny.json"
@@ -121,12 +146,25 @@ def test_resume_refuses_a_different_configuration(setup: dict, tmp_path: Path, c
     assert main([*setup["args"], "--out", str(out), "--resume"]) == 2
     assert "package_versions.torch: on disk '0.0.1'" in capsys.readouterr().err
     with pytest.raises(qs.ConfigMismatchError, match="different configuration"):
-        qs.run_experiment(setup["model"], out, resume=True, text_file=str(setup["text"]), n_tokens=1024, ctx=64,
-                          batch_size=16, ks=(0, 2, 4, 6), cluster_ks=(2, 4, 6), n_dims=4, gate_k=2, n_boot=100)
+        qs.run_experiment(
+            setup["model"],
+            out,
+            resume=True,
+            text_file=str(setup["text"]),
+            n_tokens=1024,
+            ctx=64,
+            batch_size=16,
+            ks=(0, 2, 4, 6),
+            cluster_ks=(2, 4, 6),
+            n_dims=4,
+            gate_k=2,
+            n_boot=100,
+        )
 
 
-def test_existing_results_are_never_overwritten_without_a_flag(setup: dict, tmp_path: Path,
-                                                               capsys: pytest.CaptureFixture) -> None:
+def test_existing_results_are_never_overwritten_without_a_flag(
+    setup: dict, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
     path = tmp_path / "exp6_tiny.json"
     path.write_bytes(setup["ref"].read_bytes())
     assert main([*setup["args"], "--out", str(tmp_path)]) == 2

@@ -156,7 +156,9 @@ def unsafe_calls(source: str, filename: str = "<src>") -> list[str]:
                     problems.append(f"{where}: torch.load without weights_only=True")
             if func.attr == "load" and owner in ("np", "numpy"):
                 ap = kw.get("allow_pickle")
-                if isinstance(ap, ast.Constant) and ap.value is not False or (ap is not None and not isinstance(ap, ast.Constant)):
+                if (isinstance(ap, ast.Constant) and ap.value is not False) or (
+                    ap is not None and not isinstance(ap, ast.Constant)
+                ):
                     problems.append(f"{where}: numpy.load with allow_pickle")
             if func.attr in ("load", "unsafe_load") and owner == "yaml":
                 problems.append(f"{where}: yaml.{func.attr}")

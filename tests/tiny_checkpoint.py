@@ -7,7 +7,47 @@ from pathlib import Path
 
 import torch
 
-_WORDS = ["the", "a", "cat", "dog", "sat", "ran", "on", "under", "big", "small", "red", "blue", "house", "tree", "and", "then", "it", "was", "happy", "sad", "day", "night", "bird", "saw", "fish", "swam", "river", "green", "old", "new", "little", "girl", "boy", "friend", "played", "with", "ball", "went", "home"]
+_WORDS = [
+    "the",
+    "a",
+    "cat",
+    "dog",
+    "sat",
+    "ran",
+    "on",
+    "under",
+    "big",
+    "small",
+    "red",
+    "blue",
+    "house",
+    "tree",
+    "and",
+    "then",
+    "it",
+    "was",
+    "happy",
+    "sad",
+    "day",
+    "night",
+    "bird",
+    "saw",
+    "fish",
+    "swam",
+    "river",
+    "green",
+    "old",
+    "new",
+    "little",
+    "girl",
+    "boy",
+    "friend",
+    "played",
+    "with",
+    "ball",
+    "went",
+    "home",
+]
 
 
 def write_text(path: Path, n_words: int = 6000, seed: int = 0) -> Path:
@@ -19,8 +59,15 @@ def write_text(path: Path, n_words: int = 6000, seed: int = 0) -> Path:
     return path
 
 
-def save_tiny_gpt2(path: Path, text: str, n_layer: int = 2, n_head: int = 4, n_embd: int = 32,
-                   n_positions: int = 64, seed: int = 0) -> Path:
+def save_tiny_gpt2(
+    path: Path,
+    text: str,
+    n_layer: int = 2,
+    n_head: int = 4,
+    n_embd: int = 32,
+    n_positions: int = 64,
+    seed: int = 0,
+) -> Path:
     """Save a random GPT-2 (``n_layer x n_head`` heads, vocab 100) plus a tokenizer trained on ``text``."""
     from tokenizers import Tokenizer, models, pre_tokenizers, trainers
     from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
@@ -28,14 +75,23 @@ def save_tiny_gpt2(path: Path, text: str, n_layer: int = 2, n_head: int = 4, n_e
     path.mkdir(parents=True, exist_ok=True)
     tok = Tokenizer(models.WordLevel(unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    tok.train_from_iterator([text], trainers.WordLevelTrainer(vocab_size=100, special_tokens=["<unk>", "<eos>"]))
+    tok.train_from_iterator(
+        [text], trainers.WordLevelTrainer(vocab_size=100, special_tokens=["<unk>", "<eos>"])
+    )
     PreTrainedTokenizerFast(
         tokenizer_object=tok, unk_token="<unk>", eos_token="<eos>", bos_token="<eos>", pad_token="<eos>"
     ).save_pretrained(path)
     torch.manual_seed(seed)
-    cfg = GPT2Config(n_layer=n_layer, n_embd=n_embd, n_head=n_head, n_positions=n_positions, vocab_size=100,
-                     bos_token_id=1, eos_token_id=1,
-                     initializer_range=0.3)  # large weights: attention patterns (and QK edits) matter
+    cfg = GPT2Config(
+        n_layer=n_layer,
+        n_embd=n_embd,
+        n_head=n_head,
+        n_positions=n_positions,
+        vocab_size=100,
+        bos_token_id=1,
+        eos_token_id=1,
+        initializer_range=0.3,
+    )  # large weights: attention patterns (and QK edits) matter
     GPT2LMHeadModel(cfg).eval().save_pretrained(path)
     conf = json.loads((path / "config.json").read_text())
     conf["architectures"] = ["GPT2LMHeadModel"]  # TransformerLens' config conversion needs both keys

@@ -7,7 +7,9 @@ from pathlib import Path
 import nbformat as nbf
 
 cells: list[tuple[str, str]] = [
-    ("md", """# qk_subspace: a notebook tour
+    (
+        "md",
+        """# qk_subspace: a notebook tour
 
 Do the attention heads of a transformer share a low-dimensional weight subspace, and what breaks when you
 force them into it? This tour runs **fully offline** on the real pretrained Llama-style model
@@ -16,8 +18,11 @@ force them into it? This tour runs **fully offline** on the real pretrained Llam
 
 **With internet, switch to GPT-2 small** (the model of the seed report) by setting
 `MODEL = "gpt2"` below and using WikiText-2 tokens:
-`tokens = qs.load_wikitext2(model.tokenizer, n_tokens=200_000, ctx=1024)`."""),
-    ("code", """import os
+`tokens = qs.load_wikitext2(model.tokenizer, n_tokens=200_000, ctx=1024)`.""",
+    ),
+    (
+        "code",
+        """import os
 from pathlib import Path
 
 import torch
@@ -28,68 +33,110 @@ SHARED = Path(os.environ.get("QK_SUBSPACE_SHARED", "../../shared")).resolve()
 MODEL = SHARED / "data/models/stories260K"            # or "gpt2" with internet
 TEXT = SHARED / "data/tinystories/tinystories_val.txt"
 OUT = Path(os.environ.get("QK_SUBSPACE_TOUR_OUT", "tour_out"))
-print(qs.__version__, MODEL.is_dir())"""),
+print(qs.__version__, MODEL.is_dir())""",
+    ),
     ("md", """## 1. Load the model (no network access at all for a local checkpoint)"""),
-    ("code", """model = qs.load_model(MODEL)
+    (
+        "code",
+        """model = qs.load_model(MODEL)
 print(model.cfg.n_layers, "layers x", model.cfg.n_heads, "heads; key/value heads:", model.cfg.n_key_value_heads)
 print("processing:", model.qk_subspace_processing)
 tokens = qs.chunk_text(model.tokenizer, TEXT.read_text(), n_tokens=16 * 256, ctx=256)   # [16, 256]
-tokens.shape"""),
-    ("md", """## 2. QK circuits and PCA across heads
+tokens.shape""",
+    ),
+    (
+        "md",
+        """## 2. QK circuits and PCA across heads
 
 `qs.qk_matrices` reads TransformerLens' factored circuit `model.QK`:
-`W[l, h] = W_Q[l, h]^T W_K[l, h]`, shape `[n_layers, n_heads, d_head, d_head]`, float64."""),
-    ("code", """W = qs.qk_matrices(model)
+`W[l, h] = W_Q[l, h]^T W_K[l, h]`, shape `[n_layers, n_heads, d_head, d_head]`, float64.""",
+    ),
+    (
+        "code",
+        """W = qs.qk_matrices(model)
 pca = qs.HeadPCA().fit(W)
 print(W.shape, pca)
 print({f"{t:.0%}": pca.n_components_for(t) for t in (0.5, 0.8, 0.9, 0.95)})
 variance = qs.variance_summary(pca)
-qs.plots.fig_cumvar({"variance": variance, "metadata": {"model": "stories260K"}})"""),
-    ("md", """## 3. Exact injection, and the K = all check
+qs.plots.fig_cumvar({"variance": variance, "metadata": {"model": "stories260K"}})""",
+    ),
+    (
+        "md",
+        """## 3. Exact injection, and the K = all check
 
 `qs.inject_qk` edits `W_Q` in place so that `W_Q_new^T W_K` equals the target, keeps the part of `W_Q`
 outside `span(W_K)`, and restores the original weights bit for bit when the block ends. With every
-component kept the model must be unchanged; the pseudoinverse solution is shown for contrast."""),
-    ("code", """baseline = qs.perplexity(model, tokens, progress=False)
+component kept the model must be unchanged; the pseudoinverse solution is shown for contrast.""",
+    ),
+    (
+        "code",
+        """baseline = qs.perplexity(model, tokens, progress=False)
 with qs.inject_qk(model, pca.reconstruct(pca.n_heads_)) as edit:
     k_all = qs.perplexity(model, tokens, progress=False)
 with qs.inject_qk(model, pca.reconstruct(pca.n_heads_), method="pinv"):
     pinv = qs.perplexity(model, tokens, progress=False)
 print(f"baseline {baseline.ppl:.5f}   K=all {k_all.ppl:.5f}   (ratio {k_all.ppl / baseline.ppl:.8f}, "
       f"max residual {edit.residual.max():.2e})   pinv {pinv.ppl:.3f}")
-assert abs(k_all.ppl / baseline.ppl - 1) < 1e-5"""),
-    ("md", """## 4. A small K sweep (the report's 6B), clustering (6C) and the 2D map
+assert abs(k_all.ppl / baseline.ppl - 1) < 1e-5""",
+    ),
+    (
+        "md",
+        """## 4. A small K sweep (the report's 6B), clustering (6C) and the 2D map
 
 `qs.sweep_k` injects the top-K reconstruction for every K and measures perplexity with a paired bootstrap
 CI over chunks. `qs.run_experiment` composes everything (variance, sweep, clustering, map, gate) and writes
-JSON, figures and `report.md`; its figures are plotly objects for notebooks."""),
-    ("code", """sweep = qs.sweep_k(model, pca, tokens, [0, 3, 10, 20, 40], baseline=baseline, progress=False)
-sweep[["K", "cumulative_variance", "ppl", "ratio", "ratio_low", "ratio_high"]]"""),
-    ("code", """res = qs.run_experiment(model, OUT, tokens=tokens, ks=(0, 3, 10, 20, 40), cluster_ks=(4, 8),
+JSON, figures and `report.md`; its figures are plotly objects for notebooks.""",
+    ),
+    (
+        "code",
+        """sweep = qs.sweep_k(model, pca, tokens, [0, 3, 10, 20, 40], baseline=baseline, progress=False)
+sweep[["K", "cumulative_variance", "ppl", "ratio", "ratio_low", "ratio_high"]]""",
+    ),
+    (
+        "code",
+        """res = qs.run_experiment(model, OUT, tokens=tokens, ks=(0, 3, 10, 20, 40), cluster_ks=(4, 8),
                         png=False, progress=False, overwrite=True)
-res.figures["exp6b_ppl_vs_K_stories260K"]"""),
-    ("code", """clusters = qs.cluster_heads(pca, k=8, seed=0)
+res.figures["exp6b_ppl_vs_K_stories260K"]""",
+    ),
+    (
+        "code",
+        """clusters = qs.cluster_heads(pca, k=8, seed=0)
 print("representatives:", clusters.representatives)
-res.tables()["clustering"]"""),
+res.tables()["clustering"]""",
+    ),
     ("code", """res.figures["exp6c_cluster_viz_stories260K"]"""),
-    ("md", """## 5. Which heads break? Attention-pattern diagnostics in the same hooked model
+    (
+        "md",
+        """## 5. Which heads break? Attention-pattern diagnostics in the same hooked model
 
 The compressed circuit is injected into the one model, so perplexity and attention patterns come from the
-same weights. KL(original || edited) per head, streamed layer by layer."""),
-    ("code", """diag_tokens = tokens[:4, :128]
+same weights. KL(original || edited) per head, streamed layer by layer.""",
+    ),
+    (
+        "code",
+        """diag_tokens = tokens[:4, :128]
 diag = qs.attention_diagnostics(model, diag_tokens, target=pca.reconstruct(10), head_scores=False)
 worst = diag.sort_values("kl", ascending=False).head(3)
-worst[["label", "kl", "js", "tv", "top1_agreement", "entropy_orig", "entropy_edited"]]"""),
-    ("code", """heads = [(int(r.layer), int(r.head)) for r in worst.itertuples()][:2]
+worst[["label", "kl", "js", "tv", "top1_agreement", "entropy_orig", "entropy_edited"]]""",
+    ),
+    (
+        "code",
+        """heads = [(int(r.layer), int(r.head)) for r in worst.itertuples()][:2]
 seq = diag_tokens[0, :24]
 pairs = qs.head_patterns(model, seq, heads, target=pca.reconstruct(10))
 labels = [model.tokenizer.decode([int(t)]) for t in seq]
-qs.plots.plot_pattern_comparison(pairs, labels)"""),
-    ("md", """## 6. Gauge: how much of the PCA is the heads' arbitrary internal basis?
+qs.plots.plot_pattern_comparison(pairs, labels)""",
+    ),
+    (
+        "md",
+        """## 6. Gauge: how much of the PCA is the heads' arbitrary internal basis?
 
 `W_Q -> W_Q G`, `W_K -> W_K G^-T` leaves the model unchanged but changes `W_Q^T W_K`. The circuit-space PCA
-of `W_Q W_K^T` is gauge-invariant."""),
-    ("code", """raw_before = qs.HeadPCA().fit(qs.qk_matrices(model)).cumulative_variance_[9]
+of `W_Q W_K^T` is gauge-invariant.""",
+    ),
+    (
+        "code",
+        """raw_before = qs.HeadPCA().fit(qs.qk_matrices(model)).cumulative_variance_[9]
 circ_before = qs.HeadPCA(space="circuit").fit(model).cumulative_variance_[9]
 with qs.random_gauge(model, seed=1):
     gauged = qs.perplexity(model, tokens, progress=False)
@@ -97,31 +144,46 @@ with qs.random_gauge(model, seed=1):
     circ_after = qs.HeadPCA(space="circuit").fit(model).cumulative_variance_[9]
 print(f"ppl {baseline.ppl:.6f} -> {gauged.ppl:.6f}")
 print(f"raw variance at K=10: {raw_before:.4f} -> {raw_after:.4f} (moves)")
-print(f"circuit variance at K=10: {circ_before:.6f} -> {circ_after:.6f} (invariant)")"""),
-    ("md", """## 7. Importance, not variance, and the OV circuit
+print(f"circuit variance at K=10: {circ_before:.6f} -> {circ_after:.6f} (invariant)")""",
+    ),
+    (
+        "md",
+        """## 7. Importance, not variance, and the OV circuit
 
 A first-order (gradient) estimate ranks components by their effect on the loss; the same pipeline runs on
-the OV circuit, injected exactly through `W_V`."""),
-    ("code", """imp = qs.component_importance(model, pca, tokens[:8], method="gradient", progress=False)
-imp.sort_values("fisher", ascending=False).head(5)[["component", "explained_variance_ratio", "taylor", "fisher"]]"""),
-    ("code", """W_ov = qs.ov_matrices(model)
+the OV circuit, injected exactly through `W_V`.""",
+    ),
+    (
+        "code",
+        """imp = qs.component_importance(model, pca, tokens[:8], method="gradient", progress=False)
+imp.sort_values("fisher", ascending=False).head(5)[["component", "explained_variance_ratio", "taylor", "fisher"]]""",
+    ),
+    (
+        "code",
+        """W_ov = qs.ov_matrices(model)
 pca_ov = qs.HeadPCA().fit(W_ov)
 with qs.inject_ov(model, pca_ov.reconstruct(pca_ov.n_heads_)):
     ov_all = qs.perplexity(model, tokens, progress=False)
 with qs.inject_ov(model, pca_ov.reconstruct(10)):
     ov_10 = qs.perplexity(model, tokens, progress=False)
-print(f"OV: K=all ratio {ov_all.ppl / baseline.ppl:.8f}, K=10 ratio {ov_10.ppl / baseline.ppl:.3f}")"""),
-    ("md", """## Where next
+print(f"OV: K=all ratio {ov_all.ppl / baseline.ppl:.8f}, K=10 ratio {ov_10.ppl / baseline.ppl:.3f}")""",
+    ),
+    (
+        "md",
+        """## Where next
 
 - `qk-subspace run --model gpt2 --out results` reproduces the seed report (needs the hub).
 - `--diagnostics`, `--order importance`, `--circuit ov`, `--space circuit`, `--baselines`: see the README.
-- Every public name: `docs/api.md`."""),
+- Every public name: `docs/api.md`.""",
+    ),
 ]
 
 nb = nbf.v4.new_notebook()
 nb.metadata["kernelspec"] = {"display_name": "Python 3", "language": "python", "name": "python3"}
 nb.metadata["language_info"] = {"name": "python"}
-nb.cells = [nbf.v4.new_markdown_cell(src) if kind == "md" else nbf.v4.new_code_cell(src) for kind, src in cells]
+nb.cells = [
+    nbf.v4.new_markdown_cell(src) if kind == "md" else nbf.v4.new_code_cell(src) for kind, src in cells
+]
 out = Path(__file__).resolve().parents[1] / "demos" / "tour.ipynb"
 nbf.write(nb, out)
 print("wrote", out)
