@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from importlib import metadata as importlib_metadata
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import pandas as pd
@@ -152,15 +152,15 @@ class ExperimentConfig:
     overwrite: bool = False
     png: bool = True
     progress: bool = True
-    circuit: str = "qk"
+    circuit: Literal["qk", "ov"] = "qk"
     diagnostics: bool = False
     diag_seqs: int = 8
     diag_ctx: int = 128
     head_scores: bool = True
     order: str = "variance"
-    importance_method: str = "drop_one"
+    importance_method: Literal["drop_one", "gradient"] = "drop_one"
     importance_tokens: int = 32_768
-    space: str = "raw"
+    space: Literal["raw", "canonical", "circuit"] = "raw"
     groupby: str | None = None
     baselines: bool = False
     baseline_seeds: int = 3
@@ -602,12 +602,12 @@ def run_experiment(
     source = "text after the perplexity tokens" if side_info else "tokens given by the caller"
     diag_meta = (
         None
-        if not cfg.diagnostics
+        if not cfg.diagnostics or diag_tokens is None
         else {
             "n_seqs": int(diag_tokens.shape[0]),
-            "ctx": int(diag_tokens.shape[1]),  # type: ignore[union-attr]
+            "ctx": int(diag_tokens.shape[1]),
             "head_scores": cfg.head_scores,
-            "tokens_sha256": _sha256_tokens(diag_tokens),  # type: ignore[arg-type]
+            "tokens_sha256": _sha256_tokens(diag_tokens),
             "source": source,
             "offset": side_info.get("offset"),
             "breaking_threshold": _BREAK_THRESHOLD,
@@ -615,12 +615,12 @@ def run_experiment(
     )
     imp_meta = (
         None
-        if cfg.order != "importance"
+        if cfg.order != "importance" or rank_tokens is None
         else {
             "method": cfg.importance_method,
-            "n_chunks": int(rank_tokens.shape[0]),  # type: ignore[union-attr]
+            "n_chunks": int(rank_tokens.shape[0]),
             "n_tokens": int(rank_tokens.numel()),
-            "tokens_sha256": _sha256_tokens(rank_tokens),  # type: ignore[union-attr,arg-type]
+            "tokens_sha256": _sha256_tokens(rank_tokens),
             "source": source + (" and the diagnostic batch" if side_info and cfg.diagnostics else ""),
         }
     )
@@ -824,6 +824,7 @@ def run_experiment(
         def on_k_row(row: dict[str, Any]) -> None:
             records = row.pop("attention_diagnostics", None)
             if records is not None:  # this K's per-head rows are saved together with its point
+                assert diag_tokens is not None  # sweep_k only returns records when given diag_tokens
                 target = pca.reconstruct(int(row["K"])).to(mdl.W_U.device)
                 change = head_output_change(
                     mdl,
@@ -876,6 +877,7 @@ def run_experiment(
     if by_importance:
         imp_sec = data.get("importance") or {}
         if "order" not in imp_sec:
+            assert rank_tokens is not None  # checked when the side tokens were prepared
             last[0] = time.perf_counter()
             imp = component_importance(
                 mdl,

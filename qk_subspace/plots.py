@@ -737,9 +737,9 @@ def gauge_figure(study: object, title: str = "Gauge dependence of the QK PCA") -
 
 
 def baselines_figure(
-    nulls: object,
-    real_sweep: object | None = None,
-    random_sweep: object | None = None,
+    nulls: Any,
+    real_sweep: Any = None,
+    random_sweep: Any = None,
     title: str = "Real PCA vs null baselines",
 ) -> go.Figure:
     """Variance curve with spectrum nulls (left) and PPL ratio vs K with the random-subspace band (right).
@@ -793,7 +793,7 @@ def baselines_figure(
                 x=real_sweep["K"],
                 y=real_sweep["ratio"],
                 mode="lines+markers",
-                name="real PCA",  # type: ignore[index]
+                name="real PCA",
                 line=dict(color="#000000"),
             ),
             row=1,
