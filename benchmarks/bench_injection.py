@@ -40,8 +40,14 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=7)
     ap.add_argument("--eval-reps", type=int, default=2)
     ap.add_argument("--K", type=int, default=100)
+    ap.add_argument("--injection-threads", default="1",
+                    help="qk_subspace.injection.INJECTION_THREADS for this run: an int or 'none' (torch's setting)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
+    from qk_subspace import injection
+
+    if hasattr(injection, "INJECTION_THREADS"):  # absent before the optimisation
+        injection.INJECTION_THREADS = None if args.injection_threads == "none" else int(args.injection_threads)
     model = build()
     W = qs.qk_matrices(model)
     pca = qs.HeadPCA().fit(W)
@@ -69,7 +75,8 @@ def main() -> None:
     one_eval = median(evals)
     total = rec + inj + res
     print(f"qk_subspace from {qs.__file__}")
-    print(f"torch {torch.__version__}, threads={torch.get_num_threads()}, reps={args.reps}")
+    print(f"torch {torch.__version__}, threads={torch.get_num_threads()}, reps={args.reps}, "
+          f"INJECTION_THREADS={getattr(injection, 'INJECTION_THREADS', '(not in this version)')}")
     print(f"first point (cold): reconstruct {first[0]*1e3:.1f} ms, inject {first[1]*1e3:.1f} ms, "
           f"restore {first[2]*1e3:.1f} ms")
     print(f"median point: reconstruct {rec*1e3:.1f} ms, inject {inj*1e3:.1f} ms, restore {res*1e3:.1f} ms, "
