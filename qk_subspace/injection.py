@@ -510,8 +510,9 @@ class QKEdit(ParameterEdit):
                 M = entry.solved()  # W_K (W_K^T W_K)^{-1}  [n_heads, d_model, d_head]
                 T = self.target[layer].to(W_Q.device, torch.float64)
                 if self.method == "exact":
-                    # out of place: for a float64 model W_Q.to(float64) IS the parameter
-                    new = torch.baddbmm(W_Q.to(torch.float64), M, (T - entry.qk).transpose(-1, -2))
+                    # W_Q + M (T - W_Q^T W_K)^T, summed into the fresh product (never into W_Q itself:
+                    # for a float64 model W_Q.to(float64) IS the parameter); W_Q is promoted exactly
+                    new = (M @ (T - entry.qk).transpose(-1, -2)).add_(W_Q)
                 else:
                     new = M @ T.transpose(-1, -2)
                 new_cast = new.to(W_Q.dtype)
