@@ -18,6 +18,14 @@ so that ``W_Q_new^T W_K = T`` and the component of ``W_Q`` outside ``span(W_K)``
 ``W_Q`` outside ``span(W_K)``. ``W_Q^T W_K`` does not see that part, but the attention
 scores ``x W_Q W_K^T x'^T`` do, so ``pinv`` changes the model even at K = all (the seed report's
 warning); so it is kept only for contrast.
+
+Speed (a sweep injects many targets into the same model): what does not depend on the target --
+``cond(W_K^T W_K)``, ``W_K (W_K^T W_K)^{-1}`` and ``W_Q^T W_K`` per layer, in float64 -- is cached
+per model and reused only while the layer's ``W_Q`` and ``W_K`` are bit-identical to the copies
+the entry was built from (compared on every use, so any write, by any route, invalidates it).
+The residual is still measured on the weights as written, and only for the layers edited. The
+small float64 linear algebra runs on ``INJECTION_THREADS`` (default 1) intra-op threads; the
+previous thread setting is restored afterwards.
 """
 
 from __future__ import annotations
@@ -60,7 +68,8 @@ _VERSION_ATTR = "_qk_subspace_weights_version"
 PlanLike = Mapping[str, torch.Tensor] | Callable[[], Mapping[str, torch.Tensor]]
 
 #: Threads used for the small float64 linear algebra of an injection (None: leave torch's setting).
-#: On a loaded 2-core machine torch's thread pool makes these tiny ops many times slower.
+#: On a loaded 2-core machine torch's thread pool makes these tiny ops many times slower. The setting
+#: is process-wide while an injection computes (torch has no per-call thread count).
 INJECTION_THREADS: int | None = 1
 
 
