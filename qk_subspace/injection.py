@@ -414,6 +414,12 @@ class _LayerCache:
         self.qk = Wq.transpose(-1, -2) @ Wk
         self._M: torch.Tensor | None = None
 
+    @property
+    def nbytes(self) -> int:
+        """Memory held once :meth:`solved` has run (the float64 solve is the size of W_K in float64)."""
+        refs = self.q_ref.numel() * self.q_ref.element_size() + self.k_ref.numel() * self.k_ref.element_size()
+        return refs + 8 * (self.k_ref.numel() + self.qk.numel())
+
     def valid_for(self, W_Q: torch.Tensor, W_K: torch.Tensor) -> bool:
         return _same_bits(self.q_ref, W_Q) and _same_bits(self.k_ref, W_K)
 
@@ -430,6 +436,10 @@ class _LayerCache:
 # model -> {layer: _LayerCache}; entries go away with the model
 _QK_CACHE: weakref.WeakKeyDictionary[nn.Module, dict[int, _LayerCache]] = weakref.WeakKeyDictionary()
 
+#: Most bytes the inject_qk cache may hold per model (layers beyond it are computed afresh each time).
+#: GPT-2 small in float32 needs ~115 MB; a 7B model would need several GB, mostly on its device.
+INJECTION_CACHE_MAX_BYTES = 2 * 2**30
+
 
 def _layer_cache(model: nn.Module, layer: int, W_Q: torch.Tensor, W_K: torch.Tensor) -> _LayerCache:
     """The cached target-independent quantities of ``layer``, rebuilt if its W_Q or W_K changed."""
@@ -437,7 +447,9 @@ def _layer_cache(model: nn.Module, layer: int, W_Q: torch.Tensor, W_K: torch.Ten
     entry = per_model.get(layer)
     if entry is None or not entry.valid_for(W_Q, W_K):
         per_model.pop(layer, None)  # free the stale entry before building the new one
-        entry = per_model[layer] = _LayerCache(W_Q, W_K)
+        entry = _LayerCache(W_Q, W_K)
+        if sum(e.nbytes for e in per_model.values()) + entry.nbytes <= INJECTION_CACHE_MAX_BYTES:
+            per_model[layer] = entry
     return entry
 
 
@@ -445,8 +457,9 @@ def clear_injection_cache(model: nn.Module | None = None) -> None:
     """Drop the per-layer quantities :func:`inject_qk` caches for ``model`` (all models if None).
 
     The cache (copies of every layer's ``W_Q`` and ``W_K`` plus ``W_K (W_K^T W_K)^{-1}`` in
-    float64: about 110 MB for GPT-2 small in float32) is validated against the live weights on every
-    use and freed with the model; call this only to release the memory earlier.
+    float64: about 115 MB for GPT-2 small in float32, at most ``INJECTION_CACHE_MAX_BYTES`` per model)
+    is validated against the live weights on every use and freed with the model; call this only to
+    release the memory earlier.
     """
     if model is None:
         _QK_CACHE.clear()

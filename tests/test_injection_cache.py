@@ -143,3 +143,21 @@ def test_thread_setting_restored() -> None:
     with qs.inject_qk(model, _target(model)):
         assert torch.get_num_threads() == previous
     assert torch.get_num_threads() == previous
+
+
+def test_cache_size_limit(monkeypatch: pytest.MonkeyPatch) -> None:
+    model = make_model("gqa", dtype=torch.float64)
+    injection.clear_injection_cache(model)
+    monkeypatch.setattr(injection, "INJECTION_CACHE_MAX_BYTES", 0)
+    _check_injection(model, _target(model))  # computed afresh, same results
+    assert not injection._QK_CACHE.get(model)
+    monkeypatch.setattr(injection, "INJECTION_CACHE_MAX_BYTES", 2**40)
+    _check_injection(model, _target(model))
+    entries = injection._QK_CACHE[model]
+    assert sorted(entries) == [0, 1]
+    limit = entries[0].nbytes  # room for one layer only
+    injection.clear_injection_cache(model)
+    monkeypatch.setattr(injection, "INJECTION_CACHE_MAX_BYTES", limit)
+    _check_injection(model, _target(model, seed=3))
+    assert sorted(injection._QK_CACHE[model]) == [0]
+    _check_injection(model, _target(model, seed=4))
