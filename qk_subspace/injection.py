@@ -18,6 +18,14 @@ so that ``W_Q_new^T W_K = T`` and the component of ``W_Q`` outside ``span(W_K)``
 ``W_Q`` outside ``span(W_K)``. ``W_Q^T W_K`` does not see that part, but the attention
 scores ``x W_Q W_K^T x'^T`` do, so ``pinv`` changes the model even at K = all (the seed report's
 warning); so it is kept only for contrast.
+
+Speed (a sweep injects many targets into the same model): what does not depend on the target --
+``cond(W_K^T W_K)``, ``W_K (W_K^T W_K)^{-1}`` and ``W_Q^T W_K`` per layer, in float64 -- is cached
+per model and reused only while the layer's ``W_Q`` and ``W_K`` are bit-identical to the copies
+the entry was built from (compared on every use, so any write, by any route, invalidates it).
+The residual is still measured on the weights as written, and only for the layers edited. The
+small float64 linear algebra runs on ``INJECTION_THREADS`` (default 1) intra-op threads; the
+previous thread setting is restored afterwards.
 """
 
 from __future__ import annotations
@@ -26,6 +34,7 @@ import contextlib
 import signal
 import threading
 import warnings
+import weakref
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from types import FrameType, TracebackType
 from typing import Literal
@@ -34,7 +43,7 @@ import torch
 from torch import nn
 from transformer_lens import HookedTransformer
 
-from .circuits import head_labels, parse_heads, qk_matrices
+from .circuits import head_labels, parse_heads
 
 __all__ = [
     "ParameterEdit",
@@ -57,6 +66,26 @@ _STACK_ATTR = "_qk_subspace_edit_stack"
 _VERSION_ATTR = "_qk_subspace_weights_version"
 
 PlanLike = Mapping[str, torch.Tensor] | Callable[[], Mapping[str, torch.Tensor]]
+
+#: Threads used for the small float64 linear algebra of an injection (None: leave torch's setting).
+#: On a loaded 2-core machine torch's thread pool makes these tiny ops many times slower. The setting
+#: is process-wide while an injection computes (torch has no per-call thread count).
+INJECTION_THREADS: int | None = 1
+
+
+@contextlib.contextmanager
+def _one_thread() -> Iterator[None]:
+    """Run the block with ``INJECTION_THREADS`` intra-op threads, restoring the previous setting."""
+    n = INJECTION_THREADS
+    previous = torch.get_num_threads()
+    if n is None or n >= previous:
+        yield
+        return
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
 
 
 @contextlib.contextmanager
@@ -169,13 +198,26 @@ class ParameterEdit:
                 )
             cast = value.detach().to(device=p.device, dtype=p.dtype)
             # checked after the cast: a finite float64 value can overflow a float32/float16 parameter
-            if not torch.isfinite(cast).all():
+            known = (
+                self._known_finite(value)
+                and cast.dtype == value.dtype
+                and cast.data_ptr() == value.data_ptr()
+            )
+            if not known and not torch.isfinite(cast).all():
                 raise ValueError(
                     f"{self.name}: new value for {pname} contains NaN or Inf in the parameter dtype "
                     f"{p.dtype} ({int((~torch.isfinite(cast)).sum())} entries); values must be finite"
                 )
             resolved.append((pname, p, cast))
         return resolved
+
+    def _known_finite(self, value: torch.Tensor) -> bool:
+        """Whether ``value`` (a plan entry after the cast) was already checked to be all finite.
+
+        Subclasses that check their own plan values (with a more specific message) say so here,
+        so that large plans are not scanned twice; the default is ``False`` (always check).
+        """
+        return False
 
     @staticmethod
     def _write(param: nn.Parameter, value: torch.Tensor) -> None:
@@ -342,6 +384,93 @@ def qk_injection_weights(
     raise ValueError(f"method must be 'exact' or 'pinv', got {method!r}")
 
 
+def _same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether two tensors hold bit-identical values (same shape, dtype and device)."""
+    if a.shape != b.shape or a.dtype != b.dtype or a.device != b.device:
+        return False
+    ints = {8: torch.int64, 4: torch.int32, 2: torch.int16, 1: torch.int8}
+    as_int = ints.get(a.element_size())
+    if a.is_complex() or as_int is None:
+        return bool(torch.equal(a, b))
+    return bool(torch.equal(a.contiguous().view(as_int), b.contiguous().view(as_int)))
+
+
+class _LayerCache:
+    """What a QK injection needs of one layer that does not depend on the target.
+
+    Built from the layer's ``W_Q`` and ``W_K`` (``[n_heads, d_model, d_head]``, GQA keys repeated)
+    and valid exactly while both are bit-identical to the copies kept here (checked on every use,
+    so writes of any kind -- qk_subspace edits, ``load_state_dict``, in-place ``p.mul_``, writes
+    through ``p.data`` that bypass torch's version counter -- invalidate it).
+
+    Attributes:
+        q_ref, k_ref: copies of ``W_Q`` and ``W_K`` (model dtype) the entry was built from.
+        cond: float64 ``[n_heads]`` (CPU), ``torch.linalg.cond(W_K^T W_K)``.
+        qk: float64 ``[n_heads, d_head, d_head]``, ``W_Q^T W_K``.
+    """
+
+    def __init__(self, W_Q: torch.Tensor, W_K: torch.Tensor) -> None:
+        self.q_ref = W_Q.detach().clone()
+        self.k_ref = W_K.detach().clone()
+        Wq, Wk = W_Q.to(torch.float64), W_K.to(torch.float64)
+        self._G = Wk.transpose(-1, -2) @ Wk
+        self.cond = torch.linalg.cond(self._G).cpu()
+        self.qk = Wq.transpose(-1, -2) @ Wk
+        self._M: torch.Tensor | None = None
+
+    @property
+    def nbytes(self) -> int:
+        """Memory held once :meth:`solved` has run (the float64 solve is the size of W_K in float64)."""
+        refs = self.q_ref.numel() * self.q_ref.element_size() + self.k_ref.numel() * self.k_ref.element_size()
+        return refs + 8 * (self.k_ref.numel() + self.qk.numel())
+
+    def valid_for(self, W_Q: torch.Tensor, W_K: torch.Tensor) -> bool:
+        return _same_bits(self.q_ref, W_Q) and _same_bits(self.k_ref, W_K)
+
+    def solved(self) -> torch.Tensor:
+        """``W_K (W_K^T W_K)^{-1}`` float64 ``[n_heads, d_model, d_head]`` (by ``torch.linalg.solve``)."""
+        if self._M is None:
+            Wk = self.k_ref.to(torch.float64)
+            # G is symmetric, so (G^{-1} W_K^T)^T = W_K G^{-1}
+            self._M = torch.linalg.solve(self._G, Wk.transpose(-1, -2)).transpose(-1, -2).contiguous()
+            del self._G
+        return self._M
+
+
+# model -> {layer: _LayerCache}; entries go away with the model
+_QK_CACHE: weakref.WeakKeyDictionary[nn.Module, dict[int, _LayerCache]] = weakref.WeakKeyDictionary()
+
+#: Most bytes the inject_qk cache may hold per model (layers beyond it are computed afresh each time).
+#: GPT-2 small in float32 needs ~115 MB; a 7B model would need several GB, mostly on its device.
+INJECTION_CACHE_MAX_BYTES = 2 * 2**30
+
+
+def _layer_cache(model: nn.Module, layer: int, W_Q: torch.Tensor, W_K: torch.Tensor) -> _LayerCache:
+    """The cached target-independent quantities of ``layer``, rebuilt if its W_Q or W_K changed."""
+    per_model = _QK_CACHE.setdefault(model, {})
+    entry = per_model.get(layer)
+    if entry is None or not entry.valid_for(W_Q, W_K):
+        per_model.pop(layer, None)  # free the stale entry before building the new one
+        entry = _LayerCache(W_Q, W_K)
+        if sum(e.nbytes for e in per_model.values()) + entry.nbytes <= INJECTION_CACHE_MAX_BYTES:
+            per_model[layer] = entry
+    return entry
+
+
+def clear_injection_cache(model: nn.Module | None = None) -> None:
+    """Drop the per-layer quantities :func:`inject_qk` caches for ``model`` (all models if None).
+
+    The cache (copies of every layer's ``W_Q`` and ``W_K`` plus ``W_K (W_K^T W_K)^{-1}`` in
+    float64: about 115 MB for GPT-2 small in float32, at most ``INJECTION_CACHE_MAX_BYTES`` per model)
+    is validated against the live weights on every use and freed with the model; call this only to
+    release the memory earlier.
+    """
+    if model is None:
+        _QK_CACHE.clear()
+    else:
+        _QK_CACHE.pop(model, None)
+
+
 class QKEdit(ParameterEdit):
     """An active QK injection (returned by :func:`inject_qk`).
 
@@ -372,7 +501,12 @@ class QKEdit(ParameterEdit):
         self.target = target
         self.method = method
         self.cond_warn = cond_warn
+        self._checked_finite: list[torch.Tensor] = []
+        self._used: dict[int, _LayerCache] = {}
         super().__init__(model, self._qk_plan, name=f"inject_qk(method={method!r})")
+
+    def _known_finite(self, value: torch.Tensor) -> bool:
+        return any(value is t for t in self._checked_finite)
 
     def _qk_plan(self) -> dict[str, torch.Tensor]:
         model: HookedTransformer = self.model  # type: ignore[assignment]
@@ -380,34 +514,62 @@ class QKEdit(ParameterEdit):
         labels = head_labels(cfg.n_layers, cfg.n_heads)
         conds = torch.zeros(cfg.n_layers, cfg.n_heads, dtype=torch.float64)
         plan: dict[str, torch.Tensor] = {}
-        with torch.no_grad():
+        self._used = {}
+        self._checked_finite = []
+        with torch.no_grad(), _one_thread():
             for layer, block in enumerate(model.blocks):
                 mask = self.heads[layer]
                 if not mask.any():
                     continue
                 attn = block.attn
                 W_Q, W_K = attn.W_Q, attn.W_K  # W_K repeats the key/value heads for GQA
-                Wk = W_K.to(torch.float64)
-                conds[layer] = torch.linalg.cond(Wk.transpose(-1, -2) @ Wk).cpu()
-                bad = {labels[layer * cfg.n_heads + h]: float(conds[layer, h]) for h in range(cfg.n_heads)
-                       if mask[h] and not (conds[layer, h] < COND_SINGULAR)}
+                entry = _layer_cache(model, layer, W_Q, W_K)
+                conds[layer] = entry.cond
+                bad = {
+                    labels[layer * cfg.n_heads + h]: float(conds[layer, h])
+                    for h in range(cfg.n_heads)
+                    if mask[h] and not (conds[layer, h] < COND_SINGULAR)
+                }
                 if bad:
                     raise ValueError(
                         f"W_K^T W_K is singular for heads {list(bad)} (condition numbers "
                         f"{[f'{c:.3g}' for c in bad.values()]}; injection needs < {COND_SINGULAR:g}): their "
                         "QK circuit cannot be injected through W_Q; leave them out with heads=..."
                     )
-                new = qk_injection_weights(W_Q, W_K, self.target[layer].to(W_Q.device), self.method)
-                overflow = mask.to(W_Q.device) & ~torch.isfinite(new.to(W_Q.dtype)).flatten(1).all(-1)
+                M = entry.solved()  # W_K (W_K^T W_K)^{-1}  [n_heads, d_model, d_head]
+                T = self.target[layer].to(W_Q.device, torch.float64)
+                if self.method == "exact":
+                    # W_Q + M (T - W_Q^T W_K)^T, summed into the fresh product (never into W_Q itself:
+                    # for a float64 model W_Q.to(float64) IS the parameter); W_Q is promoted exactly
+                    new = (M @ (T - entry.qk).transpose(-1, -2)).add_(W_Q)
+                else:
+                    new = M @ T.transpose(-1, -2)
+                new_cast = new.to(W_Q.dtype)
+                # amax propagates NaN and Inf: one cheap pass instead of isfinite's several
+                finite = torch.isfinite(new_cast.abs().amax(dim=(-1, -2)))
+                overflow = mask.to(W_Q.device) & ~finite
                 if overflow.any():
-                    heads_bad = [labels[layer * cfg.n_heads + h] for h in torch.nonzero(overflow).flatten().tolist()]
+                    heads_bad = [
+                        labels[layer * cfg.n_heads + h] for h in torch.nonzero(overflow).flatten().tolist()
+                    ]
                     raise ValueError(
                         f"target for heads {heads_bad} needs query weights that overflow the model dtype "
                         f"{W_Q.dtype} (|W_Q| up to {float(new.abs().max()):.3g}); targets must give finite weights"
                     )
-                new = torch.where(mask.to(W_Q.device)[:, None, None], new.to(W_Q.dtype), W_Q.detach())
-                plan[f"blocks.{layer}.attn.W_Q"] = new
-        warn = [labels[i] for i in torch.nonzero((conds > self.cond_warn).flatten() & self.heads.flatten()).flatten().tolist()]
+                if bool(mask.all()):
+                    if new_cast is W_Q:  # cannot happen (float64 result), but never hand out the parameter
+                        new_cast = new_cast.clone()
+                    self._checked_finite.append(new_cast)  # all of it checked above: ParameterEdit skips it
+                else:  # unedited heads keep W_Q; ParameterEdit checks the whole value as usual
+                    new_cast = torch.where(mask.to(W_Q.device)[:, None, None], new_cast, W_Q.detach())
+                plan[f"blocks.{layer}.attn.W_Q"] = new_cast
+                self._used[layer] = entry
+        warn = [
+            labels[i]
+            for i in torch.nonzero((conds > self.cond_warn).flatten() & self.heads.flatten())
+            .flatten()
+            .tolist()
+        ]
         if warn:
             warnings.warn(
                 f"W_K^T W_K is badly conditioned (cond > {self.cond_warn:g}) for heads {warn}: "
@@ -419,10 +581,17 @@ class QKEdit(ParameterEdit):
         return plan
 
     def _after_enter(self) -> None:
-        cfg = self.model.cfg  # type: ignore[union-attr]
-        current = qk_matrices(self.model, torch.float64)  # type: ignore[arg-type]
-        diff = (current - self.target.to(current.device, torch.float64)).abs().amax(dim=(-1, -2)).cpu()
-        self.residual = torch.where(self.heads, diff, torch.zeros((), dtype=torch.float64))
+        model: HookedTransformer = self.model  # type: ignore[assignment]
+        cfg = model.cfg
+        residual = torch.zeros(cfg.n_layers, cfg.n_heads, dtype=torch.float64)
+        with torch.no_grad(), _one_thread():
+            for layer in self._used:
+                attn = model.blocks[layer].attn
+                # measured on the live weights: W_Q as written, W_K as it is now
+                written = attn.W_Q.to(torch.float64).transpose(-1, -2) @ attn.W_K.to(torch.float64)
+                T = self.target[layer].to(written.device, torch.float64)
+                residual[layer] = (written - T).abs().amax(dim=(-1, -2)).cpu()
+        self.residual = torch.where(self.heads, residual, torch.zeros((), dtype=torch.float64))
         assert self.residual.shape == (cfg.n_layers, cfg.n_heads)
 
 

@@ -101,13 +101,11 @@ def test_restore_after_exception_interrupt_and_nesting(mha_model, tokens: torch.
     model = mha_model
     before = param_snapshot(model)
     target = _random_target(model)
-    with pytest.raises(ZeroDivisionError):
-        with qs.inject_qk(model, target):
-            1 / 0
+    with pytest.raises(ZeroDivisionError), qs.inject_qk(model, target):
+        1 / 0
     assert_params_equal(model, before)
-    with pytest.raises(KeyboardInterrupt):
-        with qs.inject_qk(model, target):
-            raise KeyboardInterrupt
+    with pytest.raises(KeyboardInterrupt), qs.inject_qk(model, target):
+        raise KeyboardInterrupt
     assert_params_equal(model, before)
     with qs.inject_qk(model, target):
         mid = param_snapshot(model)
@@ -147,9 +145,8 @@ def test_bad_targets_and_singular_heads(mha_model) -> None:
     with torch.no_grad():
         model.blocks[1].attn.W_K[2, :, 0] = 0.0  # rank-deficient W_K for L1H2
     before = param_snapshot(model)
-    with pytest.raises(ValueError, match="L1H2"):
-        with qs.inject_qk(model, _random_target(model)):
-            pass
+    with pytest.raises(ValueError, match="L1H2"), qs.inject_qk(model, _random_target(model)):
+        pass
     assert_params_equal(model, before)
 
 
@@ -157,6 +154,5 @@ def test_badly_conditioned_head_warns(mha_model) -> None:
     model = mha_model
     with torch.no_grad():
         model.blocks[0].attn.W_K[3, :, 0] *= 1e-5  # cond(W_K^T W_K) ~ 1e10
-    with pytest.warns(RuntimeWarning, match="L0H3"):
-        with qs.inject_qk(model, qs.qk_matrices(model)):
-            pass
+    with pytest.warns(RuntimeWarning, match="L0H3"), qs.inject_qk(model, qs.qk_matrices(model)):
+        pass

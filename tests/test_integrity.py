@@ -10,6 +10,7 @@ cannot stop a write or restore loop half-way.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import signal
 from collections.abc import Callable
@@ -57,8 +58,13 @@ class Boom(Exception):
 class FaultyWrite:
     """Stand-in for ``ParameterEdit._write`` that fails on chosen call numbers (1-based)."""
 
-    def __init__(self, fail: Callable[[int], bool] = lambda n: False, exc: type[BaseException] = Boom,
-                 write_first: bool = False, sigint: Callable[[int], bool] = lambda n: False) -> None:
+    def __init__(
+        self,
+        fail: Callable[[int], bool] = lambda n: False,
+        exc: type[BaseException] = Boom,
+        write_first: bool = False,
+        sigint: Callable[[int], bool] = lambda n: False,
+    ) -> None:
         self.fail, self.exc, self.write_first, self.sigint = fail, exc, write_first, sigint
         self.calls = 0
 
@@ -113,25 +119,27 @@ SCENARIOS = {"single": _single, "nested": _nested, "nested_clean": _nested_clean
 def _count_writes(monkeypatch: pytest.MonkeyPatch, model, scenario) -> int:
     counter = FaultyWrite()
     _install(monkeypatch, counter)
-    try:
+    with contextlib.suppress(Boom):
         scenario(model)
-    except Boom:
-        pass
     return counter.calls
 
 
 #: (pattern, exception, write the value before raising?): every combination.
-FAULTS = [(p, e, w) for p in ("once", "twice", "forever") for e in (Boom, KeyboardInterrupt) for w in (False, True)]
+FAULTS = [
+    (p, e, w) for p in ("once", "twice", "forever") for e in (Boom, KeyboardInterrupt) for w in (False, True)
+]
 PATTERNS: dict[str, Callable[[int], Callable[[int], bool]]] = {
-    "once": lambda k: (lambda n: n == k),
-    "twice": lambda k: (lambda n: n in (k, k + 1)),  # defeats the single retry in restore
-    "forever": lambda k: (lambda n: n >= k),
+    "once": lambda k: lambda n: n == k,
+    "twice": lambda k: lambda n: n in (k, k + 1),  # defeats the single retry in restore
+    "forever": lambda k: lambda n: n >= k,
 }
 
 
 @pytest.mark.parametrize("kind", ["mha", "gqa"])
 @pytest.mark.parametrize("scenario", list(SCENARIOS))
-def test_fault_at_every_write_leaves_model_intact(monkeypatch: pytest.MonkeyPatch, kind: str, scenario: str) -> None:
+def test_fault_at_every_write_leaves_model_intact(
+    monkeypatch: pytest.MonkeyPatch, kind: str, scenario: str
+) -> None:
     model = make_model(kind)
     before = param_hashes(model)
     run = SCENARIOS[scenario]
@@ -183,6 +191,7 @@ def test_fault_in_after_enter_hook_restores(monkeypatch: pytest.MonkeyPatch) -> 
     model = make_model("mha")
     before = param_hashes(model)
     for exc in (Boom, KeyboardInterrupt):
+
         def bad_hook(self: QKEdit, exc: type[BaseException] = exc) -> None:
             raise exc("residual computation failed")
 
@@ -277,8 +286,8 @@ def test_second_edit_on_same_model_composes() -> None:
         with qs.inject_qk(model, t2, heads=[(0, 1), (1, 3)]) as inner:
             W = qs.qk_matrices(model)
             mask = inner.heads
-            assert (W[mask] - t2[mask]).abs().max() < 1e-4      # inner heads: the inner target
-            assert (W[~mask] - t1[~mask]).abs().max() < 1e-4    # others: still the outer target
+            assert (W[mask] - t2[mask]).abs().max() < 1e-4  # inner heads: the inner target
+            assert (W[~mask] - t1[~mask]).abs().max() < 1e-4  # others: still the outer target
             assert len(qs.active_edits(model)) == 2
         assert (qs.qk_matrices(model) - t1).abs().max() < 1e-4
     assert param_hashes(model) == before
@@ -354,7 +363,10 @@ def test_plan_values_overflowing_parameter_dtype_are_rejected() -> None:
     name = "blocks.0.attn.W_Q"
     huge = torch.full(model.blocks[0].attn.W_Q.shape, 1e300, dtype=torch.float64)  # finite in float64
     plan = {"blocks.1.attn.W_Q": model.blocks[1].attn.W_Q * 2, name: huge}
-    with pytest.raises(ValueError, match=r"blocks\.0\.attn\.W_Q.*NaN or Inf.*float32"), qs.ParameterEdit(model, plan):
+    with (
+        pytest.raises(ValueError, match=r"blocks\.0\.attn\.W_Q.*NaN or Inf.*float32"),
+        qs.ParameterEdit(model, plan),
+    ):
         pass
     assert param_hashes(model) == before
 
@@ -396,7 +408,9 @@ def weight_writes(source: str) -> list[tuple[int, str]]:
                 found.append((node.lineno, chain))
         if isinstance(node, (ast.Assign, ast.AugAssign)):
             targets = node.targets if isinstance(node, ast.Assign) else [node.target]
-            found += [(node.lineno, ".data =") for t in targets if isinstance(t, ast.Attribute) and t.attr == "data"]
+            found += [
+                (node.lineno, ".data =") for t in targets if isinstance(t, ast.Attribute) and t.attr == "data"
+            ]
     return found
 
 

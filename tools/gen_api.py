@@ -20,6 +20,8 @@ _SHAPE = re.compile(r"``?(\[[A-Za-z0-9_*.,+\- ]+\])``?")
 
 
 def _kind(obj: object) -> str:
+    if inspect.ismodule(obj):
+        return "module"
     if inspect.isclass(obj):
         return "class"
     if inspect.isfunction(obj) or inspect.ismethod(obj):
@@ -28,7 +30,8 @@ def _kind(obj: object) -> str:
 
 
 def _summary(obj: object) -> str:
-    doc = inspect.getdoc(obj) if (inspect.isclass(obj) or callable(obj)) else None
+    documented = inspect.isclass(obj) or inspect.ismodule(obj) or callable(obj)
+    doc = inspect.getdoc(obj) if documented else None
     if not doc:
         return f"`{obj!r}`" if not callable(obj) else ""
     first = doc.strip().split("\n\n")[0].replace("\n", " ")
@@ -48,7 +51,7 @@ def _shapes(obj: object) -> str:
 
 
 def _module(obj: object) -> str:
-    mod = getattr(obj, "__module__", None) or ""
+    mod = obj.__name__ if inspect.ismodule(obj) else (getattr(obj, "__module__", None) or "")
     return mod.replace("qk_subspace.", "") if mod.startswith("qk_subspace") else ""
 
 

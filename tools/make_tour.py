@@ -26,6 +26,7 @@ force them into it? This tour runs **fully offline** on the real pretrained Llam
 from pathlib import Path
 
 import torch
+
 import qk_subspace as qs
 
 torch.set_num_threads(min(2, os.cpu_count() or 1))
