@@ -30,7 +30,7 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
-from .subspace import ZERO_VARIANCE_RTOL, validate_k
+from .subspace import ZERO_VARIANCE_RTOL, components_for_threshold, validate_k
 
 __all__ = ["GramPCA", "LayerwisePCA", "matched_global_k", "pca_parameter_count"]
 
@@ -156,10 +156,7 @@ class GramPCA:
     def n_components_for(self, threshold: float) -> int:
         """Smallest K whose (pooled) cumulative explained variance reaches ``threshold`` (in (0, 1])."""
         self._check_fitted()
-        if not 0.0 < float(threshold) <= 1.0:
-            raise ValueError(f"threshold must be in (0, 1], got {threshold}")
-        reached = np.nonzero(self.cumulative_variance_ >= float(threshold) - 1e-12)[0]
-        return int(reached[0]) + 1 if len(reached) else self.n_components_
+        return components_for_threshold(self.cumulative_variance_, threshold)
 
     def mixing_matrix(self, K: int | None = None, components: Sequence[int] | None = None) -> np.ndarray:
         """``A`` ``[n, n]`` with ``x_h(K) = sum_j A[h, j] x_j`` (block-diagonal per group).

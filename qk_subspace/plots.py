@@ -13,6 +13,8 @@ from typing import Any
 import numpy as np
 import plotly.graph_objects as go
 
+from .report import REFERENCE_GPT2_SMALL
+
 __all__ = [
     "save_figure",
     "png_export_available",
@@ -375,20 +377,10 @@ def importance_figures(results: dict) -> dict[str, go.Figure]:
     }
 
 
-#: The seed report's 6B table (GPT-2 small, WikiText-2): perplexity ratio at each K of 144.
+#: The seed report's 6B table (GPT-2 small, WikiText-2): perplexity ratio at each K of 144, read from
+#: :data:`qk_subspace.report.REFERENCE_GPT2_SMALL` (the one place the report's numbers are transcribed).
 SEED_REPORT_RATIOS: dict[int, float] = {
-    1: 68.3,
-    3: 57.4,
-    10: 40.3,
-    32: 18.7,
-    64: 11.1,
-    80: 8.4,
-    100: 4.2,
-    110: 2.8,
-    120: 2.4,
-    130: 2.2,
-    140: 1.07,
-    144: 1.00,
+    k: ratio for k, (_, _, ratio) in REFERENCE_GPT2_SMALL["perplexity_vs_k"].items()
 }
 
 

@@ -28,6 +28,15 @@ __all__ = ["HeadPCA", "validate_k"]
 ZERO_VARIANCE_RTOL = 1e-12
 
 
+def components_for_threshold(cumulative_variance: np.ndarray, threshold: float) -> int:
+    """Smallest K with ``cumulative_variance[K - 1] >= threshold`` (``threshold`` in (0, 1]);
+    the number of components if none reaches it."""
+    if not 0.0 < float(threshold) <= 1.0:
+        raise ValueError(f"threshold must be in (0, 1], got {threshold}")
+    reached = np.nonzero(np.asarray(cumulative_variance) >= float(threshold) - 1e-12)[0]
+    return int(reached[0]) + 1 if len(reached) else len(cumulative_variance)
+
+
 def validate_k(K: Any, n_heads: int, name: str = "K") -> int:
     """Check that ``K`` is an integer in ``[0, n_heads]`` and return it as ``int``."""
     if isinstance(K, bool) or not isinstance(K, (int, np.integer)):
@@ -176,10 +185,7 @@ class HeadPCA:
     def n_components_for(self, threshold: float) -> int:
         """Smallest K whose cumulative explained variance reaches ``threshold`` (in (0, 1])."""
         self._check_fitted()
-        if not 0.0 < float(threshold) <= 1.0:
-            raise ValueError(f"threshold must be in (0, 1], got {threshold}")
-        reached = np.nonzero(self.cumulative_variance_ >= float(threshold) - 1e-12)[0]
-        return int(reached[0]) + 1 if len(reached) else self.n_components_
+        return components_for_threshold(self.cumulative_variance_, threshold)
 
     def reconstruct(self, K: int | None = None, components: Sequence[int] | None = None) -> torch.Tensor:
         """Rebuild every fitted head from the mean plus a subset of components.
