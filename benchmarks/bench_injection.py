@@ -23,25 +23,14 @@ sys.path.insert(
 )  # this checkout's qk_subspace, not an installed one
 
 import torch
-from transformer_lens import HookedTransformer, HookedTransformerConfig
+from common import gpt2_small_config
+from transformer_lens import HookedTransformer
 
 import qk_subspace as qs
 
 
 def build() -> HookedTransformer:
-    cfg = HookedTransformerConfig(
-        n_layers=12,
-        d_model=768,
-        n_heads=12,
-        d_head=64,
-        d_mlp=3072,
-        n_ctx=1024,
-        d_vocab=50257,
-        act_fn="gelu_new",
-        normalization_type="LNPre",
-        seed=0,
-    )
-    return HookedTransformer(cfg).eval()
+    return HookedTransformer(gpt2_small_config(normalization_type="LNPre")).eval()
 
 
 def main() -> None:

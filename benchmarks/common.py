@@ -29,8 +29,10 @@ CLUSTER_PCA_DIMS = 20
 REPORT_TOKENS = 199_680  # 195 x 1024
 
 
-def gpt2_small_config(dtype: torch.dtype = torch.float32, device: str = "cpu") -> Any:
-    """HookedTransformerConfig of GPT-2 small's shape."""
+def gpt2_small_config(
+    dtype: torch.dtype = torch.float32, device: str = "cpu", normalization_type: str = "LN"
+) -> Any:
+    """HookedTransformerConfig of GPT-2 small's shape (``"LNPre"``: as after ``fold_ln``)."""
     from transformer_lens import HookedTransformerConfig
 
     return HookedTransformerConfig(
@@ -42,7 +44,7 @@ def gpt2_small_config(dtype: torch.dtype = torch.float32, device: str = "cpu") -
         n_ctx=1024,
         d_vocab=50257,
         act_fn="gelu_new",
-        normalization_type="LN",
+        normalization_type=normalization_type,
         dtype=dtype,
         device=device,
         seed=0,

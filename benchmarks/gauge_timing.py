@@ -16,7 +16,8 @@ import time
 from pathlib import Path
 
 import torch
-from transformer_lens import HookedTransformer, HookedTransformerConfig
+from common import gpt2_small_config
+from transformer_lens import HookedTransformer
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -31,19 +32,7 @@ def main() -> None:
     ap.add_argument("--out", default="results/gauge_timing.json")
     args = ap.parse_args()
 
-    cfg = HookedTransformerConfig(
-        n_layers=12,
-        d_model=768,
-        n_heads=12,
-        d_head=64,
-        d_mlp=3072,
-        n_ctx=1024,
-        d_vocab=50257,
-        act_fn="gelu_new",
-        normalization_type="LN",
-        seed=0,
-        device="cpu",
-    )
+    cfg = gpt2_small_config()
     model = HookedTransformer(cfg).eval()
     tokens = torch.randint(
         0, cfg.d_vocab, (args.n_chunks, args.ctx), generator=torch.Generator().manual_seed(0)
