@@ -13,7 +13,7 @@ import torch
 import qk_subspace as qs
 from qk_subspace.cli import main
 from qk_subspace.results import TIMINGS_KEY, atomic_write_json, without_timings
-from tests.tiny_checkpoint import save_tiny_gpt2, write_text
+from tests.tiny_checkpoint import cli_run_args, save_tiny_gpt2, write_text
 
 N_TOKENS, CTX, N_HEADS = 512, 32, 8
 
@@ -23,31 +23,9 @@ def tiny(tmp_path_factory: pytest.TempPathFactory) -> dict:
     d = tmp_path_factory.mktemp("space")
     text = write_text(d / "stories.txt", n_words=2000)
     model_dir = save_tiny_gpt2(d / "tiny", text.read_text())
-    base = [
-        "run",
-        "--model",
-        str(model_dir),
-        "--text-file",
-        str(text),
-        "--n-tokens",
-        str(N_TOKENS),
-        "--ctx",
-        str(CTX),
-        "--batch-size",
-        "16",
-        "--ks",
-        "0,2",
-        "--cluster-ks",
-        "2",
-        "--n-dims",
-        "3",
-        "--gate-k",
-        "2",
-        "--n-boot",
-        "50",
-        "--no-png",
-        "--no-progress",
-    ]
+    base = cli_run_args(
+        model_dir, text, n_tokens=N_TOKENS, ctx=CTX, ks="0,2", cluster_ks="2", n_dims=3, n_boot=50
+    )
     return {"base": base, "dir": model_dir, "text": text}
 
 

@@ -15,7 +15,7 @@ import pytest
 import qk_subspace as qs
 from qk_subspace.cli import main
 from qk_subspace.results import TIMINGS_KEY, atomic_write_json, without_timings
-from tests.tiny_checkpoint import save_tiny_gpt2, write_text
+from tests.tiny_checkpoint import cli_run_args, save_tiny_gpt2, write_text
 
 ROOT = Path(__file__).resolve().parents[1]
 KS = "0,2,4,6"
@@ -28,31 +28,9 @@ def setup(tmp_path_factory: pytest.TempPathFactory) -> dict:
     d = tmp_path_factory.mktemp("resume")
     text = write_text(d / "stories.txt", n_words=3000)
     model = save_tiny_gpt2(d / "tiny", text.read_text())
-    args = [
-        "run",
-        "--model",
-        str(model),
-        "--text-file",
-        str(text),
-        "--n-tokens",
-        "1024",
-        "--ctx",
-        "64",
-        "--batch-size",
-        "16",
-        "--ks",
-        KS,
-        "--cluster-ks",
-        CLUSTER_KS,
-        "--n-dims",
-        "4",
-        "--gate-k",
-        "2",
-        "--n-boot",
-        "100",
-        "--no-png",
-        "--no-progress",
-    ]
+    args = cli_run_args(
+        model, text, n_tokens=1024, ctx=64, ks=KS, cluster_ks=CLUSTER_KS, n_dims=4, n_boot=100
+    )
     ref = d / "reference"
     assert main([*args, "--out", str(ref)]) == 0  # an uninterrupted run
     return {"args": args, "ref": ref / "exp6_tiny.json", "model": model, "text": text}

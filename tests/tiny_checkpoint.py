@@ -98,3 +98,32 @@ def save_tiny_gpt2(
     conf["n_ctx"] = n_positions
     (path / "config.json").write_text(json.dumps(conf))
     return path
+
+
+def cli_run_args(
+    model_dir: Path,
+    text: Path,
+    *,
+    n_tokens: int,
+    ctx: int,
+    ks: str,
+    cluster_ks: str,
+    n_dims: int,
+    n_boot: int,
+) -> list[str]:
+    """``qk-subspace run`` arguments for a small, fast run of the tiny model (no PNG, no progress bars)."""
+    return [
+        "run",
+        "--model", str(model_dir),
+        "--text-file", str(text),
+        "--n-tokens", str(n_tokens),
+        "--ctx", str(ctx),
+        "--batch-size", "16",
+        "--ks", ks,
+        "--cluster-ks", cluster_ks,
+        "--n-dims", str(n_dims),
+        "--gate-k", "2",
+        "--n-boot", str(n_boot),
+        "--no-png",
+        "--no-progress",
+    ]  # fmt: skip
