@@ -47,7 +47,31 @@ def evaluate_edit(
     ``ratio_high``) against ``baseline`` on the same chunks, ``max_residual`` of the injection,
     plus whatever ``inside(model)`` returns (called while the edit is active).
     """
-    with inject_circuit(model, target, circuit, heads=heads) as edit:  # type: ignore[arg-type]
+    edit = inject_circuit(model, target, circuit, heads=heads)  # type: ignore[arg-type]
+    row, extra = _measure_edit(
+        model, tokens, edit, baseline, batch_size, progress, n_boot, seed, desc, inside
+    )
+    max_residual = float(edit.residual.max())  # type: ignore[attr-defined]  # QKEdit / OVEdit
+    return {**row, "max_residual": max_residual, **extra}
+
+
+def _measure_edit(
+    model: HookedTransformer,
+    tokens: torch.Tensor,
+    edit: Any,
+    baseline: PerplexityResult,
+    batch_size: int,
+    progress: bool,
+    n_boot: int,
+    seed: int,
+    desc: str,
+    inside: Callable[[HookedTransformer], dict[str, Any]] | None = None,
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Enter ``edit``, measure perplexity and call ``inside(model)`` while it is active, restore.
+
+    Returns the perplexity row shared by both evaluators and what ``inside`` returned.
+    """
+    with edit:
         res = perplexity(model, tokens, batch_size=batch_size, progress=progress, desc=desc)
         extra = inside(model) if inside is not None else {}
     ci = paired_ratio(baseline, res, n_boot=n_boot, seed=seed)
@@ -57,9 +81,7 @@ def evaluate_edit(
         "ratio": res.ppl / baseline.ppl,
         "ratio_low": ci.low,
         "ratio_high": ci.high,
-        "max_residual": float(edit.residual.max()),  # type: ignore[attr-defined]
-        **extra,
-    }
+    }, extra
 
 
 def sweep_k(
@@ -247,16 +269,7 @@ def evaluate_parameter_edit(
     ``ratio_low``, ``ratio_high`` and, if the edit reports one (``edit.residual``, ``[n_layers,
     n_heads]``), ``max_residual`` and ``mean_residual``.
     """
-    with edit:
-        res = perplexity(model, tokens, batch_size=batch_size, progress=progress, desc=desc)
-    ci = paired_ratio(baseline, res, n_boot=n_boot, seed=seed)
-    row: dict[str, Any] = {
-        "ppl": res.ppl,
-        "mean_nll": res.mean_nll,
-        "ratio": res.ppl / baseline.ppl,
-        "ratio_low": ci.low,
-        "ratio_high": ci.high,
-    }
+    row, _ = _measure_edit(model, tokens, edit, baseline, batch_size, progress, n_boot, seed, desc)
     residual = getattr(edit, "residual", None)  # set on entry by QKEdit / CircuitEdit
     if isinstance(residual, torch.Tensor):
         row["max_residual"] = float(residual.max())
