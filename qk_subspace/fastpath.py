@@ -6,18 +6,19 @@ can see them), re-arranges and copies ``W_Q/W_K/W_V/W_O/W_U`` on every call, and
 builds full-vocabulary log-probabilities ``[batch, pos, d_vocab]``. This module computes the same
 function from the *same parameter tensors* of the same model (edited ``W_Q`` in place included):
 
-* Q, K and V in one matmul with a cached fused weight ``[d_model, (n_heads + 2 n_kv) d_head]``;
+* every weight is read straight from the model's parameters (detached views, gathered afresh on
+  every call): nothing is copied or cached, so an edit by any route -- ``inject_qk``,
+  ``load_state_dict``, an optimiser step, ``p.data[...] = x`` -- is always seen, and an injection
+  costs the fast path nothing to pick up;
+* Q, K and V per head with one batched matmul each straight from ``W_Q/W_K/W_V``
+  ``[heads, d_model, d_head]``, giving the per-head contiguous layout the SDPA kernel reads fastest;
 * attention through :func:`torch.nn.functional.scaled_dot_product_attention` (``is_causal``),
   which never forms the ``pos x pos`` pattern;
-* fused ``F.layer_norm`` / ``F.rms_norm`` / ``F.gelu`` kernels;
-* the unembedding and cross-entropy in row blocks (:data:`CE_BLOCK_ROWS` positions at a time), so
-  the ``[batch, pos, d_vocab]`` logits are never materialised.
-
-The cached fused weights are keyed on :func:`qk_subspace.injection.weights_version` (bumped by
-every qk_subspace edit and restore) *and* on every parameter's storage pointer and in-place
-version counter, so weights changed by any means (``inject_qk``, ``load_state_dict``, an
-optimiser step) are always seen. The cache holds one extra copy of the Q/K/V weights (85 MB for
-GPT-2 small in float32) on the model until :func:`clear_cache`; the other weights are used in place.
+* fused ``F.layer_norm`` / ``F.rms_norm`` / ``F.gelu`` kernels, and the attention and MLP outputs
+  accumulated straight into the residual stream (``addmm_``, float32/float64);
+* the unembedding and cross-entropy in row blocks
+  (:data:`CE_BLOCK_ROWS` positions at a time), so the ``[batch, pos, d_vocab]`` logits are never
+  materialised and a zero unembedding bias is not added.
 
 Whenever the model is outside what this module reproduces exactly, :func:`unsupported_reason`
 names the reason and callers use TransformerLens' own forward instead -- in particular whenever
@@ -59,13 +60,10 @@ from transformer_lens.components.mlps.mlp import MLP
 from transformer_lens.utilities.activation_functions import softcap_enabled
 from transformer_lens.utilities.architectures import POST_NORM_ARCHITECTURES
 
-from .injection import weights_version
-
 __all__ = [
     "CE_BLOCK_ROWS",
     "FAST_ENV",
     "attached_hooks",
-    "clear_cache",
     "fast_chunk_nll",
     "fast_path_enabled",
     "fast_token_nll",
@@ -79,7 +77,6 @@ FAST_ENV = "QK_SUBSPACE_FAST"
 #: Positions per block of the fused unembedding + cross-entropy.
 CE_BLOCK_ROWS = 512
 
-_CACHE_ATTR = "_qk_subspace_fast_cache"
 _enabled_override: bool | None = None
 
 _QK_NORM_ARCHS = ("OlmoeForCausalLM", "Olmo2ForCausalLM", "Olmo3ForCausalLM")
@@ -213,7 +210,7 @@ def unsupported_reason(model: HookedTransformer) -> str | None:
     return None
 
 
-# ----------------------------------------------------------------------------- cached weights
+# ----------------------------------------------------------------------------- weights (views only)
 @dataclass
 class _Norm:
     kind: str  # "LN", "LNPre", "RMS", "RMSPre", "none"
@@ -224,27 +221,35 @@ class _Norm:
 
 @dataclass
 class _LayerWeights:
+    """Views of one block's parameters (no copies: every write to a parameter is seen)."""
+
     ln1: _Norm
     ln2: _Norm | None
-    w_qkv: torch.Tensor  # [d_model, (n_heads + 2 n_kv) d_head]
-    b_qkv: torch.Tensor  # [(n_heads + 2 n_kv) d_head]
-    w_o: torch.Tensor  # [n_heads d_head, d_model]
+    W_Q: torch.Tensor  # [n_heads, d_model, d_head]
+    b_Q: torch.Tensor  # [n_heads, d_head]
+    W_K: torch.Tensor  # [n_kv, d_model, d_head] (the unrepeated key/value heads for GQA)
+    b_K: torch.Tensor  # [n_kv, d_head]
+    W_V: torch.Tensor  # [n_kv, d_model, d_head]
+    b_V: torch.Tensor  # [n_kv, d_head]
+    w_o: torch.Tensor  # [n_heads * d_head, d_model]
     b_o: torch.Tensor  # [d_model]
     scale: float
     rot_cos: torch.Tensor | None  # [n_rot_ctx, rotary_dim]
     rot_sin: torch.Tensor | None
-    w_in: torch.Tensor | None  # [d_model, d_mlp] or [d_model, 2 d_mlp] (gate | in) for gated MLPs
-    b_in: torch.Tensor | None
+    w_gate: torch.Tensor | None  # [d_model, d_mlp] (gated MLPs only)
+    w_in: torch.Tensor | None  # [d_model, d_mlp]
+    b_in: torch.Tensor | None  # [d_mlp]
     w_out: torch.Tensor | None  # [d_mlp, d_model]
-    b_out: torch.Tensor | None
+    b_out: torch.Tensor | None  # [d_model]
     act: Any
 
 
 @dataclass
 class _Weights:
-    key: tuple
     layers: list[_LayerWeights]
     ln_final: _Norm
+    W_U: torch.Tensor  # [d_model, d_vocab_out]
+    b_U: torch.Tensor | None  # [d_vocab_out], None when all zero (adding it would change nothing)
 
 
 def _norm(module: Any, kind: str | None) -> _Norm:
@@ -269,49 +274,45 @@ def _act(model: HookedTransformer, mlp: nn.Module) -> Any:
     return mlp.act_fn  # TransformerLens' own implementation: exact by construction
 
 
-def _key(model: HookedTransformer) -> tuple:
-    return (weights_version(model),) + tuple((p.data_ptr(), p._version) for p in model.parameters())
+def _weights(model: HookedTransformer) -> _Weights:
+    """Detached views of the parameters the fast forward reads, gathered afresh on every call.
 
-
-def _build(model: HookedTransformer) -> _Weights:
+    Nothing is copied or cached, so a write to any parameter by any route (``inject_qk``,
+    ``load_state_dict``, an optimiser step, ``p.data[...] = x``, ``p.data = t``) is always seen.
+    """
     cfg = model.cfg
     layers = []
     for block in model.blocks:
         attn = block.attn
-        n_kv = cfg.n_key_value_heads or cfg.n_heads
         if isinstance(attn, GroupedQueryAttention):
             W_K, W_V, b_K, b_V = attn._W_K, attn._W_V, attn._b_K, attn._b_V
         else:
             W_K, W_V, b_K, b_V = attn.W_K, attn.W_V, attn.b_K, attn.b_V
-        assert W_K.shape[0] == n_kv
-        # [heads, d_model, d_head] -> [d_model, heads * d_head], Q | K | V side by side
-        w_qkv = torch.cat(
-            [W.detach().permute(1, 0, 2).reshape(cfg.d_model, -1) for W in (attn.W_Q, W_K, W_V)], dim=1
-        ).contiguous()
-        b_qkv = torch.cat([b.detach().reshape(-1) for b in (attn.b_Q, b_K, b_V)]).contiguous()
+        assert W_K.shape[0] == (cfg.n_key_value_heads or cfg.n_heads)
         rot = cfg.positional_embedding_type == "rotary"
-        if cfg.attn_only:
-            w_in = b_in = w_out = b_out = None
-            act = None
-        else:
+        w_gate = w_in = b_in = w_out = b_out = act = None
+        if not cfg.attn_only:
             mlp: Any = block.mlp
-            if isinstance(mlp, GatedMLP):
-                w_in = torch.cat([mlp.W_gate.detach(), mlp.W_in.detach()], dim=1).contiguous()
-            else:
-                w_in = mlp.W_in.detach()
-            b_in, w_out, b_out = mlp.b_in.detach(), mlp.W_out.detach(), mlp.b_out.detach()
+            w_gate = mlp.W_gate.detach() if isinstance(mlp, GatedMLP) else None
+            w_in, b_in = mlp.W_in.detach(), mlp.b_in.detach()
+            w_out, b_out = mlp.W_out.detach(), mlp.b_out.detach()
             act = _act(model, mlp)
         layers.append(
             _LayerWeights(
                 ln1=_norm(block.ln1, cfg.normalization_type),
                 ln2=None if cfg.attn_only else _norm(block.ln2, cfg.normalization_type),
-                w_qkv=w_qkv,
-                b_qkv=b_qkv,
+                W_Q=attn.W_Q.detach(),
+                b_Q=attn.b_Q.detach(),
+                W_K=W_K.detach(),
+                b_K=b_K.detach(),
+                W_V=W_V.detach(),
+                b_V=b_V.detach(),
                 w_o=attn.W_O.detach().reshape(cfg.n_heads * cfg.d_head, cfg.d_model),
                 b_o=attn.b_O.detach(),
                 scale=1.0 / float(attn.attn_scale),
                 rot_cos=attn.rotary_cos if rot else None,
                 rot_sin=attn.rotary_sin if rot else None,
+                w_gate=w_gate,
                 w_in=w_in,
                 b_in=b_in,
                 w_out=w_out,
@@ -319,31 +320,15 @@ def _build(model: HookedTransformer) -> _Weights:
                 act=act,
             )
         )
+    b_U = model.unembed.b_U.detach()
     return _Weights(
-        _key(model),
         layers,
         _norm(model.ln_final, cfg.normalization_type)
         if cfg.normalization_type
         else _Norm("none", None, None, 0.0),
+        model.unembed.W_U.detach(),
+        b_U if bool(b_U.any()) else None,
     )
-
-
-def _weights(model: HookedTransformer) -> _Weights:
-    cached: _Weights | None = getattr(model, _CACHE_ATTR, None)
-    if cached is not None and cached.key == _key(model):
-        return cached
-    if cached is not None:
-        object.__setattr__(model, _CACHE_ATTR, None)  # free the stale copy before building the new one
-    with torch.no_grad():
-        built = _build(model)
-    object.__setattr__(model, _CACHE_ATTR, built)
-    return built
-
-
-def clear_cache(model: HookedTransformer) -> None:
-    """Drop the cached fused weights of ``model`` (they are rebuilt on the next fast call)."""
-    if getattr(model, _CACHE_ATTR, None) is not None:
-        object.__setattr__(model, _CACHE_ATTR, None)
 
 
 # ----------------------------------------------------------------------------- forward
@@ -377,7 +362,7 @@ def _apply_norm(x: torch.Tensor, n: _Norm, dtype: torch.dtype) -> torch.Tensor:
 
 
 def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, adjacent: bool) -> torch.Tensor:
-    """Rotary embedding of ``x`` ``[b, pos, heads, d_head]`` on its first ``rotary_dim`` dims."""
+    """Rotary embedding of ``x`` ``[b, heads, pos, d_head]`` on its first ``rotary_dim`` dims."""
     r = cos.shape[-1]
     x_rot, x_pass = x[..., :r], x[..., r:]
     if adjacent:
@@ -385,70 +370,90 @@ def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, adjacent: boo
     else:
         half = r // 2
         flip = torch.cat([-x_rot[..., half:], x_rot[..., :half]], dim=-1)
-    out = x_rot * cos[None, :, None, :] + flip * sin[None, :, None, :]
+    out = x_rot * cos + flip * sin
     return torch.cat([out, x_pass], dim=-1) if x_pass.shape[-1] else out
 
 
-def _linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
-    """``x [..., d_in] @ w [d_in, d_out] + b`` as one addmm."""
-    shape = x.shape[:-1] + (w.shape[1],)
-    x2 = x.reshape(-1, x.shape[-1])
-    y = torch.addmm(b, x2, w) if b is not None else x2 @ w
-    return y.view(shape)
+def _heads(x2: torch.Tensor, W: torch.Tensor, b: torch.Tensor, batch: int) -> torch.Tensor:
+    """Per-head projection ``x2 [batch*pos, d_model] @ W [n, d_model, d_head] + b [n, d_head]``.
+
+    One batched matmul straight from the parameter (no fused copy); returns ``[batch, n, pos, d_head]``
+    with each head's positions contiguous, the layout the SDPA kernel reads fastest.
+    """
+    n = W.shape[0]
+    out = torch.baddbmm(b.unsqueeze(1), x2.expand(n, -1, -1), W)  # [n, batch*pos, d_head]
+    return out.view(n, batch, -1, W.shape[-1]).transpose(0, 1)
 
 
-def _attention(x: torch.Tensor, L: _LayerWeights, model: HookedTransformer) -> torch.Tensor:
+def _add_linear(
+    x2: torch.Tensor, h: torch.Tensor, w: torch.Tensor, b: torch.Tensor, exact_dtype: bool
+) -> None:
+    """``x2 += h @ w + b`` in place (``x2 [rows, d_out]``, ``h [rows, d_in]``, ``w [d_in, d_out]``).
+
+    float32/float64 accumulate the product straight into the residual stream (``addmm_``, no
+    temporary); low precision rounds ``h @ w + b`` first, like TransformerLens.
+    """
+    if exact_dtype:
+        x2.addmm_(h, w).add_(b)
+    else:
+        x2.add_(torch.addmm(b, h, w))
+
+
+def _attention(
+    x2: torch.Tensor, normed: torch.Tensor, L: _LayerWeights, model: HookedTransformer, batch: int
+) -> None:
+    """Add the attention block's output for ``normed`` ``[batch*pos, d_model]`` to ``x2`` in place."""
     cfg = model.cfg
-    b, T, _ = x.shape
-    H, dh = cfg.n_heads, cfg.d_head
-    n_kv = cfg.n_key_value_heads or H
-    qkv = _linear(x, L.w_qkv, L.b_qkv).view(b, T, H + 2 * n_kv, dh)
-    q, k, v = qkv[:, :, :H], qkv[:, :, H : H + n_kv], qkv[:, :, H + n_kv :]
+    H, n_kv = cfg.n_heads, cfg.n_key_value_heads or cfg.n_heads
+    q, k, v = (_heads(normed, W, b, batch) for W, b in ((L.W_Q, L.b_Q), (L.W_K, L.b_K), (L.W_V, L.b_V)))
+    T = q.shape[2]
     if L.rot_cos is not None:
         assert L.rot_sin is not None
         cos, sin = L.rot_cos[:T].to(q.dtype), L.rot_sin[:T].to(q.dtype)
         q = _rotate(q, cos, sin, bool(cfg.rotary_adjacent_pairs))
         k = _rotate(k, cos, sin, bool(cfg.rotary_adjacent_pairs))
-    q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [b, heads, pos, d_head]
     if n_kv != H:
         k = k.repeat_interleave(H // n_kv, dim=1)
         v = v.repeat_interleave(H // n_kv, dim=1)
-    z = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=L.scale)  # [b, H, pos, d_head]
-    z = z.transpose(1, 2).reshape(b, T, H * dh)
-    return _linear(z, L.w_o, L.b_o)
+    z = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=L.scale)  # [batch, H, pos, d_head]
+    z2 = z.transpose(1, 2).reshape(batch * T, H * cfg.d_head)
+    _add_linear(x2, z2, L.w_o, L.b_o, cfg.dtype in (torch.float32, torch.float64))
 
 
-def _mlp(x: torch.Tensor, L: _LayerWeights, gated: bool) -> torch.Tensor:
-    assert L.w_in is not None and L.w_out is not None
-    if gated:
-        gl = _linear(x, L.w_in, None)
-        d_mlp = L.w_out.shape[0]
-        h = (L.act(gl[..., :d_mlp].contiguous()) * gl[..., d_mlp:]).add_(L.b_in)
+def _mlp(x2: torch.Tensor, normed: torch.Tensor, L: _LayerWeights, dtype: torch.dtype) -> None:
+    """Add the MLP's output for ``normed`` ``[rows, d_model]`` to ``x2`` in place."""
+    assert L.w_in is not None and L.b_in is not None and L.w_out is not None and L.b_out is not None
+    if L.w_gate is not None:
+        h = L.act(normed @ L.w_gate).mul_(normed @ L.w_in).add_(L.b_in)
     else:
-        h = L.act(_linear(x, L.w_in, L.b_in))
-    return _linear(h, L.w_out, L.b_out)
+        h = L.act(torch.addmm(L.b_in, normed, L.w_in))
+    _add_linear(x2, h, L.w_out, L.b_out, dtype in (torch.float32, torch.float64))
 
 
 def _residual_final(model: HookedTransformer, tokens: torch.Tensor, W: _Weights) -> torch.Tensor:
+    """The final normalised residual stream ``[batch * pos, d_model]`` of ``tokens`` ``[batch, pos]``."""
     cfg = model.cfg
-    T = tokens.shape[1]
+    batch, T = tokens.shape
     x = model.embed.W_E[tokens]  # a new tensor: the residual stream is updated in place below
     if cfg.positional_embedding_type == "standard":
         x.add_(model.pos_embed.W_pos[:T])
-    gated = bool(cfg.gated_mlp)
+    x2 = x.view(batch * T, cfg.d_model)
     for L in W.layers:
-        attn_out = _attention(_apply_norm(x, L.ln1, cfg.dtype), L, model)
+        normed = _apply_norm(x2, L.ln1, cfg.dtype)
         if cfg.attn_only:
-            x.add_(attn_out)
+            _attention(x2, normed, L, model, batch)
         elif cfg.parallel_attn_mlp:
             assert L.ln2 is not None
-            mlp_out = _mlp(_apply_norm(x, L.ln2, cfg.dtype), L, gated)
-            x.add_(attn_out).add_(mlp_out)
+            normed2 = _apply_norm(x2, L.ln2, cfg.dtype)  # both norms read the block's input
+            if normed2 is x2:  # no normalisation: keep the input, x2 changes below
+                normed2 = x2.clone()
+            _attention(x2, normed, L, model, batch)
+            _mlp(x2, normed2, L, cfg.dtype)
         else:
             assert L.ln2 is not None
-            x.add_(attn_out)
-            x.add_(_mlp(_apply_norm(x, L.ln2, cfg.dtype), L, gated))
-    return _apply_norm(x, W.ln_final, cfg.dtype)
+            _attention(x2, normed, L, model, batch)
+            _mlp(x2, _apply_norm(x2, L.ln2, cfg.dtype), L, cfg.dtype)
+    return _apply_norm(x2, W.ln_final, cfg.dtype)
 
 
 def _batch_needs_mask(model: HookedTransformer, tokens: torch.Tensor) -> bool:
@@ -463,9 +468,10 @@ def _batch_needs_mask(model: HookedTransformer, tokens: torch.Tensor) -> bool:
 
 
 def fast_token_nll(model: HookedTransformer, tokens: torch.Tensor, check: bool = True) -> torch.Tensor | None:
-    """Next-token NLL ``[b, ctx-1]`` (float32) of ``tokens`` ``[b, ctx]`` through the fast forward.
+    """Next-token NLL ``[b, ctx-1]`` of ``tokens`` ``[b, ctx]`` through the fast forward.
 
-    Equal to ``-log_softmax(model(tokens).float())`` at the next tokens up to float round-off.
+    Equal to ``-log_softmax(model(tokens).float())`` at the next tokens up to float round-off;
+    float64 for a float64 model, float32 otherwise.
     Returns ``None`` when this model or batch needs TransformerLens' standard forward
     (:func:`unsupported_reason`, a left-padding tokenizer that would mask leading pad tokens, or a
     context longer than the model's current rotary tables).
@@ -489,18 +495,18 @@ def fast_token_nll(model: HookedTransformer, tokens: torch.Tensor, check: bool =
 
 def _token_nll(model: HookedTransformer, tokens: torch.Tensor) -> torch.Tensor:
     W = _weights(model)
-    resid = _residual_final(model, tokens, W)[:, :-1]  # [b, ctx-1, d_model]
-    b, n, d = resid.shape
-    flat = resid.reshape(b * n, d)
-    target = tokens[:, 1:].reshape(-1)
-    W_U, b_U = model.unembed.W_U.detach(), model.unembed.b_U.detach()
-    out = torch.empty(b * n, dtype=torch.float32, device=resid.device)
-    for s in range(0, b * n, CE_BLOCK_ROWS):
-        logits = torch.addmm(b_U, flat[s : s + CE_BLOCK_ROWS], W_U)  # [rows, d_vocab]
-        out[s : s + CE_BLOCK_ROWS] = F.cross_entropy(
-            logits.float(), target[s : s + CE_BLOCK_ROWS], reduction="none"
-        )
-    return out.view(b, n)
+    batch, T = tokens.shape
+    resid = _residual_final(model, tokens, W).view(batch, T, -1)
+    target = tokens[:, 1:]
+    out_dtype = torch.float64 if model.cfg.dtype == torch.float64 else torch.float32
+    out = torch.empty(batch, T - 1, dtype=out_dtype, device=resid.device)
+    for i in range(batch):
+        for s in range(0, T - 1, CE_BLOCK_ROWS):
+            e = min(s + CE_BLOCK_ROWS, T - 1)
+            h = resid[i, s:e]  # [rows, d_model]
+            logits = (h @ W.W_U if W.b_U is None else torch.addmm(W.b_U, h, W.W_U)).to(out_dtype)
+            out[i, s:e] = F.cross_entropy(logits, target[i, s:e], reduction="none")
+    return out
 
 
 def fast_chunk_nll(model: HookedTransformer, tokens: torch.Tensor, check: bool = True) -> torch.Tensor | None:
