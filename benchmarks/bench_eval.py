@@ -15,7 +15,7 @@ Measures (issue 7), all in one run:
     GFLOP/s of each loop (FLOPs per token from ``qs.fastpath.flops_per_token``) as a fraction of it;
   * peak RSS of evaluations of different numbers of chunks, each in a fresh subprocess;
   * the non-forward overhead of a sweep point (qk_matrices, PCA fit, reconstruct, inject, restore,
-    fast-path weight cache rebuild, k-means clustering) relative to one ctx-token evaluation.
+    gathering the fast path's weight views, k-means clustering) relative to one ctx-token evaluation.
 Prints a markdown table and appends it to benchmarks/RESULTS.md (``--no-append`` to skip).
 """
 
@@ -137,17 +137,30 @@ def run_rss(tokens: torch.Tensor, n: int, args: argparse.Namespace) -> dict[str,
 
 # ----------------------------------------------------------------------------- profile
 PROFILE_GROUPS = {
-    "matmul (addmm/mm/bmm)": ("aten::addmm", "aten::mm", "aten::bmm", "aten::matmul"),
+    "matmul (addmm/mm/bmm)": (
+        "aten::addmm",
+        "aten::addmm_",
+        "aten::mm",
+        "aten::bmm",
+        "aten::baddbmm",
+        "aten::matmul",
+    ),
     "attention (sdpa kernel)": (
         "aten::_scaled_dot_product_flash_attention_for_cpu",
         "aten::_scaled_dot_product_efficient_attention",
         "aten::_scaled_dot_product_flash_attention",
         "aten::_scaled_dot_product_cudnn_attention",
     ),
-    "cross-entropy (log_softmax + nll)": (
+    "cross-entropy (log_softmax + nll, or in-place log-sum-exp)": (
         "aten::_log_softmax",
         "aten::nll_loss_forward",
         "aten::nll_loss_nd",
+        "aten::amax",
+        "aten::exp_",
+        "aten::sub_",
+        "aten::sum",
+        "aten::log_",
+        "aten::gather",
     ),
     "layer norms": ("aten::native_layer_norm", "aten::_fused_rms_norm"),
     "activation (gelu/silu)": ("aten::gelu_", "aten::gelu", "aten::silu_", "aten::silu"),
@@ -471,7 +484,7 @@ def main() -> None:
         f"{ctx}-token eval; {point1 / (one_eval * 195):.3%} of a 195-chunk eval | < 1 % |"
     )
     lines.append(
-        f"| overhead per 6B sweep point (reconstruct+inject+restore+cache rebuild) | {point * 1e3:.1f} ms = "
+        f"| overhead per 6B sweep point (reconstruct+inject+restore+fast-path weight views) | {point * 1e3:.1f} ms = "
         f"{point / one_eval:.2%} of one {ctx}-token eval; {point / (one_eval * 195):.3%} of a 195-chunk eval "
         "| < 1 % |"
     )

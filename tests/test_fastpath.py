@@ -321,3 +321,28 @@ def test_real_stories260k_fast_equals_standard() -> None:
     assert fast.path == "fast"
     assert abs(fast.mean_nll - std.mean_nll) / std.mean_nll < 1e-5
     np.testing.assert_allclose(fast.nll_per_chunk, std.nll_per_chunk, rtol=1e-5)
+
+
+def test_block_nll_matches_float64_cross_entropy() -> None:
+    """The in-place log-sum-exp against an independent float64 cross-entropy of the same logits."""
+    g = torch.Generator().manual_seed(0)
+    logits = 3 * torch.randn(64, 1000, generator=g) + torch.randn(64, 1, generator=g)
+    target = torch.randint(0, 1000, (64,), generator=g)
+    expected = torch.nn.functional.cross_entropy(logits.double(), target, reduction="none")
+    got = fastpath._block_nll(logits.clone(), target)
+    assert got.dtype == torch.float32
+    assert torch.allclose(got.double(), expected, rtol=0, atol=2e-6), (got.double() - expected).abs().max()
+    got64 = fastpath._block_nll(logits.double(), target)
+    assert torch.allclose(got64, expected, rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("rows", [1, 5, 31, 64])
+def test_cross_entropy_blocks_of_any_size(rows: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Block boundaries (ctx - 1 = 31 positions per sequence) change nothing but round-off."""
+    model = _cfg_model(torch.float64, **CONFIGS["gpt2"])
+    toks = _tokens()
+    ref = _standard_token_nll(model, toks)
+    monkeypatch.setattr(fastpath, "CE_BLOCK_ROWS", rows)
+    got = fastpath.fast_token_nll(model, toks)
+    assert got is not None and got.dtype == torch.float64
+    assert torch.allclose(got, ref, rtol=0, atol=1e-10), (got - ref).abs().max()
