@@ -437,9 +437,8 @@ def main() -> None:
             "interleaved A/B reps."
         ),
         (
-            f"- Machine: {common.machine_info()}. **Shared with ~5 other agents' jobs** (load average "
-            f"{load_before} before, {common.load_average()} after): absolute numbers are noisy, ratios are "
-            "side by side."
+            f"- Machine: {common.machine_info()}; load average {load_before} before, "
+            f"{common.load_average()} after (a shared VM: absolute numbers are noisy, ratios are side by side)."
         ),
         f"- Versions: {common.versions()}.",
         (
