@@ -8,6 +8,9 @@ same run, for the ratio. Not a test; run e.g.::
 
     python benchmarks/bench_injection.py --threads 1
     python benchmarks/bench_injection.py --threads 2
+
+It also measures the floor of *any* exact float64 injection on this machine (the bare float64 product
+and the parameter traffic alone, see :func:`floor`) against the same evaluation.
 """
 
 from __future__ import annotations
@@ -31,6 +34,36 @@ import qk_subspace as qs
 
 def build() -> HookedTransformer:
     return HookedTransformer(gpt2_small_config(normalization_type="LNPre")).eval()
+
+
+def floor(model: HookedTransformer, reps: int) -> tuple[float, float]:
+    """Lower bounds for any exact injection of every head, in seconds (medians of ``reps``).
+
+    * the one product an exact float64 injection cannot avoid, ``M D^T`` per head with
+      ``M = W_K (W_K^T W_K)^{-1}`` ``[d_model, d_head]`` and ``D = (T - W_Q^T W_K)`` ``[d_head, d_head]``,
+      both float64 and ready (no casts, no solve, no residual): 2 x d_model x d_head^2 FLOPs per head;
+    * the parameter traffic of an edit: snapshot ``W_Q``, write the new values, write the snapshot back
+      (done on scratch tensors of the same size, not on the model).
+    """
+    cfg = model.cfg
+    g = torch.Generator().manual_seed(0)
+    Ms = [b.attn.W_K.detach().to(torch.float64).contiguous() for b in model.blocks]
+    Ds = [torch.randn(cfg.n_heads, cfg.d_head, cfg.d_head, generator=g, dtype=torch.float64) for _ in Ms]
+    Wq = [b.attn.W_Q.detach() for b in model.blocks]
+    scratch = [torch.empty_like(w) for w in Wq]
+    prod, traffic = [], []
+    for _ in range(reps + 1):
+        t = time.perf_counter()
+        for M, D in zip(Ms, Ds, strict=True):
+            M @ D.transpose(-1, -2)
+        prod.append(time.perf_counter() - t)
+        t = time.perf_counter()
+        for w, out in zip(Wq, scratch, strict=True):
+            snap = w.clone()
+            out.copy_(w)
+            out.copy_(snap)
+        traffic.append(time.perf_counter() - t)
+    return median(prod[1:]), median(traffic[1:])
 
 
 def main() -> None:
@@ -78,6 +111,7 @@ def main() -> None:
         evals.append(time.perf_counter() - t)
     one_eval = median(evals)
     total = rec + inj + res
+    f_prod, f_traffic = floor(model, args.reps)
     print(f"qk_subspace from {qs.__file__}")
     print(
         f"torch {torch.__version__}, threads={torch.get_num_threads()}, reps={args.reps}, "
@@ -95,6 +129,11 @@ def main() -> None:
     print(
         f"sweep-point overhead = {total / one_eval:.2%} of one 1024-token evaluation "
         f"(inject+restore alone {(inj + res) / one_eval:.2%})"
+    )
+    print(
+        f"floor of any exact float64 injection: the bare product M D^T {f_prod * 1e3:.1f} ms + W_Q snapshot, "
+        f"write and restore {f_traffic * 1e3:.1f} ms = {(f_prod + f_traffic) * 1e3:.1f} ms = "
+        f"{(f_prod + f_traffic) / one_eval:.2%} of one 1024-token evaluation (target < 1 %)"
     )
 
 
