@@ -16,9 +16,9 @@ function from the *same parameter tensors* of the same model (edited ``W_Q`` in 
   which never forms the ``pos x pos`` pattern;
 * fused ``F.layer_norm`` / ``F.rms_norm`` / ``F.gelu`` kernels, and the attention and MLP outputs
   accumulated straight into the residual stream (``addmm_``, float32/float64);
-* the unembedding and cross-entropy in row blocks
-  (:data:`CE_BLOCK_ROWS` positions at a time), so the ``[batch, pos, d_vocab]`` logits are never
-  materialised and a zero unembedding bias is not added.
+* the unembedding and cross-entropy in row blocks (:data:`CE_BLOCK_ROWS` positions at a time on a
+  CPU, :data:`CE_BLOCK_ROWS_ACCELERATOR` on a GPU) through one reused logits buffer, so the
+  ``[batch, pos, d_vocab]`` logits are never materialised; a zero unembedding bias is not added.
 
 Whenever the model is outside what this module reproduces exactly, :func:`unsupported_reason`
 names the reason and callers use TransformerLens' own forward instead -- in particular whenever
@@ -62,6 +62,7 @@ from transformer_lens.utilities.architectures import POST_NORM_ARCHITECTURES
 
 __all__ = [
     "CE_BLOCK_ROWS",
+    "CE_BLOCK_ROWS_ACCELERATOR",
     "FAST_ENV",
     "attached_hooks",
     "fast_chunk_nll",
@@ -74,8 +75,11 @@ __all__ = [
 
 #: Environment variable: ``0``/``false``/``off`` disables the fast path by default.
 FAST_ENV = "QK_SUBSPACE_FAST"
-#: Positions per block of the fused unembedding + cross-entropy.
+#: Positions per block of the fused unembedding + cross-entropy on a CPU (the ``[rows, d_vocab]``
+#: logits buffer stays small: 26 MB for GPT-2).
 CE_BLOCK_ROWS = 128
+#: The same on GPUs and other accelerators (fewer, larger kernels; 0.8 GB of float32 logits for GPT-2).
+CE_BLOCK_ROWS_ACCELERATOR = 4096
 
 _enabled_override: bool | None = None
 
@@ -505,31 +509,30 @@ def _token_nll(model: HookedTransformer, tokens: torch.Tensor) -> torch.Tensor:
     W = _weights(model)
     batch, T = tokens.shape
     resid = _residual_final(model, tokens, W).view(batch, T, -1)
-    target = tokens[:, 1:]
+    flat = resid[:, :-1].reshape(batch * (T - 1), -1)  # [positions, d_model] (a copy when batch > 1)
+    target = tokens[:, 1:].reshape(-1)
     dtype = model.cfg.dtype
-    out = torch.empty(
-        batch, T - 1, dtype=torch.float64 if dtype == torch.float64 else torch.float32, device=resid.device
-    )
-    # One logits buffer for all blocks: large fresh allocations are page-faulted in on every use,
-    # which cost more than the cross-entropy itself (~200k minor faults per 2 x 1024 GPT-2 batch).
-    rows = min(CE_BLOCK_ROWS, T - 1)
+    out_dtype = torch.float64 if dtype == torch.float64 else torch.float32
+    out = torch.empty(flat.shape[0], dtype=out_dtype, device=flat.device)
+    # One logits buffer for all blocks: large fresh allocations are page-faulted in on every use on
+    # a CPU, which cost more than the cross-entropy itself (~200k minor faults per 2 x 1024 GPT-2 batch).
+    rows = min(CE_BLOCK_ROWS if flat.device.type == "cpu" else CE_BLOCK_ROWS_ACCELERATOR, flat.shape[0])
     exact = dtype in (torch.float32, torch.float64)
-    buf = torch.empty(rows, W.W_U.shape[1], dtype=dtype, device=resid.device) if exact else None
-    for i in range(batch):
-        for s in range(0, T - 1, rows):
-            e = min(s + rows, T - 1)
-            h = resid[i, s:e]  # [rows, d_model]
-            if buf is not None:
-                logits = buf[: e - s]
-                if W.b_U is None:
-                    torch.mm(h, W.W_U, out=logits)
-                else:
-                    torch.addmm(W.b_U, h, W.W_U, out=logits)
-                out[i, s:e] = _block_nll(logits, target[i, s:e])
-            else:  # low precision: logits rounded to the model dtype, then cross-entropy in float32
-                logits = h @ W.W_U if W.b_U is None else torch.addmm(W.b_U, h, W.W_U)
-                out[i, s:e] = F.cross_entropy(logits.float(), target[i, s:e], reduction="none")
-    return out
+    buf = torch.empty(rows, W.W_U.shape[1], dtype=dtype, device=flat.device) if exact else None
+    for s in range(0, flat.shape[0], rows):
+        e = min(s + rows, flat.shape[0])
+        h = flat[s:e]  # [rows, d_model]
+        if buf is not None:
+            logits = buf[: e - s]
+            if W.b_U is None:
+                torch.mm(h, W.W_U, out=logits)
+            else:
+                torch.addmm(W.b_U, h, W.W_U, out=logits)
+            out[s:e] = _block_nll(logits, target[s:e])
+        else:  # low precision: logits rounded to the model dtype, then cross-entropy in float32
+            logits = h @ W.W_U if W.b_U is None else torch.addmm(W.b_U, h, W.W_U)
+            out[s:e] = F.cross_entropy(logits.float(), target[s:e], reduction="none")
+    return out.view(batch, T - 1)
 
 
 def fast_chunk_nll(model: HookedTransformer, tokens: torch.Tensor, check: bool = True) -> torch.Tensor | None:
