@@ -33,6 +33,9 @@ run)
         export PYTHONPATH=/tmp/site:$PWD
     fi
     export PYTHONUNBUFFERED=1
+    # datasets 5.2 needs pyarrow >= 24 and huggingface-hub >= 1.31 (the image had hub 1.33; pyarrow's version
+    # was not recorded): say so plainly rather than fail deep inside an import
+    "$PY" -c "import pyarrow, huggingface_hub as h; print('pyarrow', pyarrow.__version__, 'huggingface_hub', h.__version__); assert int(pyarrow.__version__.split('.')[0]) >= 24, 'pyarrow < 24: carry a pyarrow>=24 cp312 wheel (55 MB) in .whl/'" | tee "$OUT/versions.txt"
     (command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv || echo "no nvidia-smi") | tee "$OUT/gpu.txt"
     "$PY" - <<'PYEOF' 2>&1 | tee "$OUT/smoke.txt"
 import torch, transformer_lens, qk_subspace as qs
