@@ -85,6 +85,9 @@ CONFIGS = {
         "n_key_value_heads": 1,
     },
     "attn_only_relu_scaled": {"attn_only": True, "act_fn": "relu", "scale_attn_by_inverse_layer_idx": True},
+    # no normalisation: the MLP of a parallel block must read the block's input, not the updated stream
+    "parallel_no_norm": {"normalization_type": None, "parallel_attn_mlp": True},
+    "sequential_no_norm": {"normalization_type": None},
 }
 
 
