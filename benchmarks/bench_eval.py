@@ -177,9 +177,8 @@ def peak_bound(cfg: Any, ctx: int, tok_per_s: float, shares: dict[str, float], p
     by its FLOPs (all counted FLOPs but the attention mixing) at ``peak_gflops``.
     """
     total = qs.fastpath.flops_per_token(cfg, ctx)
-    attn_mix = cfg.n_layers * 4 * cfg.n_heads * cfg.d_head * (ctx + 1) / 2
     t_other = (1.0 - shares[next(iter(PROFILE_GROUPS))]) / tok_per_s
-    t_best = (total - attn_mix) / (peak_gflops * 1e9) + t_other
+    t_best = (total - qs.fastpath.attention_mix_flops(cfg, ctx)) / (peak_gflops * 1e9) + t_other
     return total / t_best / (peak_gflops * 1e9)
 
 
@@ -216,7 +215,6 @@ def sweep_overhead(model: Any, reps: int) -> dict[str, float]:
             "kmeans_k16",
         )
     }
-    fastpath._weights(model)
     for _ in range(reps):
         t = time.perf_counter()
         W = qs.qk_matrices(model)

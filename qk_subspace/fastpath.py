@@ -65,6 +65,7 @@ __all__ = [
     "CE_BLOCK_ROWS_ACCELERATOR",
     "FAST_ENV",
     "attached_hooks",
+    "attention_mix_flops",
     "fast_chunk_nll",
     "fast_path_enabled",
     "fast_token_nll",
@@ -82,6 +83,9 @@ CE_BLOCK_ROWS = 128
 CE_BLOCK_ROWS_ACCELERATOR = 4096
 
 _enabled_override: bool | None = None
+#: Model dtypes computed as TransformerLens computes them up to summation order; lower precisions
+#: follow TransformerLens' own rounding points instead.
+_FULL_PRECISION = (torch.float32, torch.float64)
 
 _QK_NORM_ARCHS = ("OlmoeForCausalLM", "Olmo2ForCausalLM", "Olmo3ForCausalLM")
 _NORMS = (LayerNorm, LayerNormPre, RMSNorm, RMSNormPre)
@@ -347,7 +351,7 @@ def _apply_norm(x: torch.Tensor, n: _Norm, dtype: torch.dtype) -> torch.Tensor:
     if n.kind == "none":
         return x
     d = x.shape[-1]
-    if dtype in (torch.float32, torch.float64):
+    if dtype in _FULL_PRECISION:
         if n.kind in ("LN", "LNPre"):
             return F.layer_norm(x, (d,), n.w, n.b, n.eps)
         return _rms_norm(x, d, n.w, n.eps)
@@ -389,15 +393,13 @@ def _heads(x2: torch.Tensor, W: torch.Tensor, b: torch.Tensor, batch: int) -> to
     return out.view(n, batch, -1, W.shape[-1]).transpose(0, 1)
 
 
-def _add_linear(
-    x2: torch.Tensor, h: torch.Tensor, w: torch.Tensor, b: torch.Tensor, exact_dtype: bool
-) -> None:
+def _add_linear(x2: torch.Tensor, h: torch.Tensor, w: torch.Tensor, b: torch.Tensor) -> None:
     """``x2 += h @ w + b`` in place (``x2 [rows, d_out]``, ``h [rows, d_in]``, ``w [d_in, d_out]``).
 
     float32/float64 accumulate the product straight into the residual stream (``addmm_``, no
     temporary); low precision rounds ``h @ w + b`` first, like TransformerLens.
     """
-    if exact_dtype:
+    if x2.dtype in _FULL_PRECISION:
         x2.addmm_(h, w).add_(b)
     else:
         x2.add_(torch.addmm(b, h, w))
@@ -421,17 +423,17 @@ def _attention(
         v = v.repeat_interleave(H // n_kv, dim=1)
     z = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=L.scale)  # [batch, H, pos, d_head]
     z2 = z.transpose(1, 2).reshape(batch * T, H * cfg.d_head)
-    _add_linear(x2, z2, L.w_o, L.b_o, cfg.dtype in (torch.float32, torch.float64))
+    _add_linear(x2, z2, L.w_o, L.b_o)
 
 
-def _mlp(x2: torch.Tensor, normed: torch.Tensor, L: _LayerWeights, dtype: torch.dtype) -> None:
+def _mlp(x2: torch.Tensor, normed: torch.Tensor, L: _LayerWeights) -> None:
     """Add the MLP's output for ``normed`` ``[rows, d_model]`` to ``x2`` in place."""
     assert L.w_in is not None and L.b_in is not None and L.w_out is not None and L.b_out is not None
     if L.w_gate is not None:
         h = L.act(normed @ L.w_gate).mul_(normed @ L.w_in).add_(L.b_in)
     else:
         h = L.act(torch.addmm(L.b_in, normed, L.w_in))
-    _add_linear(x2, h, L.w_out, L.b_out, dtype in (torch.float32, torch.float64))
+    _add_linear(x2, h, L.w_out, L.b_out)
 
 
 def _residual_final(model: HookedTransformer, tokens: torch.Tensor, W: _Weights) -> torch.Tensor:
@@ -452,11 +454,11 @@ def _residual_final(model: HookedTransformer, tokens: torch.Tensor, W: _Weights)
             if normed2 is x2:  # no normalisation: keep the input, x2 changes below
                 normed2 = x2.clone()
             _attention(x2, normed, L, model, batch)
-            _mlp(x2, normed2, L, cfg.dtype)
+            _mlp(x2, normed2, L)
         else:
             assert L.ln2 is not None
             _attention(x2, normed, L, model, batch)
-            _mlp(x2, _apply_norm(x2, L.ln2, cfg.dtype), L, cfg.dtype)
+            _mlp(x2, _apply_norm(x2, L.ln2, cfg.dtype), L)
     return _apply_norm(x2, W.ln_final, cfg.dtype)
 
 
@@ -517,20 +519,16 @@ def _token_nll(model: HookedTransformer, tokens: torch.Tensor) -> torch.Tensor:
     # One logits buffer for all blocks: large fresh allocations are page-faulted in on every use on
     # a CPU, which cost more than the cross-entropy itself (~200k minor faults per 2 x 1024 GPT-2 batch).
     rows = min(CE_BLOCK_ROWS if flat.device.type == "cpu" else CE_BLOCK_ROWS_ACCELERATOR, flat.shape[0])
-    exact = dtype in (torch.float32, torch.float64)
-    buf = torch.empty(rows, W.W_U.shape[1], dtype=dtype, device=flat.device) if exact else None
+    full = dtype in _FULL_PRECISION
+    buf = torch.empty(rows, W.W_U.shape[1], dtype=dtype, device=flat.device) if full else None
     for s in range(0, flat.shape[0], rows):
         e = min(s + rows, flat.shape[0])
         h = flat[s:e]  # [rows, d_model]
-        if buf is not None:
-            logits = buf[: e - s]
-            if W.b_U is None:
-                torch.mm(h, W.W_U, out=logits)
-            else:
-                torch.addmm(W.b_U, h, W.W_U, out=logits)
+        into = None if buf is None else buf[: e - s]
+        logits = torch.mm(h, W.W_U, out=into) if W.b_U is None else torch.addmm(W.b_U, h, W.W_U, out=into)
+        if full:
             out[s:e] = _block_nll(logits, target[s:e])
         else:  # low precision: logits rounded to the model dtype, then cross-entropy in float32
-            logits = h @ W.W_U if W.b_U is None else torch.addmm(W.b_U, h, W.W_U)
             out[s:e] = F.cross_entropy(logits.float(), target[s:e], reduction="none")
     return out.view(batch, T - 1)
 
@@ -550,5 +548,12 @@ def flops_per_token(cfg: Any, ctx: int) -> float:
     n_kv = cfg.n_key_value_heads or cfg.n_heads
     attn_proj = 2 * cfg.d_model * cfg.d_head * (2 * cfg.n_heads + 2 * n_kv)
     mlp = 0 if cfg.attn_only else 2 * cfg.d_model * cfg.d_mlp * (3 if cfg.gated_mlp else 2)
-    attn_mix = 4 * cfg.n_heads * cfg.d_head * (ctx + 1) / 2
-    return float(cfg.n_layers * (attn_proj + mlp + attn_mix) + 2 * cfg.d_model * cfg.d_vocab_out)
+    return float(
+        cfg.n_layers * (attn_proj + mlp) + attention_mix_flops(cfg, ctx) + 2 * cfg.d_model * cfg.d_vocab_out
+    )
+
+
+def attention_mix_flops(cfg: Any, ctx: int) -> float:
+    """The part of :func:`flops_per_token` in the attention itself (``q k^T`` and ``pattern v``, all
+    layers, causal: average key length ``(ctx+1)/2``); the rest are matmuls with weights."""
+    return float(cfg.n_layers * 4 * cfg.n_heads * cfg.d_head * (ctx + 1) / 2)

@@ -341,7 +341,7 @@ def test_block_nll_matches_float64_cross_entropy() -> None:
 
 @pytest.mark.parametrize("rows", [1, 5, 31, 64])
 def test_cross_entropy_blocks_of_any_size(rows: int, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Block boundaries (ctx - 1 = 31 positions per sequence) change nothing but round-off."""
+    """Block boundaries (5 sequences of 31 positions, blocks spanning sequences) change nothing but round-off."""
     model = _cfg_model(torch.float64, **CONFIGS["gpt2"])
     toks = _tokens()
     ref = _standard_token_nll(model, toks)
