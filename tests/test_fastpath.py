@@ -231,6 +231,8 @@ def test_every_route_of_writing_weights_is_seen(write: str, tokens: torch.Tensor
             write,
             name,
         )
+        if write == "edit":  # the edit's restore is seen too
+            assert qs.perplexity(model, tokens, progress=False).mean_nll == pytest.approx(base, rel=1e-12)
 
 
 def test_switches_env_global_and_argument(tokens: torch.Tensor, monkeypatch: pytest.MonkeyPatch) -> None:
