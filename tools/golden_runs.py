@@ -1,0 +1,100 @@
+"""Record or check the results JSON of one CLI run per flag family on stories260K.
+
+    python tools/golden_runs.py record DIR     # run every family, write DIR/<family>/exp6_stories260K.json
+    python tools/golden_runs.py check DIR      # run again into a temp dir and compare number for number
+
+The comparison ignores ``timings`` and ``metadata.package_versions`` (they describe the run, not its
+results) and needs every other key and value of the recorded file to be present and equal
+(keys added by newer code are allowed). Needs ``../shared`` beside the repository.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = ROOT.parent / "shared" / "data"
+MODEL = SHARED / "models" / "stories260K"
+TEXT = SHARED / "tinystories" / "tinystories_val.txt"
+COMMON = ["--n-tokens", "4096", "--ctx", "256", "--no-png", "--no-progress", "--cluster-ks", "4", "8", "16"]
+FAMILIES: dict[str, list[str]] = {
+    "plain": [],
+    "diagnostics": ["--diagnostics", "--diag-seqs", "4", "--diag-ctx", "64"],
+    "importance": ["--order", "importance", "--importance-tokens", "2048"],
+    "ov": ["--circuit", "ov"],
+    "circuit_baselines": ["--space", "circuit", "--baselines", "--baseline-seeds", "2"],
+    "groupby_layer": ["--groupby", "layer"],
+    "gauges": ["--gauges", "1", "--ks", "3", "10", "40"],
+}
+IGNORED = (("timings",), ("metadata", "package_versions"))
+
+
+def run_family(family: str, out: Path) -> Path:
+    from qk_subspace.cli import main
+
+    args = ["run", "--model", str(MODEL), "--text-file", str(TEXT), "--out", str(out), *COMMON]
+    rc = main(args + FAMILIES[family])
+    if rc != 0:
+        raise SystemExit(f"{family}: qk-subspace exited {rc}")
+    return out / "exp6_stories260K.json"
+
+
+def compare(old: Any, new: Any, path: tuple[str, ...] = ()) -> list[str]:
+    """Differences of ``new`` from ``old``: every key of ``old`` must be in ``new`` with an equal value."""
+    if path in IGNORED:
+        return []
+    where = ".".join(path) or "<root>"
+    if isinstance(old, dict):
+        if not isinstance(new, dict):
+            return [f"{where}: was a dict, now {type(new).__name__}"]
+        out: list[str] = []
+        for k, v in old.items():
+            if k not in new:
+                out.append(f"{where}.{k}: missing")
+            else:
+                out += compare(v, new[k], (*path, k))
+        return out
+    if isinstance(old, list):
+        if not isinstance(new, list) or len(new) != len(old):
+            return [f"{where}: list of {len(old)} became {type(new).__name__} of {len(new) if isinstance(new, list) else '-'}"]
+        out = []
+        for i, (a, b) in enumerate(zip(old, new, strict=True)):
+            out += compare(a, b, (*path, str(i)))
+        return out
+    if isinstance(old, float) and isinstance(new, float) and math.isnan(old) and math.isnan(new):
+        return []
+    if old != new or type(old) is not type(new):
+        return [f"{where}: {old!r} -> {new!r}"]
+    return []
+
+
+def main(argv: list[str]) -> int:
+    if len(argv) < 2 or argv[0] not in ("record", "check"):
+        print(__doc__)
+        return 2
+    mode, base = argv[0], Path(argv[1])
+    families = argv[2:] or list(FAMILIES)
+    failed = 0
+    for fam in families:
+        if mode == "record":
+            path = run_family(fam, base / fam)
+            print(f"recorded {fam}: {path}")
+            continue
+        with tempfile.TemporaryDirectory() as tmp:
+            new = json.loads(run_family(fam, Path(tmp)).read_text())
+        old = json.loads((base / fam / "exp6_stories260K.json").read_text())
+        diffs = compare(old, new)
+        failed += bool(diffs)
+        print(f"{fam}: {'identical' if not diffs else f'{len(diffs)} differences'}")
+        for d in diffs[:20]:
+            print("   ", d)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
