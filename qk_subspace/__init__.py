@@ -1,198 +1,143 @@
-"""qk_subspace: do attention heads share a low-dimensional weight subspace, and what breaks when
-you force them into it? A toolkit on TransformerLens' HookedTransformer."""
+"""qk_subspace: do attention heads share a low-dimensional weight subspace, and what breaks when you
+force them into it? A toolkit on TransformerLens.
+
+The data flow, one subpackage per step:
+
+    model/            load a model; its attention weights, head indexing, the fast evaluation path
+    representations/  every head's circuit in one representation ("qk", "qk-canonical", "qk-circuit", "ov")
+    decomposition/    PCA across heads, clustering, null spectra, plans (reconstructions as head mixings)
+    edits/            the one weight writer (ParameterEdit) and the edits that realise reconstructions
+    evaluation/       perplexity, the sweep engine and the sweeps, attention diagnostics, importance
+    experiment/       the runner: config, stages, the resumable results store
+    viz/, report/     figures and report.md, functions of the results JSON
+
+The names below are loaded on first use: ``import qk_subspace`` imports neither torch nor plotly.
+"""
 
 from __future__ import annotations
 
-from . import fastpath
-from .baselines import (
-    marchenko_pastur_curve,
-    random_subspace_sweep,
-    random_subspace_variance,
-    spectrum_nulls,
-    summarize_random,
-)
-from .circuit_pca import CircuitEdit, CircuitPCA, circuit_factors, circuit_gram, materialize_circuits
-from .circuits import (
-    flat_to_layer_head,
-    head_index,
-    head_labels,
-    layer_head_to_flat,
-    parse_heads,
-    qk_matrices,
-)
-from .clustering import REPORT_CLUSTER_GRID, HeadClustering, cluster_heads, sweep_clusters
-from .data import chunk_text, chunk_tokens, load_wikitext2, wikitext2_rows
-from .diagnostics import (
-    attention_diagnostics,
-    breaking_heads,
-    diagnostic_batch,
-    diagnostics_sweep,
-    diagnostics_to_records,
-    head_patterns,
-    head_type_scores,
-    repeated_random_tokens,
-    show_patterns,
-)
-from .evaluation import PerplexityResult, RatioCI, paired_ratio, perplexity
-from .experiment import (
-    ExperimentConfig,
-    ExperimentResult,
-    GateResult,
-    default_k_grid,
-    gate_check,
-    pca_map_rows,
-    run_experiment,
-    run_models,
-    variance_summary,
-)
-from .fastpath import fast_path_enabled, set_fast_path_enabled
-from .gauge import GaugeEdit, canonical_gauge, gauge_plan, random_gauge, random_gauge_matrices, rotary_pairs
-from .gauge_report import GaugeStudy, gauge_study
-from .grouped_pca import GramPCA, LayerwisePCA, matched_global_k, pca_parameter_count
-from .importance import (
-    circuit_gradient,
-    component_importance,
-    head_importance,
-    head_importance_matrix,
-    importance_order,
-    k_reaching,
-    rank_correlation,
-)
-from .injection import ParameterEdit, QKEdit, active_edits, inject_qk, qk_injection_weights, weights_version
-from .loading import load_model
-from .ov import (
-    OVEdit,
-    circuit_matrices,
-    head_output_change,
-    inject_circuit,
-    inject_ov,
-    ov_injection_weights,
-    ov_matrices,
-)
-from .plots import (
-    baselines_figure,
-    gauge_figure,
-    head_importance_figure,
-    importance_overlay_figure,
-    layerwise_figure,
-)
-from .report import REFERENCE_GPT2_SMALL, render_report
-from .results import ConfigMismatchError, load_results
-from .spaces import (
-    SPACES,
-    compare_layerwise_global,
-    fit_space_pca,
-    space_context,
-    sweep_circuit_clusters,
-    sweep_space,
-)
-from .subspace import HeadPCA
-from .sweeps import REPORT_K_GRID, evaluate_edit, evaluate_parameter_edit, sweep_k
+import importlib
+from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
+
+_WHERE = {
+    "load_model": "model.loading",
+    "qk_matrices": "model.circuits",
+    "ov_matrices": "model.circuits",
+    "HeadPCA": "decomposition.pca",
+    "cluster_heads": "decomposition.clustering",
+    "Mixing": "representations.mixing",
+    "ParameterEdit": "edits.parameter_edit",
+    "active_edits": "edits.parameter_edit",
+    "inject_qk": "edits.qk",
+    "inject_ov": "edits.ov",
+    "random_gauge": "edits.gauge",
+    "canonical_gauge": "edits.gauge",
+    "perplexity": "evaluation.perplexity",
+    "paired_ratio": "evaluation.perplexity",
+    "PerplexityResult": "evaluation.perplexity",
+    "chunk_text": "evaluation.tokens",
+    "load_wikitext2": "evaluation.tokens",
+    "run_sweep": "evaluation.sweep",
+    "sweep": "evaluation.sweeps",
+    "sweep_k": "evaluation.sweeps",
+    "sweep_clusters": "evaluation.sweeps",
+    "attention_diagnostics": "evaluation.diagnostics",
+    "head_patterns": "evaluation.diagnostics",
+    "component_importance": "evaluation.importance",
+    "gauge_study": "evaluation.gauge_study",
+    "ExperimentConfig": "experiment.config",
+    "run_experiment": "experiment.runner",
+    "run_models": "experiment.runner",
+    "load_results": "experiment.store",
+}
+_SUBPACKAGES = (
+    "model",
+    "representations",
+    "decomposition",
+    "edits",
+    "evaluation",
+    "experiment",
+    "viz",
+    "report",
+)
 
 __all__ = [
     "__version__",
     "load_model",
     "qk_matrices",
-    "head_index",
-    "head_labels",
-    "flat_to_layer_head",
-    "layer_head_to_flat",
-    "parse_heads",
-    "HeadPCA",
-    "inject_qk",
-    "QKEdit",
-    "ParameterEdit",
-    "qk_injection_weights",
-    "load_wikitext2",
-    "chunk_text",
-    "chunk_tokens",
-    "wikitext2_rows",
-    "perplexity",
-    "PerplexityResult",
-    "paired_ratio",
-    "RatioCI",
-    "sweep_k",
-    "evaluate_edit",
-    "REPORT_K_GRID",
-    "active_edits",
-    "weights_version",
-    "cluster_heads",
-    "HeadClustering",
-    "sweep_clusters",
-    "REPORT_CLUSTER_GRID",
-    "run_experiment",
-    "run_models",
-    "ExperimentConfig",
-    "ExperimentResult",
-    "GateResult",
-    "gate_check",
-    "variance_summary",
-    "default_k_grid",
-    "pca_map_rows",
-    "ConfigMismatchError",
-    "load_results",
-    "REFERENCE_GPT2_SMALL",
-    "render_report",
     "ov_matrices",
+    "HeadPCA",
+    "cluster_heads",
+    "Mixing",
+    "ParameterEdit",
+    "active_edits",
+    "inject_qk",
     "inject_ov",
-    "OVEdit",
-    "ov_injection_weights",
-    "circuit_matrices",
-    "inject_circuit",
-    "head_output_change",
-    "circuit_gradient",
-    "component_importance",
-    "importance_order",
-    "rank_correlation",
-    "head_importance",
-    "head_importance_matrix",
-    "k_reaching",
-    "importance_overlay_figure",
-    "head_importance_figure",
-    "attention_diagnostics",
-    "diagnostics_sweep",
-    "diagnostics_to_records",
-    "breaking_heads",
-    "head_patterns",
-    "head_type_scores",
-    "repeated_random_tokens",
-    "diagnostic_batch",
-    "show_patterns",
-    "evaluate_parameter_edit",
     "random_gauge",
     "canonical_gauge",
-    "GaugeEdit",
-    "gauge_plan",
-    "random_gauge_matrices",
-    "rotary_pairs",
-    "GramPCA",
-    "LayerwisePCA",
-    "pca_parameter_count",
-    "matched_global_k",
-    "CircuitPCA",
-    "CircuitEdit",
-    "circuit_factors",
-    "circuit_gram",
-    "materialize_circuits",
-    "SPACES",
-    "sweep_space",
-    "fit_space_pca",
-    "space_context",
-    "compare_layerwise_global",
-    "random_subspace_sweep",
-    "random_subspace_variance",
-    "spectrum_nulls",
-    "summarize_random",
-    "marchenko_pastur_curve",
+    "perplexity",
+    "paired_ratio",
+    "PerplexityResult",
+    "chunk_text",
+    "load_wikitext2",
+    "run_sweep",
+    "sweep",
+    "sweep_k",
+    "sweep_clusters",
+    "attention_diagnostics",
+    "head_patterns",
+    "component_importance",
     "gauge_study",
-    "GaugeStudy",
-    "gauge_figure",
-    "baselines_figure",
-    "layerwise_figure",
-    "fastpath",
-    "fast_path_enabled",
-    "set_fast_path_enabled",
-    "sweep_circuit_clusters",
+    "ExperimentConfig",
+    "run_experiment",
+    "run_models",
+    "load_results",
+    "model",
+    "representations",
+    "decomposition",
+    "edits",
+    "evaluation",
+    "experiment",
+    "viz",
+    "report",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _WHERE:
+        value = getattr(importlib.import_module(f"{__name__}.{_WHERE[name]}"), name)
+    elif name in _SUBPACKAGES:
+        value = importlib.import_module(f"{__name__}.{name}")
+    else:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(__all__)
+
+
+if TYPE_CHECKING:  # for type checkers and IDEs only; never executed
+    from . import decomposition, edits, evaluation, experiment, model, report, representations, viz
+    from .decomposition.clustering import cluster_heads
+    from .decomposition.pca import HeadPCA
+    from .edits.gauge import canonical_gauge, random_gauge
+    from .edits.ov import inject_ov
+    from .edits.parameter_edit import ParameterEdit, active_edits
+    from .edits.qk import inject_qk
+    from .evaluation.diagnostics import attention_diagnostics, head_patterns
+    from .evaluation.gauge_study import gauge_study
+    from .evaluation.importance import component_importance
+    from .evaluation.perplexity import PerplexityResult, paired_ratio, perplexity
+    from .evaluation.sweep import run_sweep
+    from .evaluation.sweeps import sweep, sweep_clusters, sweep_k
+    from .evaluation.tokens import chunk_text, load_wikitext2
+    from .experiment.config import ExperimentConfig
+    from .experiment.runner import run_experiment, run_models
+    from .experiment.store import load_results
+    from .model.circuits import ov_matrices, qk_matrices
+    from .model.loading import load_model
+    from .representations.mixing import Mixing

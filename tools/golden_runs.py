@@ -4,8 +4,9 @@
     python tools/golden_runs.py check DIR      # run again into a temp dir and compare number for number
 
 The comparison ignores ``timings`` and ``metadata.package_versions`` (they describe the run, not its
-results) and needs every other key and value of the recorded file to be present and equal
-(keys added by newer code are allowed). Needs ``../shared`` beside the repository.
+results) and needs every other key and value of the recorded file to be present and equal, and the
+columns of every table row in the same order (keys added by newer code are allowed). Values listed in
+``CORRECTED`` may differ. Needs ``../shared`` beside the repository.
 """
 
 from __future__ import annotations
@@ -32,6 +33,11 @@ FAMILIES: dict[str, list[str]] = {
     "gauges": ["--gauges", "1", "--ks", "3", "10", "40"],
 }
 IGNORED = (("timings",), ("metadata", "package_versions"))
+#: Values the recorded runs got wrong and later code corrects (path -> why); they are reported, not failed.
+CORRECTED = {
+    ("metadata", "model_source"): "the recording code overwrote the model's source with the side-batch "
+    "source ('tokens given by the caller') whenever no diagnostic or importance batch was cut",
+}
 
 
 def run_family(family: str, out: Path) -> Path:
@@ -44,15 +50,23 @@ def run_family(family: str, out: Path) -> Path:
     return out / "exp6_stories260K.json"
 
 
+def in_rows(path: tuple[str, ...]) -> bool:
+    """Whether ``path`` is a row of a table (a dict inside a list): their column order is kept too."""
+    return bool(path) and path[-1].isdigit()
+
+
 def compare(old: Any, new: Any, path: tuple[str, ...] = ()) -> list[str]:
     """Differences of ``new`` from ``old``: every key of ``old`` must be in ``new`` with an equal value."""
-    if path in IGNORED:
+    if path in IGNORED or (path in CORRECTED and old != new):
         return []
     where = ".".join(path) or "<root>"
     if isinstance(old, dict):
         if not isinstance(new, dict):
             return [f"{where}: was a dict, now {type(new).__name__}"]
         out: list[str] = []
+        order = [k for k in new if k in old]
+        if isinstance(new, dict) and in_rows(path) and order != [k for k in old if k in new]:
+            out.append(f"{where}: key order {list(old)} became {order}")
         for k, v in old.items():
             if k not in new:
                 out.append(f"{where}.{k}: missing")

@@ -1,0 +1,1 @@
+"""Decompositions of the heads: PCA, clustering, null spectra, storage counts, and plans (reconstructions to evaluate)."""

@@ -1,0 +1,1 @@
+"""Evaluation: perplexity and tokens, the sweep engine and the sweeps, diagnostics, importance, the gauge study."""

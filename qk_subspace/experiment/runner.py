@@ -1,0 +1,210 @@
+"""The whole experiment of the seed report, composed from stages (6A variance, 6B K sweep, 6C clustering,
+2D map, gate, and the optional studies).
+
+:func:`run_experiment` only composes: :func:`~qk_subspace.experiment.context.prepare` (model, tokens,
+representation, PCA, grids) -> the results store (:mod:`~qk_subspace.experiment.store`, resumable,
+rewritten atomically after every point) -> every enabled stage of
+:data:`~qk_subspace.experiment.stages.STAGES` (set up, then run) -> checks and gate -> figures
+(:mod:`qk_subspace.viz`) -> ``report.md`` (:mod:`qk_subspace.report`). Results go to
+``<out>/exp6_<model>.json``; an interrupted run continues with ``resume=True`` (CLI ``--resume``).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import torch
+
+from .config import ExperimentConfig
+from .context import prepare
+from .gate import GateResult, gate_check
+from .inputs import model_display_name
+from .metadata import build_metadata
+from .stages import STAGES, PointLog
+from .store import ResultsStore
+
+__all__ = ["ExperimentResult", "run_experiment", "run_models"]
+
+
+@dataclass
+class ExperimentResult:
+    """What :func:`run_experiment` produced.
+
+    Attributes:
+        results: the results document (as written to ``path``).
+        path: the results JSON.
+        figures: plotly figures by name (``exp6a_cumvar_<model>``, ...), for notebooks.
+        figure_files: ``{name: {"html": path, "png": path}}`` of the files written.
+        report_path: ``report.md``.
+    """
+
+    results: dict[str, Any]
+    path: Path
+    figures: dict[str, Any] = field(default_factory=dict, repr=False)
+    figure_files: dict[str, dict[str, str]] = field(default_factory=dict)
+    report_path: Path | None = None
+
+    @property
+    def name(self) -> str:
+        return str(self.results["metadata"]["model"])
+
+    @property
+    def gate(self) -> GateResult:
+        return GateResult(**self.results["gate"])
+
+    def tables(self) -> dict[str, pd.DataFrame]:
+        """The report's tables as DataFrames: ``variance``, ``perplexity_vs_k``, ``clustering``."""
+        from ..report import result_tables
+
+        return result_tables(self.results)
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def _output_dir(out_dir: str | os.PathLike) -> Path:
+    out = Path(out_dir).expanduser()
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise PermissionError(
+            f"out_dir {str(out)!r} cannot be created ({exc.strerror or exc}); it must be a writable directory"
+        ) from exc
+    if not os.access(out, os.W_OK):
+        raise PermissionError(f"out_dir {str(out)!r} is not writable; it must be a writable directory")
+    return out
+
+
+def run_experiment(
+    model: Any,
+    out_dir: str | os.PathLike = "results",
+    config: ExperimentConfig | None = None,
+    *,
+    tokens: torch.Tensor | None = None,
+    write_report: bool = True,
+    diag_tokens: torch.Tensor | None = None,
+    rank_tokens: torch.Tensor | None = None,
+    **overrides: Any,
+) -> ExperimentResult:
+    """Run 6A/6B/6C + the 2D map + the gate (and the enabled studies) for one model; write to ``out_dir``.
+
+    Args:
+        model: an official name (``"gpt2"``), a local checkpoint directory, or a loaded model.
+        out_dir: output directory (created).
+        config: options (:class:`~qk_subspace.experiment.config.ExperimentConfig`); keyword ``overrides``
+            replace options by name (``n_tokens=4096``, ``ks=(1, 3)``, ...).
+        tokens: evaluation tokens ``[n_chunks, ctx]`` to use instead of the config's text.
+        write_report: also write ``<out_dir>/report.md`` for this model alone.
+        diag_tokens: ``[n_seqs, pos]`` diagnostic batch (``diagnostics``) instead of the text after
+            the perplexity tokens (required with ``tokens``).
+        rank_tokens: ``[n, ctx]`` importance-ranking tokens (``order="importance"``) instead of the
+            text after the diagnostic batch (required with ``tokens``).
+
+    Writes ``exp6_<model>.json`` (sections ``metadata``, ``variance``, ``baseline``, ``perplexity_vs_k``,
+    ``clustering``, ``pca_map``, ``checks``, ``gate``, one per enabled study; clock times only in
+    ``timings``), the figures as HTML (+ PNG) and ``report.md``.
+
+    Raises:
+        FileExistsError: results for this model exist and neither ``resume`` nor ``overwrite`` is set.
+        qk_subspace.experiment.store.ConfigMismatchError: ``resume`` on a different configuration.
+    """
+    cfg = (config or ExperimentConfig()).replace(**overrides)
+    out = _output_dir(out_dir)
+    t_run, started = time.perf_counter(), _now()
+    ctx = prepare(model, cfg, tokens, diag_tokens, rank_tokens)
+    stages = [s for s in STAGES if s.enabled(cfg)]
+    path = out / f"exp6_{ctx.name}.json"
+    store = ResultsStore.open(path, build_metadata(ctx), resume=cfg.run.resume, overwrite=cfg.run.overwrite)
+    data = store.payload
+    run_entry: dict[str, Any] = {
+        "started": started,
+        "resumed": store.resumed,
+        "evaluated": [],
+        "stages_s": ctx.stage_s,
+    }
+    data["timings"] = data.get("timings") or {"runs": [], "points_s": {}}
+    data["timings"]["runs"].append(run_entry)
+    log = PointLog(store, ctx, stages, run_entry)
+    for stage in stages:
+        stage.setup(ctx, data)
+    log.save()
+    for stage in stages:
+        stage.run(ctx, data, log)
+    data["checks"] = {k: v for stage in stages for k, v in stage.checks(ctx, data).items()}
+    data["gate"] = gate_check(data["perplexity_vs_k"], cfg.sweeps.gate_k, cfg.sweeps.gate_threshold).as_dict()
+    run_entry.update(finished=_now(), wall_s=time.perf_counter() - t_run)
+    log.save()
+    families = tuple(f for stage in stages for f in stage.figures)
+    return _write_outputs(data, path, out, families, cfg.run.png, write_report)
+
+
+def _write_outputs(
+    data: dict[str, Any], path: Path, out: Path, families: tuple[str, ...], png: bool, write_report: bool
+) -> ExperimentResult:
+    """Figures (HTML, PNG where possible) and, if asked, ``report.md`` of a finished results document."""
+    from .. import viz
+    from ..report import render_report
+
+    figures = viz.experiment_figures(data, families)
+    files = {name: viz.save_figure(fig, out, name, png=png) for name, fig in figures.items()}
+    result = ExperimentResult(results=data, path=path, figures=figures, figure_files=files)
+    if write_report:
+        result.report_path = out / "report.md"
+        result.report_path.write_text(render_report([data]), encoding="utf-8")
+    return result
+
+
+def run_models(
+    models: Sequence[Any],
+    out_dir: str | os.PathLike = "results",
+    config: ExperimentConfig | None = None,
+    *,
+    tokens: torch.Tensor | None = None,
+    diag_tokens: torch.Tensor | None = None,
+    rank_tokens: torch.Tensor | None = None,
+    **overrides: Any,
+) -> tuple[list[ExperimentResult], list[tuple[str, str]]]:
+    """Run several models in order behind the gate: model i+1 runs only if model i passed it.
+
+    This is the report's 6D: GPT-2 medium was skipped because GPT-2 small's ratio at K=10 was
+    not within 1.1x. Writes one ``report.md`` covering every model run and every model skipped.
+    ``tokens`` (optional) are used for every model instead of the config's text (and
+    ``diag_tokens`` / ``rank_tokens`` with ``diagnostics`` / ``order="importance"``).
+
+    Returns:
+        (results of the models that ran, [(skipped model, reason)]).
+    """
+    from ..report import render_report
+
+    cfg = (config or ExperimentConfig()).replace(**overrides)
+    done: list[ExperimentResult] = []
+    skipped: list[tuple[str, str]] = []
+    for i, m in enumerate(models):
+        if done and done[-1].gate.passed is not True:
+            reason = f"gate failed on {done[-1].name}: {done[-1].gate.reason}"
+            skipped = [(model_display_name(x), reason) for x in models[i:]]
+            break
+        done.append(
+            run_experiment(
+                m,
+                out_dir,
+                cfg,
+                tokens=tokens,
+                write_report=False,
+                diag_tokens=diag_tokens,
+                rank_tokens=rank_tokens,
+            )
+        )
+    report = Path(out_dir).expanduser() / "report.md"
+    report.write_text(render_report([r.results for r in done], skipped=skipped), encoding="utf-8")
+    for r in done:
+        r.report_path = report
+    return done, skipped
