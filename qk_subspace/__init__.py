@@ -16,8 +16,9 @@ The names below are loaded on first use: ``import qk_subspace`` imports neither 
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from ._lazy import lazy_getattr
 
 __version__ = "0.1.0"
 
@@ -52,16 +53,6 @@ _WHERE = {
     "run_models": "experiment.runner",
     "load_results": "experiment.store",
 }
-_SUBPACKAGES = (
-    "model",
-    "representations",
-    "decomposition",
-    "edits",
-    "evaluation",
-    "experiment",
-    "viz",
-    "report",
-)
 
 __all__ = [
     "__version__",
@@ -105,15 +96,7 @@ __all__ = [
 ]
 
 
-def __getattr__(name: str) -> Any:
-    if name in _WHERE:
-        value = getattr(importlib.import_module(f"{__name__}.{_WHERE[name]}"), name)
-    elif name in _SUBPACKAGES:
-        value = importlib.import_module(f"{__name__}.{name}")
-    else:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    globals()[name] = value
-    return value
+__getattr__ = lazy_getattr(__name__, _WHERE)
 
 
 def __dir__() -> list[str]:

@@ -138,7 +138,10 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``qk-subspace``; returns the exit status (2 on a user error, with a message)."""
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # --help, --version, or a usage error argparse already printed
+        return int(exc.code or 0) if not isinstance(exc.code, str) else 2
     from .experiment.store import ConfigMismatchError
 
     try:

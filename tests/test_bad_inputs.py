@@ -335,7 +335,7 @@ CASES: dict[str, Case] = {
     ),
     "ctx < 2": lambda c: (
         ValueError,
-        lambda: qs.chunk_tokens(list(range(10)), None, ctx=1),
+        lambda: qs.evaluation.tokens.chunk_tokens(list(range(10)), None, ctx=1),
         ["ctx", "1", ">= 2"],
     ),
     "no tokenizer": lambda c: (
@@ -403,14 +403,14 @@ def test_catalogue_has_at_least_20_cases() -> None:
 def test_bad_input(case: str, ctx: Ctx) -> None:
     exc_type, run, fragments = CASES[case](ctx)
     before = param_hashes(ctx.model)
-    version = qs.weights_version(ctx.model)
+    version = qs.edits.parameter_edit.weights_version(ctx.model)
     with pytest.raises(exc_type) as info:
         run()
     msg = str(info.value)
     missing = [f for f in fragments if f not in msg]
     assert not missing, f"{case}: message {msg!r} lacks {missing}"
     assert param_hashes(ctx.model) == before, f"{case}: parameters changed"
-    assert qs.weights_version(ctx.model) == version and qs.active_edits(ctx.model) == []
+    assert qs.edits.parameter_edit.weights_version(ctx.model) == version and qs.active_edits(ctx.model) == []
 
 
 @pytest.mark.parametrize("name", ["definitely-not-a-model-xyz", "gpt2-xl"])
@@ -432,20 +432,18 @@ def test_unknown_or_uncached_model_name_offline_is_fast_and_says_how_to_load_loc
 def test_unwritable_output_dir_is_refused_before_any_work(tmp_path, monkeypatch) -> None:
     """An output directory that cannot be created or written: PermissionError naming out_dir and the
     value, raised before the model is loaded or anything is written."""
-    import qk_subspace.experiment as experiment
+    from qk_subspace.experiment import context, runner
 
     blocker = tmp_path / "a_file"
     blocker.write_text("not a directory")
     loaded = []
-    monkeypatch.setattr(experiment, "load_model", lambda *a, **k: loaded.append(a), raising=False)
+    monkeypatch.setattr(context, "load_model", lambda *a, **k: loaded.append(a))
     with pytest.raises(PermissionError, match=r"out_dir '.*a_file/out'.*writable directory"):
         qs.run_experiment(str(tmp_path / "no_model"), blocker / "out")
     ro = tmp_path / "read_only"
     ro.mkdir()
     real_access = os.access
-    monkeypatch.setattr(
-        experiment.os, "access", lambda p, m: False if str(p) == str(ro) else real_access(p, m)
-    )
+    monkeypatch.setattr(runner.os, "access", lambda p, m: False if str(p) == str(ro) else real_access(p, m))
     with pytest.raises(PermissionError, match=r"out_dir '.*read_only' is not writable"):
         qs.run_experiment(str(tmp_path / "no_model"), ro)
     assert list(ro.iterdir()) == [] and loaded == []

@@ -5,7 +5,9 @@ import pytest
 import torch
 
 import qk_subspace as qs
-from qk_subspace.circuit_pca import circuit_factors, materialize_circuits
+from qk_subspace.edits.circuit import circuit_injection_weights
+from qk_subspace.model.weights import attention_factors
+from qk_subspace.representations import CircuitHeads, materialize_circuits
 from tests.conftest import assert_params_equal, make_model, param_snapshot
 
 KINDS = {
@@ -14,8 +16,20 @@ KINDS = {
 }
 
 
+CIRCUIT = qs.representations.get("qk-circuit")
+
+
 def _model(name: str, dtype: torch.dtype = torch.float64):  # type: ignore[no-untyped-def]
     return make_model(dtype=dtype, **KINDS[name])  # type: ignore[arg-type]
+
+
+def circuit_factors(model):  # type: ignore[no-untyped-def]
+    return attention_factors(model, ("W_Q", "W_K"))
+
+
+def circuit_pca(model, groupby=None):  # type: ignore[no-untyped-def]
+    """The gauge-invariant PCA of the model's circuits W_Q W_K^T."""
+    return qs.HeadPCA(groupby=groupby).fit(CIRCUIT.heads(model))
 
 
 def _explicit_pca(model) -> tuple[np.ndarray, np.ndarray]:  # type: ignore[no-untyped-def]
@@ -31,8 +45,8 @@ def _explicit_pca(model) -> tuple[np.ndarray, np.ndarray]:  # type: ignore[no-un
 @pytest.mark.parametrize("name", sorted(KINDS))
 def test_gram_trick_equals_materialised_circuits(name: str) -> None:
     model = _model(name)
-    pca = qs.HeadPCA(space="circuit").fit(model)
-    assert isinstance(pca, qs.CircuitPCA)
+    pca = circuit_pca(model)
+    assert pca.engine_ == "gram" and isinstance(pca.heads_, CircuitHeads)
     ev, C = _explicit_pca(model)
     np.testing.assert_allclose(pca.explained_variance_, ev[: pca.n_components_], rtol=1e-10, atol=1e-12)
     np.testing.assert_allclose(pca.gram_, C @ C.T, rtol=1e-11, atol=1e-12)
@@ -47,11 +61,11 @@ def test_gram_trick_equals_materialised_circuits(name: str) -> None:
 @pytest.mark.parametrize("name", sorted(KINDS))
 def test_circuit_variance_gauge_invariant_raw_not(name: str) -> None:
     model = _model(name)
-    circ0 = qs.HeadPCA(space="circuit").fit(model)
+    circ0 = circuit_pca(model)
     raw0 = qs.HeadPCA().fit(qs.qk_matrices(model))
     for seed in (1, 2):
         with qs.random_gauge(model, seed=seed):
-            circ = qs.HeadPCA(space="circuit").fit(model)
+            circ = circuit_pca(model)
             raw = qs.HeadPCA().fit(qs.qk_matrices(model))
         np.testing.assert_allclose(
             circ.explained_variance_ratio_, circ0.explained_variance_ratio_, rtol=0, atol=1e-8
@@ -70,7 +84,7 @@ def test_circuit_variance_gauge_invariant_raw_not(name: str) -> None:
 def test_circuit_k_all_reproduces_baseline(name: str, tokens: torch.Tensor) -> None:
     model = _model(name, torch.float32)
     snap = param_snapshot(model)
-    df = qs.sweep_space(model, tokens, [0, 2, 8], space="circuit", progress=False, n_boot=50)
+    df = qs.sweep(model, tokens, [0, 2, 8], representation="qk-circuit", progress=False, n_boot=50)
     assert df.attrs["k_all_ok"] and abs(df.attrs["k_all_ratio"] - 1) < 1e-5
     assert df.set_index("K").loc[8, "max_residual"] < 1e-6
     assert df.set_index("K").loc[2, "max_residual"] > 1e-2  # the unrepresentable part is reported
@@ -80,10 +94,11 @@ def test_circuit_k_all_reproduces_baseline(name: str, tokens: torch.Tensor) -> N
 @pytest.mark.parametrize("name", sorted(KINDS))
 def test_injection_is_least_squares_and_residual_is_exact(name: str) -> None:
     model = _model(name)
-    pca = qs.CircuitPCA().fit(model)
-    A = pca.mixing_matrix(K=2)
-    W_new, resid = pca.injection_weights(A)
-    _Wq, Wk = circuit_factors(model)
+    pca = circuit_pca(model)
+    A = pca.mixing(K=2).matrix()
+    Wq, Wk = circuit_factors(model)
+    W_new, (err_sq, ref_sq) = circuit_injection_weights(Wq, Wk, pca.heads_.gram(), A)
+    resid = (err_sq / ref_sq).sqrt()
     C_K = pca.reconstruct(2)  # [L, H, d_model, d_model]
     for layer in range(model.cfg.n_layers):
         for h in range(model.cfg.n_heads):
@@ -97,9 +112,9 @@ def test_injection_is_least_squares_and_residual_is_exact(name: str) -> None:
 def test_residual_zero_when_target_in_span_of_W_K(tokens: torch.Tensor) -> None:
     # one key/value head per layer and a per-layer PCA: every C_h(K) lies in span(W_K) of its layer
     model = make_model("gqa", n_heads=4, n_kv_heads=1, dtype=torch.float64)
-    pca = qs.HeadPCA(space="circuit", groupby="layer").fit(model)
+    pca = circuit_pca(model, groupby="layer")
     for K in (0, 1, 2):
-        with pca.inject(model, K=K) as edit:
+        with CIRCUIT.edit(model, pca.heads_, pca.mixing(K=K)) as edit:
             assert edit.residual.max() < 1e-6
             Wq, Wk = circuit_factors(model)
             torch.testing.assert_close(
@@ -109,11 +124,11 @@ def test_residual_zero_when_target_in_span_of_W_K(tokens: torch.Tensor) -> None:
 
 def test_circuit_injection_ppl_is_gauge_invariant(tokens: torch.Tensor) -> None:
     model = _model("gqa")
-    pca = qs.CircuitPCA().fit(model)  # fitted in the original gauge
+    pca = circuit_pca(model)  # fitted in the original gauge
     with torch.no_grad():
-        with pca.inject(model, K=2):
+        with CIRCUIT.edit(model, pca.heads_, pca.mixing(K=2)):
             loss0 = model(tokens, return_type="loss")
-        with qs.random_gauge(model, seed=4), pca.inject(model, K=2):
+        with qs.random_gauge(model, seed=4), CIRCUIT.edit(model, pca.heads_, pca.mixing(K=2)):
             loss1 = model(tokens, return_type="loss")
         with (
             qs.random_gauge(model, seed=4),
@@ -126,29 +141,42 @@ def test_circuit_injection_ppl_is_gauge_invariant(tokens: torch.Tensor) -> None:
     assert abs(float(loss_raw_gauged - loss_raw)) > 1e-6
 
 
-def test_head_pca_dispatch_and_validation() -> None:
+def test_head_pca_engines_and_validation() -> None:
     W = qs.qk_matrices(make_model("mha"))
     raw = qs.HeadPCA(3)
-    assert type(raw) is qs.HeadPCA and raw.n_components == 3 and raw.space == "raw"
+    assert type(raw) is qs.HeadPCA and raw.n_components == 3 and raw.groupby is None
     raw.fit(W)
-    assert raw.components_.shape[0] == 3
-    assert isinstance(qs.HeadPCA(space="circuit"), qs.CircuitPCA)
-    assert isinstance(qs.HeadPCA(groupby="layer"), qs.LayerwisePCA)
-    assert qs.HeadPCA(space="circuit", groupby="layer").groupby == "layer"
-    with pytest.raises(ValueError, match="space must be"):
-        qs.HeadPCA(space="canonical")
+    assert raw.components_.shape[0] == 3 and raw.engine_ == "svd"
+    assert circuit_pca(make_model("mha")).engine_ == "gram"
+    assert qs.HeadPCA(groupby="layer").fit(W).engine_ == "gram"
+    assert qs.HeadPCA(groupby="layer").groupby == "layer"
+    with pytest.raises(ValueError, match="engine must be"):
+        qs.HeadPCA(engine="canonical")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="groupby must be"):
-        qs.HeadPCA(groupby="head")
-    with pytest.raises(TypeError, match="HookedTransformer or a tuple"):
-        qs.CircuitPCA().fit(W)
+        qs.HeadPCA(groupby="head")  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="expected Heads"):
+        qs.HeadPCA().fit(make_model("mha"))  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="needs explicit head matrices"):
+        qs.HeadPCA(engine="svd").fit(CIRCUIT.heads(make_model("mha")))
     with pytest.raises(RuntimeError, match="not fitted"):
-        qs.CircuitPCA().mixing_matrix(K=1)
+        qs.HeadPCA().mixing(K=1)
+
+
+def test_svd_and_gram_engines_agree() -> None:
+    W = qs.qk_matrices(make_model("mha", n_layers=3, dtype=torch.float64))
+    svd, gram = qs.HeadPCA(engine="svd").fit(W), qs.HeadPCA(engine="gram").fit(W)
+    np.testing.assert_allclose(svd.explained_variance_, gram.explained_variance_, rtol=1e-9, atol=1e-12)
+    for K in (0, 2, 5, 12):
+        np.testing.assert_allclose(svd.mixing(K=K).matrix(), gram.mixing(K=K).matrix(), atol=1e-9)
+        torch.testing.assert_close(svd.reconstruct(K), gram.reconstruct(K), rtol=1e-9, atol=1e-10)
+    assert svd.mixing(K=12).is_identity and gram.mixing(K=12).is_identity
 
 
 def test_layerwise_pca_equals_separate_fits_per_layer() -> None:
     model = make_model("mha", n_layers=3, dtype=torch.float64)
     W = qs.qk_matrices(model)
     lw = qs.HeadPCA(groupby="layer").fit(W)
+    assert lw.engine_ == "gram"
     rec = lw.reconstruct(2)
     for layer in range(3):
         sk = qs.HeadPCA().fit(W[layer][None])
@@ -171,25 +199,25 @@ def test_layerwise_pca_equals_separate_fits_per_layer() -> None:
 
 def test_parameter_count_and_matching() -> None:
     # stories260K shape: 5 layers x 8 heads, d_head 8 -> D = 64
-    assert qs.pca_parameter_count(1, 64, 40, n_groups=5) == 5 * (64 + 64) + 40
-    assert qs.pca_parameter_count(5, 64, 40) == 64 + 5 * 64 + 200
-    assert qs.matched_global_k(1, 64, 40, 5, max_k=40) == 5  # 64 + 104 K <= 680
-    assert qs.pca_parameter_count(qs.matched_global_k(7, 64, 40, 5, 40), 64, 40) <= qs.pca_parameter_count(
-        7, 64, 40, 5
-    )
+    assert qs.decomposition.storage.pca_parameter_count(1, 64, 40, n_groups=5) == 5 * (64 + 64) + 40
+    assert qs.decomposition.storage.pca_parameter_count(5, 64, 40) == 64 + 5 * 64 + 200
+    assert qs.decomposition.storage.matched_global_k(1, 64, 40, 5, max_k=40) == 5  # 64 + 104 K <= 680
+    assert qs.decomposition.storage.pca_parameter_count(
+        qs.decomposition.storage.matched_global_k(7, 64, 40, 5, 40), 64, 40
+    ) <= qs.decomposition.storage.pca_parameter_count(7, 64, 40, 5)
 
 
-def test_sweep_space_raw_matches_sweep_k_and_layerwise_all(tokens: torch.Tensor) -> None:
+def test_sweep_raw_matches_sweep_k_and_layerwise_all(tokens: torch.Tensor) -> None:
     model = make_model("mha")
     pca = qs.HeadPCA().fit(qs.qk_matrices(model))
     a = qs.sweep_k(model, pca, tokens, [0, 3], progress=False, n_boot=50)
-    b = qs.sweep_space(model, tokens, [0, 3], space="raw", progress=False, n_boot=50)
+    b = qs.sweep(model, tokens, [0, 3], representation="qk", progress=False, n_boot=50)
     np.testing.assert_allclose(a["ratio"], b["ratio"], rtol=1e-12)
-    lw = qs.sweep_space(model, tokens, [0, 4], space="raw", groupby="layer", progress=False, n_boot=50)
+    lw = qs.sweep(model, tokens, [0, 4], representation="qk", groupby="layer", progress=False, n_boot=50)
     assert lw.attrs["k_all_ok"]
-    can = qs.sweep_space(model, tokens, [8], space="canonical", progress=False, n_boot=50)
+    can = qs.sweep(model, tokens, [8], representation="qk-canonical", progress=False, n_boot=50)
     assert can.attrs["k_all_ok"]
-    cmp = qs.compare_layerwise_global(model, tokens, [0, 1], progress=False, n_boot=50)
+    cmp = qs.evaluation.sweeps.compare_layerwise_global(model, tokens, [0, 1], progress=False, n_boot=50)
     assert set(cmp["groupby"]) == {"layer", "none"}
     by = cmp.set_index(["groupby", "K_layer"])["n_params"]
     assert by[("none", 1)] <= by[("layer", 1)]

@@ -26,16 +26,16 @@ def test_qk_matrices_match_hand_product(kind: str) -> None:
 
 
 def test_head_index_helpers() -> None:
-    assert qs.flat_to_layer_head(31, 12) == (2, 7)
-    assert qs.layer_head_to_flat(2, 7, 12) == 31
-    labels = qs.head_labels(12, 12)
+    assert qs.model.heads.flat_to_layer_head(31, 12) == (2, 7)
+    assert qs.model.heads.layer_head_to_flat(2, 7, 12) == 31
+    labels = qs.model.heads.head_labels(12, 12)
     assert labels[3 * 12 + 7] == "L3H7" and len(labels) == 144
-    mask = qs.parse_heads([(0, 1), 5], 2, 4)
+    mask = qs.model.heads.parse_heads([(0, 1), 5], 2, 4)
     assert mask.sum() == 2 and mask[0, 1] and mask[1, 1]
     with pytest.raises(ValueError, match="out of range"):
-        qs.parse_heads([8], 2, 4)
+        qs.model.heads.parse_heads([8], 2, 4)
     with pytest.raises(ValueError, match="out of range"):
-        qs.parse_heads([(2, 0)], 2, 4)
+        qs.model.heads.parse_heads([(2, 0)], 2, 4)
 
 
 def _random_heads(n: int = 24, d: int = 6, seed: int = 0) -> torch.Tensor:

@@ -13,8 +13,8 @@ import torch
 
 import qk_subspace as qs
 from qk_subspace.cli import main
-from qk_subspace.experiment import _sha256_tokens
-from qk_subspace.results import TIMINGS_KEY, atomic_write_json, without_timings
+from qk_subspace.experiment.inputs import sha256_tokens
+from qk_subspace.experiment.store import TIMINGS_KEY, atomic_write_json, without_timings
 from tests.conftest import make_model
 from tests.tiny_checkpoint import cli_run_args, save_tiny_gpt2, write_text
 
@@ -46,7 +46,7 @@ def test_diagnostics_per_head_rows_per_k_and_figures(tiny: dict, tmp_path: Path)
     meta = data["metadata"]["diagnostics"]
     # the diagnostic batch is the 4 x 32 tokens right after the perplexity tokens
     diag = tiny["stream"][N_TOKENS : N_TOKENS + 128].reshape(4, 32)
-    assert meta["tokens_sha256"] == _sha256_tokens(diag) and meta["offset"] == N_TOKENS
+    assert meta["tokens_sha256"] == sha256_tokens(diag) and meta["offset"] == N_TOKENS
     assert meta["head_scores"] is False
     rows = pd.DataFrame(data["attention_diagnostics"]["rows"])
     assert sorted(rows["K"].unique()) == [0, 2, n]
@@ -66,7 +66,7 @@ def test_diagnostics_per_head_rows_per_k_and_figures(tiny: dict, tmp_path: Path)
     got = rows[rows["K"] == 0].sort_values(["layer", "head"])
     np.testing.assert_allclose(got["kl"].to_numpy(), ref["kl"].to_numpy(), rtol=1e-6, atol=1e-9)
     assert got["kl"].max() > 1e-3  # K=0 changes patterns of this model
-    ch = qs.head_output_change(
+    ch = qs.evaluation.head_outputs.head_output_change(
         model, diag, lambda: qs.inject_qk(model, pca.reconstruct(0).float()), progress=False
     )
     np.testing.assert_allclose(got["output_change_write"].to_numpy(), ch["write"].flatten(), rtol=1e-5)
@@ -97,10 +97,10 @@ def test_order_importance_writes_orderings_sweep_and_overlay(tiny: dict, tmp_pat
     imp = data["importance"]
     assert imp["method"] == "gradient" and imp["score"] == "fisher" and imp["n_tokens"] == 16 * 31
     rank = tiny["stream"][N_TOKENS : N_TOKENS + 512].reshape(16, 32)  # no diagnostics: right after
-    assert data["metadata"]["importance"]["tokens_sha256"] == _sha256_tokens(rank)
+    assert data["metadata"]["importance"]["tokens_sha256"] == sha256_tokens(rank)
     pca = qs.HeadPCA().fit(qs.qk_matrices(model))
     ref = qs.component_importance(model, pca, rank, method="gradient", progress=False)
-    assert imp["order"] == qs.importance_order(ref)
+    assert imp["order"] == qs.evaluation.importance.importance_order(ref)
     assert imp["variance_order"] == list(range(pca.n_components_))
     rows = data["perplexity_vs_k_importance"]
     assert [r["K"] for r in rows] == [0, 2, 8]
@@ -240,4 +240,4 @@ def test_run_experiment_side_tokens_errors(tiny: dict, tmp_path: Path) -> None:
         )
     assert not (tmp_path / "y" / "exp6_tiny.json").exists()
     with pytest.raises(ValueError, match="circuit"):
-        qs.ExperimentConfig(circuit="vo")
+        qs.ExperimentConfig().replace(circuit="vo")

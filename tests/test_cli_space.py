@@ -12,7 +12,7 @@ import torch
 
 import qk_subspace as qs
 from qk_subspace.cli import main
-from qk_subspace.results import TIMINGS_KEY, atomic_write_json, without_timings
+from qk_subspace.experiment.store import TIMINGS_KEY, atomic_write_json, without_timings
 from tests.tiny_checkpoint import cli_run_args, save_tiny_gpt2, write_text
 
 N_TOKENS, CTX, N_HEADS = 512, 32, 8
@@ -78,8 +78,12 @@ def test_groupby_layer_writes_per_layer_sweep_and_comparison(tiny: dict, tmp_pat
     D, n, L = 8 * 8, N_HEADS, 2
     for p in lw["matched"]:
         kg, kl = p["K_global"], p["K_layer"]
-        assert qs.pca_parameter_count(kg, D, n) <= qs.pca_parameter_count(kl, D, n, L)
-        assert kg == N_HEADS or qs.pca_parameter_count(kg + 1, D, n) > qs.pca_parameter_count(kl, D, n, L)
+        assert qs.decomposition.storage.pca_parameter_count(
+            kg, D, n
+        ) <= qs.decomposition.storage.pca_parameter_count(kl, D, n, L)
+        assert kg == N_HEADS or qs.decomposition.storage.pca_parameter_count(
+            kg + 1, D, n
+        ) > qs.decomposition.storage.pca_parameter_count(kl, D, n, L)
     assert sorted(r["K"] for r in lw["global"]) == sorted({p["K_global"] for p in lw["matched"]})
     assert all(r["groupby"] == "none" for r in lw["global"])
     assert (tmp_path / "layerwise_tiny.html").is_file()

@@ -53,7 +53,7 @@ def test_injected_clusters_realise_the_target(kind: str) -> None:
     snap = param_snapshot(model)
     with qs.inject_qk(model, cl.target(W), heads=torch.as_tensor(cl.replaced_mask)) as edit:
         now = qs.qk_matrices(model)
-        assert float(edit.residual.max()) < 1e-4
+        assert float(edit.max_abs_error.max()) < 1e-4
     src = cl.source_index()
     ref = W.reshape(-1, *W.shape[-2:])[src].reshape(W.shape)
     assert torch.allclose(now, ref, atol=1e-4, rtol=1e-4)
@@ -66,12 +66,14 @@ def test_k_equal_n_heads_changes_nothing(tokens: torch.Tensor) -> None:
     assert cl.n_replaced == 0 and sorted(cl.representatives.tolist()) == list(range(8))
     assert torch.equal(cl.target(W), W)
     base = qs.perplexity(model, tokens, progress=False)
-    row = qs.evaluate_edit(
-        model, tokens, cl.target(W), base, heads=torch.as_tensor(cl.replaced_mask), progress=False
-    )
-    assert row["ratio"] == 1.0 and row["max_residual"] == 0.0
+    edit = qs.inject_qk(model, cl.target(W), heads=torch.as_tensor(cl.replaced_mask))
+    row = qs.evaluation.sweep.evaluate_edit(model, tokens, edit, base, progress=False)
+    assert row["ratio"] == 1.0 and float(edit.max_abs_error.max()) == 0.0
+    assert cl.mixing().is_identity  # no head replaced: the mixing matrix is I
     # the same through all heads: injecting each head's own circuit is exact to float32 round-off
-    row = qs.evaluate_edit(model, tokens, cl.target(W), base, progress=False)
+    row = qs.evaluation.sweep.evaluate_edit(
+        model, tokens, qs.inject_qk(model, cl.target(W)), base, progress=False
+    )
     assert abs(row["ratio"] - 1) < 1e-5
 
 

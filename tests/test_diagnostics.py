@@ -15,8 +15,8 @@ from scipy.stats import entropy as scipy_entropy
 from transformer_lens import head_detector
 
 import qk_subspace as qs
-import qk_subspace.diagnostics as diag_mod
-from qk_subspace.diagnostics import DIVERGENCE_COLUMNS, HEAD_SCORE_NAMES, attention_diagnostics
+import qk_subspace.evaluation.diagnostics as diag_mod
+from qk_subspace.evaluation.diagnostics import DIVERGENCE_COLUMNS, HEAD_SCORE_NAMES, attention_diagnostics
 from tests.conftest import (
     STORIES,
     TINYSTORIES,
@@ -115,7 +115,7 @@ def _reference_from_full_caches(model, toks, target) -> pd.DataFrame:
     _, c_o = model.run_with_cache(toks, names_filter=filt)
     with qs.inject_qk(model, target):
         _, c_e = model.run_with_cache(toks, names_filter=filt)
-    rep = qs.repeated_random_tokens(model)
+    rep = qs.evaluation.diagnostics.repeated_random_tokens(model)
     _, r_o = model.run_with_cache(rep, names_filter=filt)
     with qs.inject_qk(model, target):
         _, r_e = model.run_with_cache(rep, names_filter=filt)
@@ -175,7 +175,7 @@ def test_metrics_invariant_to_batch_size() -> None:
     model = make_model("mha", dtype=torch.float64)
     toks = _toks(4, 12)
     target = qs.HeadPCA().fit(qs.qk_matrices(model)).reconstruct(2)
-    rep = qs.repeated_random_tokens(model, n_seqs=4, half_len=6)
+    rep = qs.evaluation.diagnostics.repeated_random_tokens(model, n_seqs=4, half_len=6)
     dfs = [attention_diagnostics(model, toks, target, rep_tokens=rep, batch_size=bs) for bs in (1, 3, 4)]
     num = dfs[0].select_dtypes("number").columns
     for other in dfs[1:]:
@@ -192,7 +192,7 @@ def test_inside_an_edit_equals_target_mode_and_leaves_the_edit_alone() -> None:
         inside = param_snapshot(model)
         df_i = attention_diagnostics(model, toks)
         assert_params_equal(model, inside)
-        assert qs.injection.active_edits(model) == [edit]
+        assert qs.active_edits(model) == [edit]
     assert_params_equal(model, snap)
     assert df_i.attrs["mode"] == "inside" and df_t.attrs["mode"] == "target"
     num = df_t.select_dtypes("number").columns
@@ -208,7 +208,7 @@ def test_hooks_removed_and_weights_restored_also_on_error(monkeypatch: pytest.Mo
     snap = param_snapshot(model)
     attention_diagnostics(model, toks, target)
     assert_params_equal(model, snap)
-    assert _no_hooks(model) and not qs.injection.active_edits(model)
+    assert _no_hooks(model) and not qs.active_edits(model)
 
     calls = {"n": 0}
     real = diag_mod._row_stats
@@ -223,7 +223,7 @@ def test_hooks_removed_and_weights_restored_also_on_error(monkeypatch: pytest.Mo
     with pytest.raises(RuntimeError, match="boom"):
         attention_diagnostics(model, toks, target)
     assert_params_equal(model, snap)
-    assert _no_hooks(model) and not qs.injection.active_edits(model)
+    assert _no_hooks(model) and not qs.active_edits(model)
 
     calls["n"] = 0
     with qs.inject_qk(model, target) as edit:
@@ -231,7 +231,7 @@ def test_hooks_removed_and_weights_restored_also_on_error(monkeypatch: pytest.Mo
         with pytest.raises(RuntimeError, match="boom"):
             attention_diagnostics(model, toks)
         assert_params_equal(model, edited)
-        assert qs.injection.active_edits(model) == [edit] and _no_hooks(model)
+        assert qs.active_edits(model) == [edit] and _no_hooks(model)
     assert_params_equal(model, snap)
 
 
@@ -256,7 +256,7 @@ def test_head_type_scores_match_transformer_lens_on_handmade_patterns() -> None:
     g = torch.Generator().manual_seed(0)
     pat = torch.rand(1, 2, 7, 7, generator=g, dtype=torch.float64).tril()
     pat = pat / pat.sum(-1, keepdim=True)
-    ours = qs.head_type_scores(pat, toks)
+    ours = qs.evaluation.diagnostics.head_type_scores(pat, toks)
     for name in HEAD_SCORE_NAMES:
         det = getattr(head_detector, f"get_{name}_head_detection_pattern")(toks)
         for h in range(2):
@@ -268,19 +268,22 @@ def test_head_type_scores_match_transformer_lens_on_handmade_patterns() -> None:
     prev = torch.zeros(1, 1, 7, 7, dtype=torch.float64)
     prev[0, 0, 0, 0] = 1
     prev[0, 0, torch.arange(1, 7), torch.arange(0, 6)] = 1
-    assert abs(float(qs.head_type_scores(prev, toks)["previous_token"][0, 0]) - 6 / 7) < 1e-12
+    assert (
+        abs(float(qs.evaluation.diagnostics.head_type_scores(prev, toks)["previous_token"][0, 0]) - 6 / 7)
+        < 1e-12
+    )
 
 
 def test_repeated_random_tokens_and_diagnostic_batch() -> None:
     model = make_model("mha")
-    rep = qs.repeated_random_tokens(model, n_seqs=3, half_len=5, seed=1)
+    rep = qs.evaluation.diagnostics.repeated_random_tokens(model, n_seqs=3, half_len=5, seed=1)
     assert rep.shape == (3, 10)
     assert torch.equal(rep[:, :5], rep[:, 5:])
     stream = torch.arange(100)
-    b = qs.diagnostic_batch(stream, n_seqs=2, ctx=8, skip_tokens=50)
+    b = qs.evaluation.diagnostics.diagnostic_batch(stream, n_seqs=2, ctx=8, skip_tokens=50)
     assert torch.equal(b, torch.arange(50, 66).reshape(2, 8))
     with pytest.raises(ValueError, match="need 16 tokens"):
-        qs.diagnostic_batch(stream, n_seqs=2, ctx=8, skip_tokens=90)
+        qs.evaluation.diagnostics.diagnostic_batch(stream, n_seqs=2, ctx=8, skip_tokens=90)
 
 
 # ------------------------------------------------------------------------ sweeps / output
@@ -288,16 +291,16 @@ def test_diagnostics_sweep_breaking_heads_and_json() -> None:
     model = make_model("mha")
     toks = _toks(2, 12)
     pca = qs.HeadPCA().fit(qs.qk_matrices(model))
-    long = qs.diagnostics_sweep(model, pca, toks, [0, 2, pca.n_heads_], progress=False)
+    long = qs.evaluation.diagnostics.diagnostics_sweep(model, pca, toks, [0, 2, pca.n_heads_], progress=False)
     assert list(long["K"].unique()) == [0, 2, pca.n_heads_]
     assert long[long["K"] == pca.n_heads_]["kl"].max() < 1e-6
-    recs = qs.diagnostics_to_records(long)
+    recs = qs.evaluation.diagnostics.diagnostics_to_records(long)
     assert json.loads(json.dumps(recs, allow_nan=False)) == recs
     thr = float(long[long["K"] == 2]["kl"].max()) / 2
-    table = qs.breaking_heads(long, threshold=thr, top=3)
+    table = qs.evaluation.diagnostics.breaking_heads(long, threshold=thr, top=3)
     assert table.attrs["K_break"] == 2 and (table["K"] == 2).all()
     assert 1 <= len(table) <= 3 and table["kl"].is_monotonic_decreasing and (table["kl"] > thr).all()
-    assert qs.breaking_heads(long, threshold=1e9).empty
+    assert qs.evaluation.diagnostics.breaking_heads(long, threshold=1e9).empty
 
 
 def test_sweep_k_with_diagnostics() -> None:
@@ -333,12 +336,15 @@ def test_sweep_k_with_diagnostics() -> None:
 
 
 def test_plots(tmp_path) -> None:
-    from qk_subspace import plots
+    from qk_subspace.viz import diagnostics as plots
+    from qk_subspace.viz import save_figure
 
     model = make_model("mha")
     toks = _toks(2, 10)
     pca = qs.HeadPCA().fit(qs.qk_matrices(model))
-    long = qs.diagnostics_sweep(model, pca, toks, [0, 1, pca.n_heads_], progress=False, head_scores=False)
+    long = qs.evaluation.diagnostics.diagnostics_sweep(
+        model, pca, toks, [0, 1, pca.n_heads_], progress=False, head_scores=False
+    )
     fig = plots.plot_head_metric_heatmap(long, "kl")
     assert len(fig.data) == 3 and len(fig.layout.sliders[0].steps) == 3
     assert fig.data[0].z.shape == (model.cfg.n_layers, model.cfg.n_heads)
@@ -348,9 +354,9 @@ def test_plots(tmp_path) -> None:
     assert set(pairs) == {(1, 0), (0, 3)} and pairs[(1, 0)][0].shape == (10, 10)
     fig3 = plots.plot_pattern_comparison(pairs, [f"t{i}" for i in range(10)])
     assert len(fig3.data) == 4 and list(fig3.layout.xaxis.ticktext) == [f"t{i}" for i in range(10)]
-    fig4 = plots.plot_breaking_heads_table(qs.breaking_heads(long, threshold=0.0))
+    fig4 = plots.plot_breaking_heads_table(qs.evaluation.diagnostics.breaking_heads(long, threshold=0.0))
     assert fig4.data[0].type == "table"
-    written = plots.save_figure(fig3, tmp_path, "cmp", png=False)
+    written = save_figure(fig3, tmp_path, "cmp", png=False)
     assert (tmp_path / "cmp.html").is_file() and "html" in written
 
 
@@ -373,7 +379,7 @@ def test_show_patterns_circuitsvis() -> None:
     model = make_model("mha")
     toks = _toks(1, 6)
     pairs = qs.head_patterns(model, toks, [(0, 1)], qs.qk_matrices(model))
-    out = qs.show_patterns(pairs, [f"t{i}" for i in range(6)])
+    out = qs.evaluation.diagnostics.show_patterns(pairs, [f"t{i}" for i in range(6)])
     assert "L0H1 edited" in str(out)
 
 

@@ -49,12 +49,12 @@ def test_paired_ratio_ci() -> None:
 
 
 def test_chunking_and_validation() -> None:
-    toks = qs.chunk_tokens(list(range(1000)), n_tokens=900, ctx=256)
+    toks = qs.evaluation.tokens.chunk_tokens(list(range(1000)), n_tokens=900, ctx=256)
     assert toks.shape == (3, 256) and toks[1, 0] == 256
     with pytest.raises(ValueError, match="n_tokens"):
-        qs.chunk_tokens(list(range(1000)), n_tokens=100, ctx=256)
+        qs.evaluation.tokens.chunk_tokens(list(range(1000)), n_tokens=100, ctx=256)
     with pytest.raises(ValueError, match="too short"):
-        qs.chunk_tokens(list(range(100)), n_tokens=None, ctx=256)
+        qs.evaluation.tokens.chunk_tokens(list(range(100)), n_tokens=None, ctx=256)
     model = make_model("mha")
     with pytest.raises(ValueError, match="rank 2"):
         qs.perplexity(model, torch.zeros(10, dtype=torch.long), progress=False)
@@ -87,7 +87,7 @@ def test_wikitext_file_route_token_count() -> None:
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(GPT2_TOKENIZER)
-    rows = qs.wikitext2_rows(text_file=WIKITEXT)
+    rows = qs.evaluation.tokens.wikitext2_rows(text_file=WIKITEXT)
     assert len(rows) == 4358
     ids = tok("\n\n".join(rows), add_special_tokens=False, verbose=False)["input_ids"]
     assert len(ids) == 287_644

@@ -20,7 +20,7 @@ FIGS = ("exp6a_cumvar", "exp6b_ppl_vs_K", "exp6c_cluster_ppl", "exp6c_cluster_vi
 def test_variance_summary_against_numpy() -> None:
     W = qs.qk_matrices(make_model("mha", n_layers=3, n_heads=4))
     pca = qs.HeadPCA().fit(W)
-    s = qs.variance_summary(pca)
+    s = qs.experiment.variance_summary(pca)
     X = W.reshape(12, -1).numpy()
     sv = np.linalg.svd(X - X.mean(0), compute_uv=False)  # independent: singular values of centred data
     ratios = sv**2 / (sv**2).sum()
@@ -36,25 +36,25 @@ def test_variance_summary_against_numpy() -> None:
 
 def test_gate_rule() -> None:
     rows = [{"K": 1, "ratio": 68.3}, {"K": 10, "ratio": 40.3}, {"K": 144, "ratio": 1.0}]
-    g = qs.gate_check(rows)  # the report: K=10 at 40x -> GPT-2 medium skipped
+    g = qs.experiment.gate_check(rows)  # the report: K=10 at 40x -> GPT-2 medium skipped
     assert g.passed is False and g.ratio == 40.3 and (g.K, g.threshold) == (10, 1.1)
-    assert qs.gate_check(rows, K=144, threshold=1.1).passed is True
-    assert qs.gate_check(rows, K=10, threshold=50).passed is True
-    assert qs.gate_check(rows, K=10, threshold=40.3).passed is True  # inclusive
-    missing = qs.gate_check(rows, K=32)
+    assert qs.experiment.gate_check(rows, K=144, threshold=1.1).passed is True
+    assert qs.experiment.gate_check(rows, K=10, threshold=50).passed is True
+    assert qs.experiment.gate_check(rows, K=10, threshold=40.3).passed is True  # inclusive
+    missing = qs.experiment.gate_check(rows, K=32)
     assert missing.passed is None and "not evaluated" in missing.reason
-    assert qs.gate_check({"perplexity_vs_k": rows}).passed is False
+    assert qs.experiment.gate_check({"perplexity_vs_k": rows}).passed is False
 
 
 def test_default_k_grid() -> None:
-    assert tuple(qs.default_k_grid(144)) == qs.REPORT_K_GRID
-    g = qs.default_k_grid(40)
+    assert tuple(qs.experiment.default_k_grid(144)) == qs.evaluation.sweeps.REPORT_K_GRID
+    g = qs.experiment.default_k_grid(40)
     assert g[-1] == 40 and g == sorted(set(g)) and all(1 <= k <= 40 for k in g)
 
 
 # ---------------------------------------------------------------- text routes (protocol)
 def _hf_rows(path: Path) -> list[str]:
-    """Rows as the Hugging Face wikitext builder yields them (independent of qs.wikitext2_rows)."""
+    """Rows as the Hugging Face wikitext builder yields them (independent of qs.evaluation.tokens.wikitext2_rows)."""
     with open(path, encoding="utf-8") as fh:
         return [row if row.strip() else "" for row in fh]
 
@@ -93,7 +93,7 @@ def test_wikitext_routes_identical_287644_tokens(monkeypatch: pytest.MonkeyPatch
 
     tok = AutoTokenizer.from_pretrained(GPT2_TOKENIZER)
     rows = _hf_rows(WIKITEXT)
-    assert len(rows) == 4358 and rows == qs.wikitext2_rows(text_file=WIKITEXT)
+    assert len(rows) == 4358 and rows == qs.evaluation.tokens.wikitext2_rows(text_file=WIKITEXT)
     ids = tok("\n\n".join(rows), add_special_tokens=False, verbose=False)["input_ids"]
     assert len(ids) == 287_644
     _datasets_route(monkeypatch, rows)
@@ -263,17 +263,17 @@ def test_report_shows_reference_numbers_only_for_gpt2(tmp_path: Path) -> None:
     res = qs.run_experiment(
         model, tmp_path, tokens=toks, ks=(1,), cluster_ks=(4,), n_dims=3, n_boot=50, png=False, progress=False
     )
-    plain = qs.render_report([res.results])
+    plain = qs.report.render_report([res.results])
     assert "2034.3" not in plain and "reference" not in plain
     fake = json.loads(json.dumps(res.results))
     fake["metadata"].update(model="gpt2", model_source="gpt2")
     fake["metadata"]["model_config"].update(n_layers=12, n_heads=12, d_head=64)
     fake["perplexity_vs_k"][0]["K"] = 10
-    text = qs.render_report([fake])
+    text = qs.report.render_report([fake])
     assert "not results of this run" in text and "(reference)" in text
     assert "| 10 |" in text and "52.0% | 1200.9 | 40.3x" in text  # the report's K=10 row beside ours
     assert "| 4 | 4 |" in text and "140 | 1351.9 | 45.4x" in text
-    assert qs.REFERENCE_GPT2_SMALL["variance_thresholds"][0.9] == 82
+    assert qs.report.REFERENCE_GPT2_SMALL["variance_thresholds"][0.9] == 82
 
 
 def test_run_models_applies_the_gate(tmp_path: Path) -> None:
@@ -327,8 +327,21 @@ def test_cli_arguments_map_to_config_fields() -> None:
     )
     cfg = config_from_args(args)
     assert args.model == ["gpt2", "gpt2-medium"]
-    assert (cfg.ks, cfg.cluster_ks, cfg.n_tokens, cfg.ctx, cfg.seed) == ((1, 3, 10), (4, 8), None, 512, 3)
-    assert (cfg.png, cfg.resume, cfg.gate_threshold, cfg.gate_k, cfg.n_dims) == (False, True, 1.2, 10, 20)
+    assert (cfg.sweeps.ks, cfg.sweeps.cluster_ks, cfg.text.n_tokens, cfg.text.ctx, cfg.sweeps.seed) == (
+        (1, 3, 10),
+        (4, 8),
+        None,
+        512,
+        3,
+    )
+    assert (cfg.run.png, cfg.run.resume, cfg.sweeps.gate_threshold, cfg.sweeps.gate_k, cfg.sweeps.n_dims) == (
+        False,
+        True,
+        1.2,
+        10,
+        20,
+    )
+    assert cfg.value("n_dims") == 20 and cfg.flat()["ks"] == (1, 3, 10)
     default = config_from_args(build_parser().parse_args(["run", "--model", "gpt2"]))
     assert default == qs.ExperimentConfig()  # CLI defaults = the report's protocol
     assert main(["run", "--model", "gpt2", "--ks", "1,x"]) == 2

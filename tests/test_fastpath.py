@@ -11,8 +11,8 @@ import torch
 from transformer_lens import HookedTransformer, HookedTransformerConfig
 
 import qk_subspace as qs
-from qk_subspace import fastpath
-from qk_subspace.injection import ParameterEdit
+from qk_subspace.edits.parameter_edit import ParameterEdit
+from qk_subspace.model import fastpath
 from tests.conftest import (
     STORIES,
     TINYSTORIES,

@@ -6,7 +6,7 @@ import torch
 from transformer_lens import HookedTransformer, HookedTransformerConfig
 
 import qk_subspace as qs
-from qk_subspace.gauge import gauge_plan, random_gauge_matrices
+from qk_subspace.edits.gauge import gauge_plan, random_gauge_matrices
 from tests.conftest import assert_params_equal, make_model, param_snapshot
 
 
@@ -191,9 +191,13 @@ def test_unsupported_models_are_refused() -> None:
 
 
 def test_rotary_pairs_follow_transformer_lens_convention() -> None:
-    assert qs.rotary_pairs(MODELS["rotary_partial_adjacent"](torch.float32)) == [(0, 1), (2, 3)]
-    assert qs.rotary_pairs(MODELS["rotary_partial_neox"](torch.float32)) == [(0, 3), (1, 4), (2, 5)]
-    assert qs.rotary_pairs(make_model("mha")) == []
+    assert qs.edits.gauge.rotary_pairs(MODELS["rotary_partial_adjacent"](torch.float32)) == [(0, 1), (2, 3)]
+    assert qs.edits.gauge.rotary_pairs(MODELS["rotary_partial_neox"](torch.float32)) == [
+        (0, 3),
+        (1, 4),
+        (2, 5),
+    ]
+    assert qs.edits.gauge.rotary_pairs(make_model("mha")) == []
 
 
 def test_gauge_study_tiny(tokens: torch.Tensor) -> None:
@@ -205,7 +209,7 @@ def test_gauge_study_tiny(tokens: torch.Tensor) -> None:
     assert spread.loc[("circuit", 2), "variance_max_abs_dev"] < 1e-8
     assert spread.loc[("raw", 2), "variance_max_abs_dev"] > 1e-3
     assert np.allclose(spread.xs(8, level="K")["ratio_max"], 1.0, atol=1e-10)  # K = all
-    fig = qs.gauge_figure(st)
+    fig = qs.viz.gauge.gauge_figure(st)
     assert len(fig.data) == 2 * 2 * 2  # (space x gauge) x (variance, ratio)
     summary = st.summary()
     assert set(summary) >= {"config", "baselines", "spread", "table"}

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import qk_subspace as qs
-from qk_subspace.importance import _loss_per_chunk, drop_target
+from qk_subspace.evaluation.importance import _loss_per_chunk
 from tests.conftest import (
     STORIES,
     TINYSTORIES,
@@ -19,6 +19,11 @@ from tests.conftest import (
 )
 
 
+def inject(circuit: str):  # type: ignore[no-untyped-def]
+    """The exact injection of a head-space circuit: through W_Q ("qk") or W_V ("ov")."""
+    return qs.inject_qk if circuit == "qk" else qs.inject_ov
+
+
 def _toks(n: int = 4, ctx: int = 16, seed: int = 0) -> torch.Tensor:
     return torch.randint(0, 50, (n, ctx), generator=torch.Generator().manual_seed(seed))
 
@@ -27,10 +32,10 @@ def _toks(n: int = 4, ctx: int = 16, seed: int = 0) -> torch.Tensor:
 def test_drop_none_reproduces_baseline_and_zero_variance_drop_is_free(circuit: str) -> None:
     model = make_model("gqa")
     toks = _toks()
-    pca = qs.HeadPCA().fit(qs.circuit_matrices(model, circuit))
+    pca = qs.HeadPCA().fit(qs.representations.get(circuit).matrices(model))
     assert pca.n_heads_ == 8 and pca.n_nonzero_components_ == 7  # component 7 has zero variance
     base = qs.perplexity(model, toks, progress=False)
-    with qs.inject_circuit(model, drop_target(pca, []), circuit):
+    with inject(circuit)(model, pca.reconstruct(components=list(range(pca.n_components_)))):
         kept_all = qs.perplexity(model, toks, progress=False)
     assert abs(kept_all.ppl / base.ppl - 1) < 1e-5
     df = qs.component_importance(
@@ -39,7 +44,7 @@ def test_drop_none_reproduces_baseline_and_zero_variance_drop_is_free(circuit: s
         toks,
         "drop_one",
         components=[7, 2],
-        circuit=circuit,
+        representation=circuit,
         baseline=base,
         progress=False,
         n_boot=200,
@@ -72,12 +77,12 @@ def test_circuit_gradient_matches_finite_differences(kind: str, circuit: str) ->
     model = make_model(kind, dtype=torch.float64)
     toks = _toks(3, 12, seed=1)
     snap = param_snapshot(model)
-    G = qs.circuit_gradient(model, toks, circuit, progress=False)
+    G = qs.evaluation.importance.circuit_gradient(model, toks, circuit, progress=False)
     assert G.shape == (2, 4, 8, 8) and G.dtype == torch.float64
-    T = qs.circuit_matrices(model, circuit)
+    T = qs.representations.get(circuit).matrices(model)
 
     def loss(target: torch.Tensor) -> float:
-        with torch.no_grad(), qs.inject_circuit(model, target, circuit):
+        with torch.no_grad(), inject(circuit)(model, target):
             return float(_loss_per_chunk(model, toks).mean())
 
     g = torch.Generator().manual_seed(7)
@@ -115,7 +120,9 @@ def test_gradient_scores_and_flags_restored() -> None:
     C = torch.from_numpy(pca.coefficients_[:, :7])
     per_chunk = []
     for i in range(3):
-        Gi = qs.circuit_gradient(model, toks[i : i + 1], "qk", progress=False).reshape(8, 64)
+        Gi = qs.evaluation.importance.circuit_gradient(model, toks[i : i + 1], "qk", progress=False).reshape(
+            8, 64
+        )
         per_chunk.append(-(C * (Gi @ V.T)).sum(0))
     S = torch.stack(per_chunk).numpy()
     np.testing.assert_allclose(df["taylor"], S.mean(0), rtol=1e-9, atol=1e-12)
@@ -123,7 +130,7 @@ def test_gradient_scores_and_flags_restored() -> None:
     np.testing.assert_allclose(df["taylor_fisher"], df["taylor"] + df["fisher"])
     # the first-order estimate agrees with drop-one for a tiny removal (scale the component down)
     j = 0
-    G = qs.circuit_gradient(model, toks, "qk", progress=False)
+    G = qs.evaluation.importance.circuit_gradient(model, toks, "qk", progress=False)
     Vj = V[j].reshape(8, 8)
     cj = C[:, j].reshape(2, 4, 1, 1)
     t = 1e-4
@@ -138,14 +145,14 @@ def test_gradient_scores_and_flags_restored() -> None:
 def test_importance_order_and_rank_correlation() -> None:
     df = pd.DataFrame({"component": [0, 1, 2, 3], "delta_nll": [0.1, 0.5, 0.5, -0.2], "x": [1, 2, 3, 4]})
     df.attrs["score"] = "delta_nll"
-    assert qs.importance_order(df) == [1, 2, 0, 3]  # ties by component index
-    assert qs.importance_order(df, "x") == [3, 2, 1, 0]
-    assert qs.importance_order([3, 1]) == [3, 1]
+    assert qs.evaluation.importance.importance_order(df) == [1, 2, 0, 3]  # ties by component index
+    assert qs.evaluation.importance.importance_order(df, "x") == [3, 2, 1, 0]
+    assert qs.evaluation.importance.importance_order([3, 1]) == [3, 1]
     with pytest.raises(ValueError, match="score"):
-        qs.importance_order(df, "nope")
+        qs.evaluation.importance.importance_order(df, "nope")
     other = pd.DataFrame({"component": [3, 2, 1, 0], "s": [1.0, 2.0, 3.0, 4.0]})  # reversed ranks
-    assert qs.rank_correlation(df, other, "x", "s")["spearman"] == pytest.approx(-1.0)
-    assert qs.rank_correlation(df, df, "x", "x")["spearman"] == pytest.approx(1.0)
+    assert qs.evaluation.importance.rank_correlation(df, other, "x", "s")["spearman"] == pytest.approx(-1.0)
+    assert qs.evaluation.importance.rank_correlation(df, df, "x", "x")["spearman"] == pytest.approx(1.0)
 
 
 def test_sweep_k_importance_order() -> None:
@@ -185,28 +192,28 @@ def test_head_importance_only_and_all_but() -> None:
     model = make_model("gqa")
     toks = _toks()
     pca = qs.HeadPCA().fit(qs.qk_matrices(model))
-    df = qs.head_importance(model, pca, toks, K=1, progress=False, n_boot=100)
+    df = qs.evaluation.importance.head_importance(model, pca, toks, K=1, progress=False, n_boot=100)
     assert len(df) == 8 and list(df["label"][:2]) == ["L0H0", "L0H1"]
     with qs.inject_qk(model, pca.reconstruct(1), heads=[(1, 2)]):
         direct = qs.perplexity(model, toks, progress=False)
     assert df[df["label"] == "L1H2"]["ppl"].iloc[0] == pytest.approx(direct.ppl, rel=1e-12)
-    M = qs.head_importance_matrix(df)
+    M = qs.evaluation.importance.head_importance_matrix(df)
     assert M.shape == (2, 4) and M[1, 2] == df[df["label"] == "L1H2"]["ratio"].iloc[0]
-    fig = qs.head_importance_figure(df)
+    fig = qs.viz.importance.head_importance_figure(df)
     assert fig.data[0].z.shape == (2, 4)
-    ab = qs.head_importance(
+    ab = qs.evaluation.importance.head_importance(
         model,
         qs.HeadPCA().fit(qs.ov_matrices(model)),
         toks,
         K=1,
         mode="all_but",
         heads=[(0, 0)],
-        circuit="ov",
+        representation="ov",
         progress=False,
         n_boot=100,
     )
     pca_ov = qs.HeadPCA().fit(qs.ov_matrices(model))
-    with qs.inject_ov(model, pca_ov.reconstruct(1), heads=~qs.parse_heads([(0, 0)], 2, 4)):
+    with qs.inject_ov(model, pca_ov.reconstruct(1), heads=~qs.model.heads.parse_heads([(0, 0)], 2, 4)):
         direct = qs.perplexity(model, toks, progress=False)
     assert len(ab) == 1 and ab["ppl"].iloc[0] == pytest.approx(direct.ppl, rel=1e-12)
     with qs.inject_ov(model, pca_ov.reconstruct(1)):
@@ -214,17 +221,19 @@ def test_head_importance_only_and_all_but() -> None:
     base = qs.perplexity(model, toks, progress=False)
     assert ab.attrs["ratio_all"] == pytest.approx(all_compressed.ppl / base.ppl, rel=1e-12)
     # K = all: no head costs anything
-    full = qs.head_importance(model, pca, toks, K=pca.n_heads_, progress=False, n_boot=100)
+    full = qs.evaluation.importance.head_importance(
+        model, pca, toks, K=pca.n_heads_, progress=False, n_boot=100
+    )
     assert np.abs(full["ratio"] - 1).max() < 1e-5 and full["reconstruction_error"].max() < 1e-10
 
 
 def test_k_reaching_and_overlay_figure() -> None:
     df = pd.DataFrame({"K": [0, 1, 2, 3, 4], "ratio": [5.0, 1.05, 1.2, 1.08, 1.0]})
-    assert qs.k_reaching(df, 1.1) == {"first": 1, "stays": 3}
-    assert qs.k_reaching(df, 0.5) == {"first": None, "stays": None}
+    assert qs.evaluation.importance.k_reaching(df, 1.1) == {"first": 1, "stays": 3}
+    assert qs.evaluation.importance.k_reaching(df, 0.5) == {"first": None, "stays": None}
     for col in ("ratio_low", "ratio_high", "cumulative_variance"):
         df[col] = df["ratio"] if col != "cumulative_variance" else np.linspace(0, 1, 5)
-    fig = qs.importance_overlay_figure(df, df, reference_scale=0.5)
+    fig = qs.viz.importance.importance_overlay_figure(df, df, reference_scale=0.5)
     assert len(fig.data) == 4 and fig.data[2].x[-1] == 72 and list(fig.data[3].y) == [1.1, 1.1]
 
 
@@ -236,8 +245,8 @@ def test_validation_errors() -> None:
         qs.component_importance(model, pca, toks, "hessian", progress=False)  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="components"):
         qs.component_importance(model, pca, toks, components=[99], progress=False)
-    with pytest.raises(ValueError, match="circuit"):
-        qs.component_importance(model, pca, toks, circuit="vo", progress=False)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="unknown representation 'vo'"):
+        qs.component_importance(model, pca, toks, representation="vo", progress=False)
     other = qs.HeadPCA().fit(qs.qk_matrices(make_model("mha", n_layers=3)))
     with pytest.raises(ValueError, match="fitted on heads"):
         qs.component_importance(model, other, toks, progress=False)
@@ -254,4 +263,4 @@ def test_gradient_ranks_like_drop_one_on_stories260k() -> None:
     comps = list(range(0, 39, 4))  # 10 components keep this quick
     drop = qs.component_importance(model, pca, toks, "drop_one", components=comps, progress=False, n_boot=100)
     grad = qs.component_importance(model, pca, toks, "gradient", components=comps, progress=False)
-    assert qs.rank_correlation(drop, grad)["spearman"] > 0.7
+    assert qs.evaluation.importance.rank_correlation(drop, grad)["spearman"] > 0.7

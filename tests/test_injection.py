@@ -39,7 +39,7 @@ def test_injection_identity_float64(kind: str, shape: dict) -> None:
     target = _random_target(model)
     with qs.inject_qk(model, target) as edit:
         torch.testing.assert_close(_independent_qk(model), target, rtol=0, atol=1e-10)
-        assert edit.residual.max() < 1e-10
+        assert edit.max_abs_error.max() < 1e-10
 
 
 @pytest.mark.parametrize("kind,shape", SHAPES)
@@ -50,7 +50,7 @@ def test_injection_identity_float32(kind: str, shape: dict) -> None:
         got = _independent_qk(model)
         rel = (got - target).norm(dim=(-1, -2)) / target.norm(dim=(-1, -2))
         assert rel.max() < 1e-5
-        assert edit.residual.max() > 0  # float32 round-off is reported, not hidden
+        assert edit.max_abs_error.max() > 0  # float32 round-off is reported, not hidden
 
 
 @pytest.mark.parametrize("kind", ["mha", "gqa"])
@@ -93,7 +93,7 @@ def test_k_all_reconstruction_reproduces_logits_and_pinv_does_not(kind: str, tok
     with qs.inject_qk(model, rec):
         assert (model(tokens) - logits).abs().max() < 1e-6
     with qs.inject_qk(model, rec, method="pinv") as edit:
-        assert edit.residual.max() < 1e-4  # it does realise the target ...
+        assert edit.max_abs_error.max() < 1e-4  # it does realise the target ...
         assert (model(tokens) - logits).abs().max() > 1e-3  # ... but not the model
 
 
@@ -125,7 +125,7 @@ def test_heads_subset_edits_only_those(mha_model) -> None:
         for h in range(4):
             same = torch.equal(Wq0[h], before["blocks.0.attn.W_Q"][h])
             assert same == (h != 1)
-        assert (edit.residual > 0).sum() == 2
+        assert (edit.max_abs_error > 0).sum() == 2
     assert_params_equal(model, before)
 
 

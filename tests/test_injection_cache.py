@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import qk_subspace as qs
-from qk_subspace import injection
+from qk_subspace.edits import qk as injection
 from tests.conftest import assert_params_equal, make_model, param_snapshot
 
 
@@ -30,7 +30,7 @@ def _key_param(attn) -> torch.nn.Parameter:
 def _check_injection(model, target: torch.Tensor) -> None:
     """Inject and compare with qk_injection_weights and a by-hand W_Q^T W_K on the live weights."""
     expected = [
-        qs.qk_injection_weights(b.attn.W_Q.detach(), b.attn.W_K.detach(), target[i])
+        qs.edits.qk.qk_injection_weights(b.attn.W_Q.detach(), b.attn.W_K.detach(), target[i])
         for i, b in enumerate(model.blocks)
     ]
     before = param_snapshot(model)
@@ -42,7 +42,7 @@ def _check_injection(model, target: torch.Tensor) -> None:
             qk = W_Q.transpose(-1, -2) @ W_K
             torch.testing.assert_close(qk, target[i], rtol=0, atol=1e-10)
             torch.testing.assert_close(
-                edit.residual[i], (qk - target[i]).abs().amax(dim=(-1, -2)), rtol=0, atol=1e-13
+                edit.max_abs_error[i], (qk - target[i]).abs().amax(dim=(-1, -2)), rtol=0, atol=1e-13
             )
     assert_params_equal(model, before)
 
@@ -143,8 +143,8 @@ def test_float32_residual_is_measured_on_written_weights() -> None:
             ]
         )
         measured = (qk - target).abs().amax(dim=(-1, -2))
-        torch.testing.assert_close(edit.residual, measured, rtol=0, atol=1e-13)
-        assert edit.residual.max() > 0  # float32 round-off is reported
+        torch.testing.assert_close(edit.max_abs_error, measured, rtol=0, atol=1e-13)
+        assert edit.max_abs_error.max() > 0  # float32 round-off is reported
 
 
 def test_thread_setting_restored() -> None:

@@ -19,7 +19,8 @@ import pytest
 import torch
 
 import qk_subspace as qs
-from qk_subspace.injection import ParameterEdit, QKEdit
+from qk_subspace.edits.parameter_edit import ParameterEdit
+from qk_subspace.edits.qk import QKEdit
 from tests.conftest import make_model
 
 _ORIGINAL_WRITE = ParameterEdit._write
@@ -207,10 +208,10 @@ def test_error_in_plan_of_second_layer_writes_nothing() -> None:
     with torch.no_grad():
         model.blocks[1].attn.W_K[3, :, 1] = 0.0  # W_K^T W_K singular for L1H3 (layer 0 is fine)
     before = param_hashes(model)
-    v0 = qs.weights_version(model)
+    v0 = qs.edits.parameter_edit.weights_version(model)
     with pytest.raises(ValueError, match="L1H3"), qs.inject_qk(model, _target(model, 0)):
         pass
-    assert param_hashes(model) == before and qs.weights_version(model) == v0
+    assert param_hashes(model) == before and qs.edits.parameter_edit.weights_version(model) == v0
 
 
 def test_interrupt_in_forward_pass_of_sweep_leaves_model_intact() -> None:
@@ -391,7 +392,7 @@ def test_permanent_restore_failure_with_pending_ctrl_c_keeps_both(monkeypatch: p
 # ------------------------------------------------- only ParameterEdit writes weights
 _WRITE_METHODS = {"copy_", "set_", "load_state_dict", "load_and_process_state_dict", "register_parameter"}
 #: where each of those calls is allowed: ParameterEdit._write, and building a fresh model in loading.py
-_ALLOWED = {("injection.py", "copy_"), ("loading.py", "load_and_process_state_dict")}
+_ALLOWED = {("parameter_edit.py", "copy_"), ("loading.py", "load_and_process_state_dict")}
 
 
 def weight_writes(source: str) -> list[tuple[int, str]]:
@@ -429,6 +430,8 @@ def test_only_parameter_edit_writes_weights() -> None:
         for line, what in weight_writes(f.read_text())
         if (f.name, what) not in _ALLOWED
     ]
-    assert offenders == [], "weights must be written only through qk_subspace.injection.ParameterEdit"
-    src = (package / "injection.py").read_text()
+    assert offenders == [], (
+        "weights must be written only through qk_subspace.edits.parameter_edit.ParameterEdit"
+    )
+    src = (package / "edits" / "parameter_edit.py").read_text()
     assert src.count(".copy_(") == 1  # the single write, in ParameterEdit._write

@@ -34,10 +34,10 @@ def test_ov_matrices_match_parameters(kind: str) -> None:
     assert W.shape == (2, 4, 8, 8) and W.dtype == torch.float64
     torch.testing.assert_close(W, _explicit_ov(model), rtol=0, atol=1e-12)
     torch.testing.assert_close(W, model.OV.BA.transpose(-1, -2), rtol=0, atol=1e-12)
-    torch.testing.assert_close(qs.circuit_matrices(model, "ov"), W)
-    torch.testing.assert_close(qs.circuit_matrices(model, "qk"), qs.qk_matrices(model))
-    with pytest.raises(ValueError, match="circuit"):
-        qs.circuit_matrices(model, "vo")  # type: ignore[arg-type]
+    torch.testing.assert_close(qs.representations.get("ov").matrices(model), W)
+    torch.testing.assert_close(qs.representations.get("qk").matrices(model), qs.qk_matrices(model))
+    with pytest.raises(ValueError, match="unknown representation 'vo'"):
+        qs.representations.get("vo")
 
 
 @pytest.mark.parametrize("kind", ["mha", "gqa"])
@@ -49,14 +49,17 @@ def test_ov_injection_identity_float64(kind: str) -> None:
     with qs.inject_ov(model, target) as edit:
         assert (qs.ov_matrices(model) - target).abs().max() < 1e-10
         assert (_explicit_ov(model) - target).abs().max() < 1e-10
-        assert edit.residual.max() < 1e-10
+        assert edit.max_abs_error.max() < 1e-10
         changed = {k for k, v in model.named_parameters() if not torch.equal(v.detach(), snap[k])}
         assert changed and all(k.endswith("W_V") for k in changed), changed  # W_V / _W_V only
         # The part of W_V outside span(U_g) (U_g = the group's stacked W_O^T) is preserved.
         r = 2 if kind == "gqa" else 1
         for layer in range(2):
             Wo = model.blocks[layer].attn.W_O.detach().double()
-            new, old = _value_weights(model, layer).detach(), snap[qs.ov.value_parameter_name(model, layer)]
+            new, old = (
+                _value_weights(model, layer).detach(),
+                snap[qs.model.weights.value_parameter_name(model, layer)],
+            )
             for grp in range(new.shape[0]):
                 Ug = torch.cat([Wo[grp * r + k].T for k in range(r)], dim=1)  # [d_model, r*d_head]
                 P = Ug @ torch.linalg.solve(Ug.T @ Ug, Ug.T)
@@ -74,7 +77,7 @@ def test_ov_k_all_reproduces_logits_and_restores(kind: str, tokens: torch.Tensor
     pca = qs.HeadPCA().fit(qs.ov_matrices(model))
     with torch.no_grad(), qs.inject_ov(model, pca.reconstruct(pca.n_heads_)) as edit:
         torch.testing.assert_close(model(tokens), base, rtol=0, atol=1e-5)
-        assert edit.residual.max() < 1e-5
+        assert edit.max_abs_error.max() < 1e-5
     assert_params_equal(model, snap)
     # compression changes the model, and restore is bit for bit even after an exception
     with pytest.raises(RuntimeError, match="boom"), torch.no_grad(), qs.inject_ov(model, pca.reconstruct(1)):
@@ -114,7 +117,7 @@ def test_gqa_subset_keeps_siblings_form() -> None:
             model.blocks[0].attn._W_V[1], snap["blocks.0.attn._W_V"][1]
         )  # other group untouched
         assert torch.equal(model.blocks[1].attn._W_V, snap["blocks.1.attn._W_V"])
-        assert edit.residual[0, :2].max() < 1e-10 and edit.residual[0, 2:].abs().max() == 0
+        assert edit.max_abs_error[0, :2].max() < 1e-10 and edit.max_abs_error[0, 2:].abs().max() == 0
     assert_params_equal(model, snap)
 
 
@@ -127,8 +130,8 @@ def test_gqa_rank_deficient_group_least_squares() -> None:
         edit.__enter__()
     try:
         miss = (qs.ov_matrices(model) - target).abs().amax(dim=(-1, -2))
-        torch.testing.assert_close(edit.residual, miss)
-        assert edit.residual.min() > 1e-3  # reported, not hidden
+        torch.testing.assert_close(edit.max_abs_error, miss)
+        assert edit.max_abs_error.min() > 1e-3  # reported, not hidden
         # least-squares optimality: U_g (U_g^T W_V_new - T_g^T) = 0 (normal equations)
         for layer in range(2):
             Wo = model.blocks[layer].attn.W_O.detach()
@@ -143,7 +146,7 @@ def test_gqa_rank_deficient_group_least_squares() -> None:
     with pytest.warns(RuntimeWarning, match="least"):
         edit.__enter__()
     try:
-        assert edit.residual.max() < 1e-10
+        assert edit.max_abs_error.max() < 1e-10
     finally:
         edit.restore()
 
@@ -151,11 +154,13 @@ def test_gqa_rank_deficient_group_least_squares() -> None:
 def test_head_output_change(tokens: torch.Tensor) -> None:
     model = make_model("mha", dtype=torch.float64)
     W = qs.ov_matrices(model)
-    same = qs.head_output_change(model, tokens, lambda: qs.inject_ov(model, W), progress=False)
+    same = qs.evaluation.head_outputs.head_output_change(
+        model, tokens, lambda: qs.inject_ov(model, W), progress=False
+    )
     assert same["z"].shape == (2, 4) and same["z"].max() < 1e-12 and same["write"].max() < 1e-12
     target = W.clone()
     target[1, 2] = 0.0
-    ch = qs.head_output_change(
+    ch = qs.evaluation.head_outputs.head_output_change(
         model, tokens, lambda: qs.inject_ov(model, target, heads=[(1, 2)]), batch_size=3, progress=False
     )
     # independent: the edited head's z from caches
@@ -173,7 +178,7 @@ def test_head_output_change(tokens: torch.Tensor) -> None:
 def test_sweep_k_ov_circuit(tokens: torch.Tensor) -> None:
     model = make_model("gqa")
     pca = qs.HeadPCA().fit(qs.ov_matrices(model))
-    df = qs.sweep_k(model, pca, tokens, [0, 3, pca.n_heads_], progress=False, circuit="ov", n_boot=100)
+    df = qs.sweep_k(model, pca, tokens, [0, 3, pca.n_heads_], progress=False, representation="ov", n_boot=100)
     assert df.attrs["k_all_ok"] and df.attrs["circuit"] == "ov"
     assert df["ratio"].iloc[0] > 1.0
     # the K=3 row is an OV injection, not a QK one

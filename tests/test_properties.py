@@ -101,8 +101,9 @@ def test_injection_identity_and_bit_for_bit_restore(arch: dict, scale: float, da
                         assert (P_perp @ (Wq - old_Q[h])).norm() <= 64 * EPS64 * cond * (
                             Wq.norm() + old_Q[h].norm()
                         )
-            assert edit.residual.shape == (cfg.n_layers, cfg.n_heads)
-            assert torch.all(edit.residual[~heads] == 0)
+            for measure in (edit.residual, edit.max_abs_error):  # relative Frobenius and entrywise
+                assert measure.shape == (cfg.n_layers, cfg.n_heads)
+                assert torch.all(measure[~heads] == 0)
             for name, p in model.named_parameters():
                 if not name.endswith("attn.W_Q"):
                     assert torch.equal(p.detach(), before[name]), name

@@ -14,7 +14,7 @@ import pytest
 
 import qk_subspace as qs
 from qk_subspace.cli import main
-from qk_subspace.results import TIMINGS_KEY, atomic_write_json, without_timings
+from qk_subspace.experiment.store import TIMINGS_KEY, atomic_write_json, without_timings
 from tests.tiny_checkpoint import cli_run_args, save_tiny_gpt2, write_text
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -123,7 +123,7 @@ def test_resume_refuses_a_different_configuration(
     atomic_write_json(path, data)
     assert main([*setup["args"], "--out", str(out), "--resume"]) == 2
     assert "package_versions.torch: on disk '0.0.1'" in capsys.readouterr().err
-    with pytest.raises(qs.ConfigMismatchError, match="different configuration"):
+    with pytest.raises(qs.experiment.ConfigMismatchError, match="different configuration"):
         qs.run_experiment(
             setup["model"],
             out,

@@ -75,7 +75,9 @@ def compare(old: Any, new: Any, path: tuple[str, ...] = ()) -> list[str]:
         return out
     if isinstance(old, list):
         if not isinstance(new, list) or len(new) != len(old):
-            return [f"{where}: list of {len(old)} became {type(new).__name__} of {len(new) if isinstance(new, list) else '-'}"]
+            return [
+                f"{where}: list of {len(old)} became {type(new).__name__} of {len(new) if isinstance(new, list) else '-'}"
+            ]
         out = []
         for i, (a, b) in enumerate(zip(old, new, strict=True)):
             out += compare(a, b, (*path, str(i)))

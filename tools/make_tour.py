@@ -58,8 +58,8 @@ tokens.shape""",
 pca = qs.HeadPCA().fit(W)
 print(W.shape, pca)
 print({f"{t:.0%}": pca.n_components_for(t) for t in (0.5, 0.8, 0.9, 0.95)})
-variance = qs.variance_summary(pca)
-qs.plots.fig_cumvar({"variance": variance, "metadata": {"model": "stories260K"}})""",
+variance = qs.experiment.variance_summary(pca)
+qs.viz.variance.fig_cumvar({"variance": variance, "metadata": {"model": "stories260K"}})""",
     ),
     (
         "md",
@@ -126,7 +126,7 @@ worst[["label", "kl", "js", "tv", "top1_agreement", "entropy_orig", "entropy_edi
 seq = diag_tokens[0, :24]
 pairs = qs.head_patterns(model, seq, heads, target=pca.reconstruct(10))
 labels = [model.tokenizer.decode([int(t)]) for t in seq]
-qs.plots.plot_pattern_comparison(pairs, labels)""",
+qs.viz.diagnostics.plot_pattern_comparison(pairs, labels)""",
     ),
     (
         "md",
@@ -138,11 +138,12 @@ of `W_Q W_K^T` is gauge-invariant.""",
     (
         "code",
         """raw_before = qs.HeadPCA().fit(qs.qk_matrices(model)).cumulative_variance_[9]
-circ_before = qs.HeadPCA(space="circuit").fit(model).cumulative_variance_[9]
+circuit = qs.representations.get("qk-circuit")   # W_Q W_K^T per head: gauge-invariant
+circ_before = qs.HeadPCA().fit(circuit.heads(model)).cumulative_variance_[9]
 with qs.random_gauge(model, seed=1):
     gauged = qs.perplexity(model, tokens, progress=False)
     raw_after = qs.HeadPCA().fit(qs.qk_matrices(model)).cumulative_variance_[9]
-    circ_after = qs.HeadPCA(space="circuit").fit(model).cumulative_variance_[9]
+    circ_after = qs.HeadPCA().fit(circuit.heads(model)).cumulative_variance_[9]
 print(f"ppl {baseline.ppl:.6f} -> {gauged.ppl:.6f}")
 print(f"raw variance at K=10: {raw_before:.4f} -> {raw_after:.4f} (moves)")
 print(f"circuit variance at K=10: {circ_before:.6f} -> {circ_after:.6f} (invariant)")""",

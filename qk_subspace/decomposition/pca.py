@@ -122,8 +122,9 @@ class HeadPCA:
         self.engine = engine
         self._validate_params()
 
-    def _validate_params(self) -> None:
-        """The one place where the estimator's parameters are checked (on construction and in ``fit``)."""
+    def _validate_params(self, max_components: int | None = None) -> None:
+        """The one place where the estimator's parameters are checked: on construction, and in ``fit``
+        against the data (``max_components``, the most components the heads allow)."""
         if self.groupby not in (None, "layer"):
             raise ValueError(
                 f"groupby must be None (one PCA over all heads) or 'layer', got {self.groupby!r}"
@@ -135,8 +136,12 @@ class HeadPCA:
                 "engine='svd' fits one PCA over all heads; groupby='layer' needs engine='gram'/'auto'"
             )
         n = self.n_components
-        if n is not None and (isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1):
+        if n is not None and (isinstance(n, bool) or not isinstance(n, (int, np.integer))):
             raise ValueError(f"n_components must be None or a positive integer, got {n!r}")
+        if n is not None and max_components is not None:
+            validate_k(n, max_components, name="n_components")
+            if n < 1:
+                raise ValueError(f"n_components must be in [1, {max_components}], got {n}")
 
     # ------------------------------------------------------------------ fitting
     def fit(self, heads: Heads | torch.Tensor | np.ndarray) -> HeadPCA:
@@ -171,8 +176,7 @@ class HeadPCA:
         if n < 2:
             raise ValueError(f"W: PCA across heads needs at least 2 heads, got {n}")
         max_comp = min(n, f)
-        if self.n_components is not None:
-            validate_k(self.n_components, max_comp, name="n_components")
+        self._validate_params(max_comp)
         self.pca_ = PCA(n_components=self.n_components or max_comp, svd_solver="full")
         with np.errstate(invalid="ignore", divide="ignore"):  # all heads identical: 0/0 ratios, fixed below
             self.coefficients_ = self.pca_.fit_transform(X)
@@ -207,6 +211,7 @@ class HeadPCA:
         m = len(groups[0])
         if m < 2:
             raise ValueError(f"PCA across heads needs at least 2 heads per group, got {m}")
+        self._validate_params(m)
         eigvals, eigvecs = np.zeros((len(groups), m)), np.zeros((len(groups), m, m))
         coefs = np.zeros((n, m))
         within = 0.0
@@ -380,6 +385,7 @@ class HeadPCA:
             float64 ``[*head_shape_, d, d]`` for explicit matrices (on their device), or the
             materialised circuits (e.g. ``[*head_shape_, d_model, d_model]`` for ``qk-circuit``).
         """
+        self._check_fitted()
         return self.heads_.materialize(self.mixing(K=K, components=components))
 
     # ------------------------------------------------------- explicit features (svd engine)

@@ -53,7 +53,9 @@ def circuit_injection_weights(
     Wq, Wk = flatten_heads(W_Q), flatten_heads(W_K)
     Wk_cur = Wk if W_K_target is None else flatten_heads(W_K_target.cpu())
     if Wk_cur.shape != Wk.shape:
-        raise ValueError(f"W_K_target must have the shape of W_K, {tuple(W_K.shape)}; got {tuple(Wk_cur.shape)} heads")
+        raise ValueError(
+            f"W_K_target must have the shape of W_K, {tuple(W_K.shape)}; got {tuple(Wk_cur.shape)} heads"
+        )
     n, d_model, dh = Wq.shape
     G = torch.as_tensor(gram, dtype=torch.float64)
     wq = Wq.permute(1, 0, 2).reshape(d_model, n * dh)  # [d_model, n*dh]

@@ -11,6 +11,7 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
+from .._lazy import lazy_getattr
 from .export import png_export_available, save_figure
 
 __all__ = ["FAMILIES", "experiment_figures", "family", "png_export_available", "save_figure"]
@@ -32,3 +33,6 @@ def experiment_figures(results: dict, families: tuple[str, ...] = FAMILIES) -> d
     for name in families:
         out.update(family(name).figures(results))
     return out
+
+
+__getattr__ = lazy_getattr(__name__)

@@ -61,7 +61,7 @@ class PointLog:
         self, store: ResultsStore, ctx: RunContext, stages: Sequence[Stage], run_entry: dict[str, Any]
     ):
         self.store, self.ctx, self.stages, self.run_entry = store, ctx, list(stages), run_entry
-        self.data = store.payload
+        self.document = store.payload
         self._last = time.perf_counter()
 
     def start(self) -> None:
@@ -69,22 +69,22 @@ class PointLog:
         self._last = time.perf_counter()
 
     def status(self) -> dict[str, Any]:
-        done = sum(s.done(self.ctx, self.data) for s in self.stages)
+        done = sum(s.done(self.ctx, self.document) for s in self.stages)
         total = sum(s.total(self.ctx) for s in self.stages)
         return {"complete": done == total, "points_done": done, "points_total": total}
 
     def save(self) -> None:
-        self.data["status"] = self.status()
+        self.document["status"] = self.status()
         self.store.save()
 
     def finish(self, key: str) -> None:
         """A point is done: time it, sort every section, update the status and save."""
         now = time.perf_counter()
-        self.data["timings"]["points_s"][key] = now - self._last
+        self.document["timings"]["points_s"][key] = now - self._last
         self._last = now
         self.run_entry["evaluated"].append(key)
         for stage in self.stages:
-            stage.sort(self.data)
+            stage.sort(self.document)
         self.save()
 
 
