@@ -56,7 +56,10 @@ def _argument(group: Any, name: str, opt: Option, default: Any) -> None:
     if opt.kind == "bool":
         kw.update(action="store_false" if default is True else "store_true", help=opt.help)
     else:
-        kw["help"] = opt.help + ("" if shown is None else f" (default: {shown})")
+        if shown is not None:
+            kw["help"] = f"{opt.help} (default: {shown})"
+        else:
+            kw["help"] = opt.help if "default" in opt.help else f"{opt.help} (default: none)"
         kw["default"] = default
         if opt.choices is not None:
             kw["choices"] = opt.choices

@@ -49,12 +49,25 @@ def _patterns(rows: Sequence[Mapping[str, Any]]) -> list[str]:
 
 
 def _model_section(res: Mapping[str, Any]) -> str:
-    meta, var, chk = res["metadata"], res["variance"], res["checks"]
-    c, proto = meta["model_config"], meta["protocol"]
     ref = REFERENCE_GPT2_SMALL if is_gpt2_small(res) else None
+    s = _conditions(res, ref) + _variance_section(res, ref) + _sweep_section(res, ref)
+    s += _clustering_section(res, ref) + _map_gate_checks(res, ref)
+    s += _extra_sections(res)
+    text = "\n".join(s)
+    if res["metadata"].get("circuit") == "ov":  # the same pipeline on OV circuits, edited through W_V
+        text = (
+            text.replace("W_QK = W_Q.T @ W_K", "W_OV = W_V.T @ W_O.T")
+            .replace("|W_Q_new^T W_K - target|", "|W_V_new^T W_O^T - target|")
+            .replace("W_QK", "W_OV")
+        )
+    return text
+
+
+def _conditions(res: Mapping[str, Any], ref: Mapping[str, Any] | None) -> list[str]:
+    """The title, the reference note and the conditions of the run."""
+    meta, var = res["metadata"], res["variance"]
+    c, proto = meta["model_config"], meta["protocol"]
     n = var["n_heads"]
-    base = res["baseline"]["ppl"]
-    gate_k, gate_t = meta["gate"]["K"], meta["gate"]["threshold"]
     started = (res.get("timings", {}).get("runs") or [{}])[0].get("started", "?")
     s: list[str] = [
         f"# Experiment 6: Universal Weight Subspace -- PCA of W_QK and its functional impact ({meta['model']})",
@@ -92,6 +105,14 @@ def _model_section(res: Mapping[str, Any]) -> str:
         "## 1. Cumulative variance of W_QK (6A)",
         "",
     ]
+    return s
+
+
+def _variance_section(res: Mapping[str, Any], ref: Mapping[str, Any] | None) -> list[str]:
+    """6A: components per variance threshold."""
+    var = res["variance"]
+    n = var["n_heads"]
+    s: list[str] = []
     header = ["threshold", "K", f"fraction of all ({n})"]
     if ref is not None:
         header += ["K (reference)", "fraction (reference)"]
@@ -113,8 +134,16 @@ def _model_section(res: Mapping[str, Any]) -> str:
             + ", ".join(f"PC{i + 1}={100 * x:.1f}%" for i, x in enumerate(ref["top_ratios"]))
             + ")"
         )
+    return s
+
+
+def _sweep_section(res: Mapping[str, Any], ref: Mapping[str, Any] | None) -> list[str]:
+    """6B: perplexity vs K."""
+    meta, chk = res["metadata"], res["checks"]
+    base = res["baseline"]["ppl"]
+    gate_t = meta["gate"]["threshold"]
     ka = chk["k_all"]
-    s += [
+    s = [
         "",
         "## 2. Perplexity vs number of components K (6B)",
         "",
@@ -148,8 +177,14 @@ def _model_section(res: Mapping[str, Any]) -> str:
             row += [f"{100 * rv[0]:.1f}%", rv[1], _ratio(rv[2])] if rv else ["-", "-", "-"]
         rows.append(row)
     s += [_md_table(header, rows), ""]
+    return s
+
+
+def _clustering_section(res: Mapping[str, Any], ref: Mapping[str, Any] | None) -> list[str]:
+    """6C: perplexity with heads replaced by cluster representatives."""
+    n = res["variance"]["n_heads"]
     cl = res["clustering"]
-    s += [
+    s = [
         "## 3. Head clustering (6C)",
         "",
         f"k-means (n_init={cl['kmeans_n_init']}, seed={cl['seed']}) on the top {cl['n_dims']} PCA coefficients; "
@@ -175,11 +210,19 @@ def _model_section(res: Mapping[str, Any]) -> str:
             row += [rv[0], rv[1], _ratio(rv[2])] if rv else ["-", "-", "-"]
         rows.append(row)
     s += [_md_table(header, rows) if rows else "(no cluster count below the number of heads)", ""]
+    return s
+
+
+def _map_gate_checks(res: Mapping[str, Any], ref: Mapping[str, Any] | None) -> list[str]:
+    """The 2D map, the predicted patterns, the gate, the checks and the files."""
+    meta, var, chk = res["metadata"], res["variance"], res["checks"]
+    gate_k, gate_t = meta["gate"]["K"], meta["gate"]["threshold"]
+    ka = chk["k_all"]
     pm = res["pca_map"]
     layers = np.array([p["layer"] for p in pm], dtype=float)
     pc1 = np.array([p["pc1"] for p in pm])
     r_layer = float(np.corrcoef(layers, pc1)[0, 1]) if layers.std() > 0 and pc1.std() > 0 else float("nan")
-    s += [
+    s = [
         "## 4. PCA 2D map",
         "",
         f"The first two components explain {100 * var['pc12_cumulative']:.1f}% of the variance"
@@ -220,15 +263,7 @@ def _model_section(res: Mapping[str, Any]) -> str:
         f"- `exp6c_cluster_viz_{meta['model']}.html/.png` -- PCA 2D map (by layer / by cluster)",
         "",
     ]
-    s += _extra_sections(res)
-    text = "\n".join(s)
-    if meta.get("circuit") == "ov":  # the same pipeline on OV circuits, edited through W_V
-        text = (
-            text.replace("W_QK = W_Q.T @ W_K", "W_OV = W_V.T @ W_O.T")
-            .replace("|W_Q_new^T W_K - target|", "|W_V_new^T W_O^T - target|")
-            .replace("W_QK", "W_OV")
-        )
-    return text
+    return s
 
 
 def _extra_sections(res: Mapping[str, Any]) -> list[str]:

@@ -1,0 +1,46 @@
+"""The recorded stories260K runs (one per flag family) are reproduced number for number."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import requires_shared
+
+ROOT = Path(__file__).resolve().parents[1]
+GOLDEN = Path(__file__).resolve().parent / "golden"
+
+
+def _tool():  # type: ignore[no-untyped-def]
+    spec = importlib.util.spec_from_file_location("golden_runs", ROOT / "tools" / "golden_runs.py")
+    assert spec and spec.loader
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+TOOL = _tool()
+
+
+def test_compare_can_fail() -> None:
+    old = {"metadata": {"package_versions": {"torch": "1"}}, "rows": [{"K": 1, "ratio": 2.0, "ppl": 3.0}]}
+    same = {
+        "metadata": {"package_versions": {"torch": "2"}},
+        "rows": [{"K": 1, "ratio": 2.0, "ppl": 3.0, "new": 1}],
+    }
+    assert TOOL.compare(old, same) == []  # versions ignored, added keys allowed
+    assert TOOL.compare(old, {**same, "rows": [{"K": 1, "ratio": 2.0000000000000004, "ppl": 3.0}]})
+    assert TOOL.compare(old, {**same, "rows": [{"ratio": 2.0, "K": 1, "ppl": 3.0}]})  # column order
+    assert TOOL.compare(old, {**same, "rows": []})
+    assert TOOL.compare({"a": 1}, {"a": 1.0})  # an int that became a float
+
+
+@requires_shared
+@pytest.mark.parametrize("family", sorted(TOOL.FAMILIES))
+def test_recorded_run_is_reproduced(family: str, tmp_path: Path) -> None:
+    recorded = json.loads((GOLDEN / family / "exp6_stories260K.json").read_text())
+    new = json.loads(TOOL.run_family(family, tmp_path).read_text())
+    assert TOOL.compare(recorded, new) == []
