@@ -24,7 +24,7 @@ import common
 import torch
 from transformer_lens import HookedTransformer
 
-from qk_subspace import fastpath
+from qk_subspace.model import fastpath
 
 RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
 

@@ -12,7 +12,7 @@ Measures (issue 7), all in one run:
     (order alternating), median and min-max spread, and the ratio; TransformerLens' standard
     forward once for reference;
   * the fp32 matmul peak (2048^3, best of 3, measured before every A/B repetition) and the achieved
-    GFLOP/s of each loop (FLOPs per token from ``qs.fastpath.flops_per_token``) as a fraction of it;
+    GFLOP/s of each loop (FLOPs per token from ``qs.model.fastpath.flops_per_token``) as a fraction of it;
   * peak RSS of evaluations of different numbers of chunks, each in a fresh subprocess;
   * the non-forward overhead of a sweep point (qk_matrices, PCA fit, reconstruct, inject, restore,
     gathering the fast path's weight views, k-means clustering) relative to one ctx-token evaluation.
@@ -176,9 +176,9 @@ def peak_bound(cfg: Any, ctx: int, tok_per_s: float, shares: dict[str, float], p
     copies: ``1 - shares[matmul group]`` of the measured time per token) and replaces the matmul time
     by its FLOPs (all counted FLOPs but the attention mixing) at ``peak_gflops``.
     """
-    total = qs.fastpath.flops_per_token(cfg, ctx)
+    total = qs.model.fastpath.flops_per_token(cfg, ctx)
     t_other = (1.0 - shares[next(iter(PROFILE_GROUPS))]) / tok_per_s
-    t_best = (total - qs.fastpath.attention_mix_flops(cfg, ctx)) / (peak_gflops * 1e9) + t_other
+    t_best = (total - qs.model.fastpath.attention_mix_flops(cfg, ctx)) / (peak_gflops * 1e9) + t_other
     return total / t_best / (peak_gflops * 1e9)
 
 
@@ -186,7 +186,7 @@ def profile_fast(model: Any, tokens: torch.Tensor) -> list[tuple[str, float]]:
     """Share of the fast forward's self CPU time per op group (one micro-batch, torch.profiler)."""
     from torch.profiler import ProfilerActivity, profile
 
-    from qk_subspace import fastpath
+    from qk_subspace.model import fastpath
 
     fastpath.fast_chunk_nll(model, tokens)
     with profile(activities=[ProfilerActivity.CPU]) as prof:
@@ -201,7 +201,7 @@ def profile_fast(model: Any, tokens: torch.Tensor) -> list[tuple[str, float]]:
 # ----------------------------------------------------------------------------- sweep overhead
 def sweep_overhead(model: Any, reps: int) -> dict[str, float]:
     """Median seconds of the non-forward steps of a sweep point."""
-    from qk_subspace import fastpath
+    from qk_subspace.model import fastpath
 
     times: dict[str, list[float]] = {
         k: []
@@ -357,10 +357,10 @@ def main() -> None:
     ctx = min(1024, tl.cfg.n_ctx)
     tokens, token_src = common.eval_tokens(tokenizer, ctx, tl.cfg.d_vocab)
     n_params = sum(p.numel() for p in tl.parameters())
-    flops_tok = qs.fastpath.flops_per_token(tl.cfg, ctx)
+    flops_tok = qs.model.fastpath.flops_per_token(tl.cfg, ctx)
     print(
         f"{label}: {n_params / 1e6:.1f}M parameters, tokens {tuple(tokens.shape)} ({token_src}), "
-        f"{flops_tok / 1e6:.1f} MFLOP/token; fast path: {qs.fastpath.unsupported_reason(tl) or 'supported'}"
+        f"{flops_tok / 1e6:.1f} MFLOP/token; fast path: {qs.model.fastpath.unsupported_reason(tl) or 'supported'}"
     )
 
     # 1. loss agreement on one chunk

@@ -79,7 +79,7 @@ def main() -> None:
     )
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    from qk_subspace import injection
+    from qk_subspace.edits import qk as injection
 
     if hasattr(injection, "INJECTION_THREADS"):  # absent before the optimisation
         injection.INJECTION_THREADS = (
@@ -98,7 +98,7 @@ def main() -> None:
         t2 = time.perf_counter()
         edit.__exit__(None, None, None)
         t3 = time.perf_counter()
-        return t1 - t0, t2 - t1, t3 - t2, float(edit.residual.max())
+        return t1 - t0, t2 - t1, t3 - t2, float(edit.max_abs_error.max())
 
     first = point()
     rows = [point() for _ in range(args.reps)]

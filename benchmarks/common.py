@@ -29,6 +29,12 @@ CLUSTER_PCA_DIMS = 20
 REPORT_TOKENS = 199_680  # 195 x 1024
 
 
+#: GPT-2 small's shape, in TransformerLens' config names.
+GPT2_SMALL_SHAPE = dict(
+    n_layers=12, d_model=768, n_heads=12, d_head=64, d_mlp=3072, n_ctx=1024, d_vocab=50257
+)
+
+
 def gpt2_small_config(
     dtype: torch.dtype = torch.float32, device: str = "cpu", normalization_type: str = "LN"
 ) -> Any:
@@ -36,13 +42,7 @@ def gpt2_small_config(
     from transformer_lens import HookedTransformerConfig
 
     return HookedTransformerConfig(
-        n_layers=12,
-        d_model=768,
-        n_heads=12,
-        d_head=64,
-        d_mlp=3072,
-        n_ctx=1024,
-        d_vocab=50257,
+        **GPT2_SMALL_SHAPE,
         act_fn="gelu_new",
         normalization_type=normalization_type,
         dtype=dtype,
@@ -63,15 +63,11 @@ def gpt2_small_pair(seed: int = 0) -> tuple[Any, Any]:
     from transformers import GPT2Config, GPT2LMHeadModel
 
     torch.manual_seed(seed)
+    g = GPT2_SMALL_SHAPE
     hf_cfg = GPT2Config(
-        n_layer=12,
-        n_embd=768,
-        n_head=12,
-        n_positions=1024,
-        n_ctx=1024,
-        vocab_size=50257,
-        activation_function="gelu_new",
-    )
+        n_layer=g["n_layers"], n_embd=g["d_model"], n_head=g["n_heads"], n_positions=g["n_ctx"], n_ctx=g["n_ctx"],
+        vocab_size=g["d_vocab"], activation_function="gelu_new",
+    )  # fmt: skip
     hf = GPT2LMHeadModel._from_config(hf_cfg, attn_implementation="sdpa").eval()
     cfg = gpt2_small_config()
     tl = HookedTransformer(cfg)

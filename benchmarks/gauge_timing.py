@@ -22,6 +22,7 @@ from transformer_lens import HookedTransformer
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import qk_subspace as qs
+from qk_subspace.edits.circuit import circuit_injection_weights
 
 
 def main() -> None:
@@ -64,15 +65,22 @@ def main() -> None:
 
     timed("canonical_gauge_enter_exit", canon_roundtrip)
     timed("raw_pca_fit", lambda: qs.HeadPCA().fit(qs.qk_matrices(model)))
-    cpca = timed("circuit_pca_fit_gram_trick", lambda: qs.CircuitPCA().fit(model))
+    circuit = qs.representations.get("qk-circuit")
+    cpca = timed("circuit_pca_fit_gram_trick", lambda: qs.HeadPCA().fit(circuit.heads(model)))
     if args.materialize:
-        c2 = timed("circuit_pca_fit_materialized", lambda: qs.CircuitPCA(materialize=True).fit(model))
+        W_Q, W_K = cpca.heads_.W_Q, cpca.heads_.W_K
+        heads = qs.representations.CircuitHeads(W_Q, W_K, materialize=True)
+        c2 = timed("circuit_pca_fit_materialized", lambda: qs.HeadPCA().fit(heads))
         res["gram_trick_vs_materialized_max_rel"] = float(
             abs(c2.explained_variance_ - cpca.explained_variance_).max() / cpca.explained_variance_[0]
         )
-    timed("circuit_injection_weights_K10", lambda: cpca.injection_weights(cpca.mixing_matrix(K=10)))
+    h = cpca.heads_
+    timed(
+        "circuit_injection_weights_K10",
+        lambda: circuit_injection_weights(h.W_Q, h.W_K, h.gram(), cpca.mixing(K=10).matrix()),
+    )
     timed("layerwise_pca_fit", lambda: qs.HeadPCA(groupby="layer").fit(qs.qk_matrices(model)))
-    timed("spectrum_nulls_raw_5seeds", lambda: qs.spectrum_nulls(model, "raw", n_seeds=5))
+    timed("spectrum_nulls_raw_5seeds", lambda: qs.decomposition.nulls.spectrum_nulls(model, "qk", n_seeds=5))
     st = timed(
         "gauge_study_ks3_1gauge",
         lambda: qs.gauge_study(model, tokens, [0, 10, 143], n_gauges=1, progress=False, n_boot=200),

@@ -36,7 +36,7 @@ def main() -> None:
         ctx=1024,
         batch_size=args.batch_size,
         ks=None,  # the report's grid (scaled to 384 heads for GPT-2 medium)
-        cluster_ks=qs.REPORT_CLUSTER_GRID,
+        cluster_ks=qs.decomposition.clustering.REPORT_CLUSTER_GRID,
         n_dims=20,
         seed=0,
         device=args.device,

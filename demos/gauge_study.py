@@ -22,7 +22,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run from a checkout without installing
 
 import qk_subspace as qs
-from qk_subspace.plots import save_figure
+from qk_subspace.viz import save_figure
+
+#: The QK representation of each PCA space.
+REPRESENTATION = {"raw": "qk", "canonical": "qk-canonical", "circuit": "qk-circuit"}
 
 SHARED = ROOT.parent / "shared" / "data"
 
@@ -104,7 +107,7 @@ def main() -> None:
         )
         timings["gauge_study"] = time.time() - t
         title = f"Gauge dependence of the QK PCA ({Path(args.model).name}, {tokens.shape[0]}x{tokens.shape[1]} tokens)"
-        save_figure(qs.gauge_figure(study, title=title), out, "gauge")
+        save_figure(qs.viz.gauge.gauge_figure(study, title=title), out, "gauge")
         study.table.to_csv(out / "gauge_table.csv", index=False)
         dump("gauge_study", {**result, **study.summary(), "timings_s": timings})
         real = {
@@ -118,8 +121,14 @@ def main() -> None:
 
     if "canonical" in sections:
         t = time.time()
-        canon = qs.sweep_space(
-            model, tokens, ks, space="canonical", baseline=base, batch_size=args.batch_size, progress=progress
+        canon = qs.sweep(
+            model,
+            tokens,
+            ks,
+            representation="qk-canonical",
+            baseline=base,
+            batch_size=args.batch_size,
+            progress=progress,
         )
         timings["canonical_sweep"] = time.time() - t
         canon.to_csv(out / "canonical_sweep.csv", index=False)
@@ -133,31 +142,33 @@ def main() -> None:
             t = time.time()
             real_sp = real.get(sp)
             if real_sp is None:  # the real PCA's curve on the same K grid (gauge section not run)
-                real_sp = qs.sweep_space(
+                real_sp = qs.sweep(
                     model,
                     tokens,
                     [0, *ks_rand],
-                    space=sp,
-                    baseline=base,  # type: ignore[arg-type]
+                    representation=REPRESENTATION[sp],
+                    baseline=base,
                     batch_size=args.batch_size,
                     progress=progress,
                 )
-            nulls = qs.spectrum_nulls(model, sp, n_seeds=5, seed=0)  # type: ignore[arg-type]
-            rand = qs.random_subspace_sweep(
+            nulls = qs.decomposition.nulls.spectrum_nulls(model, REPRESENTATION[sp], n_seeds=5, seed=0)
+            rand = qs.evaluation.sweeps.random_subspace_sweep(
                 model,
                 tokens,
                 ks_rand,
-                space=sp,
-                n_seeds=args.random_seeds,  # type: ignore[arg-type]
+                representation=REPRESENTATION[sp],
+                n_seeds=args.random_seeds,
                 baseline=base,
                 batch_size=args.batch_size,
                 progress=progress,
             )
             timings[f"baselines_{sp}"] = time.time() - t
-            fig = qs.baselines_figure(nulls, real_sp, rand, title=f"{sp} space: real PCA vs null baselines")
+            fig = qs.viz.nulls.baselines_figure(
+                nulls, real_sp, rand, title=f"{sp} space: real PCA vs null baselines"
+            )
             save_figure(fig, out, f"baselines_{sp}")
             rand.to_csv(out / f"random_subspace_{sp}.csv", index=False)
-            summ = qs.summarize_random(rand)
+            summ = qs.decomposition.nulls.summarize_random(rand)
             payload[sp] = {
                 "real": real_sp[["K", "cumulative_variance", "ratio"]].to_dict(orient="records"),
                 "spectrum_nulls": nulls.to_dict(orient="records"),
@@ -175,18 +186,18 @@ def main() -> None:
         payload = dict(result)
         for sp in ("raw", "circuit"):
             t = time.time()
-            lw = qs.compare_layerwise_global(
+            lw = qs.evaluation.sweeps.compare_layerwise_global(
                 model,
                 tokens,
                 ks_layer,
-                space=sp,
-                baseline=base,  # type: ignore[arg-type]
+                representation=REPRESENTATION[sp],
+                baseline=base,
                 batch_size=args.batch_size,
                 progress=progress,
             )
             timings[f"layerwise_{sp}"] = time.time() - t
             title = f"{sp} space: per-layer vs global PCA at equal parameter count"
-            save_figure(qs.layerwise_figure(lw, title=title), out, f"layerwise_{sp}")
+            save_figure(qs.viz.layerwise.layerwise_figure(lw, title=title), out, f"layerwise_{sp}")
             lw.to_csv(out / f"layerwise_{sp}.csv", index=False)
             payload[sp] = lw.to_dict(orient="records")
             cols = ["groupby", "K_layer", "K", "n_params", "global_variance", "ratio", "max_residual"]

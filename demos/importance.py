@@ -30,7 +30,8 @@ import numpy as np
 import torch
 
 import qk_subspace as qs
-from qk_subspace.plots import SEED_REPORT_RATIOS, save_figure
+from qk_subspace.viz import save_figure
+from qk_subspace.viz.importance import SEED_REPORT_RATIOS
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared" / "data"
@@ -60,7 +61,7 @@ def replot(out: Path) -> dict[str, Any]:
 
     r = json.loads((out / "importance.json").read_text())
     sw_var, sw_imp = pd.DataFrame(r["sweep_variance"]), pd.DataFrame(r["sweep_importance"])
-    fig = qs.importance_overlay_figure(
+    fig = qs.viz.importance.importance_overlay_figure(
         sw_var,
         sw_imp,
         reference=SEED_REPORT_RATIOS,
@@ -73,7 +74,9 @@ def replot(out: Path) -> dict[str, Any]:
         {"mode": r["head_importance"]["mode"], "K": r["head_importance"]["K"], "circuit": r["circuit"]}
     )
     r["figures"]["heads"] = save_figure(
-        qs.head_importance_figure(heads), out, f"heads_{r['circuit']}_K{r['head_importance']['K']}"
+        qs.viz.importance.head_importance_figure(heads),
+        out,
+        f"heads_{r['circuit']}_K{r['head_importance']['K']}",
     )
     (out / "importance.json").write_text(json.dumps(_jsonable(r), indent=1))
     return r
@@ -86,7 +89,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     )
     ap.add_argument("--text", default=str(DEFAULT_TEXT), help="plain-text file to evaluate on")
     ap.add_argument("--wikitext", default=None, help="use WikiText-2 (this wiki.test.raw) instead of --text")
-    ap.add_argument("--circuit", choices=qs.ov.CIRCUITS, default="qk")
+    ap.add_argument("--circuit", choices=("qk", "ov"), default="qk")
     ap.add_argument("--ctx", type=int, default=256)
     ap.add_argument("--rank-tokens", type=int, default=8192, help="tokens for drop-one / gradient ranking")
     ap.add_argument("--eval-tokens", type=int, default=16384, help="tokens for the K sweeps (disjoint)")
@@ -129,7 +132,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         f"ranking on {tuple(rank_toks.shape)}, evaluating on {tuple(eval_toks.shape)} (disjoint)"
     )
 
-    W = qs.circuit_matrices(model, args.circuit)
+    W = qs.representations.get(args.circuit).matrices(model)
     pca = qs.HeadPCA().fit(W)
     print(
         f"{args.circuit.upper()} PCA: {pca.n_heads_} heads, {pca.n_nonzero_components_} non-zero components"
@@ -138,21 +141,31 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     # 1-2. rankings
     t = time.time()
     drop = qs.component_importance(
-        model, pca, rank_toks, "drop_one", circuit=args.circuit, batch_size=args.batch_size, progress=progress
+        model,
+        pca,
+        rank_toks,
+        "drop_one",
+        representation=args.circuit,
+        batch_size=args.batch_size,
+        progress=progress,
     )
     t_drop = time.time() - t
     t = time.time()
-    grad = qs.component_importance(model, pca, rank_toks, "gradient", circuit=args.circuit, progress=progress)
+    grad = qs.component_importance(
+        model, pca, rank_toks, "gradient", representation=args.circuit, progress=progress
+    )
     t_grad = time.time() - t
     score = args.score or "delta_nll"
     corr = {
-        s: qs.rank_correlation(drop, grad, score, s)
+        s: qs.evaluation.importance.rank_correlation(drop, grad, score, s)
         for s in ("fisher", "taylor", "taylor_abs", "taylor_fisher")
     }
-    corr["explained_variance_ratio"] = qs.rank_correlation(drop, drop, score, "explained_variance_ratio")
+    corr["explained_variance_ratio"] = qs.evaluation.importance.rank_correlation(
+        drop, drop, score, "explained_variance_ratio"
+    )
     for k, v in corr.items():
         print(f"Spearman(drop-one {score}, {k}) = {v['spearman']:+.3f} (p={v['p_value']:.2g}, n={v['n']})")
-    order = qs.importance_order(drop, score)
+    order = qs.evaluation.importance.importance_order(drop, score)
     print("importance order (drop-one):", order)
 
     # 3. sweeps
@@ -160,7 +173,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if args.ks == "all":
         ks = list(range(n_all + 1))
     elif args.ks == "report":
-        ks = [0, *[k for k in qs.REPORT_K_GRID if k < n_all], n_all]
+        ks = [0, *[k for k in qs.evaluation.sweeps.REPORT_K_GRID if k < n_all], n_all]
     else:
         ks = [int(k) for k in args.ks.split(",")]
     baseline = qs.perplexity(model, eval_toks, batch_size=args.batch_size, progress=progress, desc="baseline")
@@ -168,18 +181,21 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "batch_size": args.batch_size,
         "progress": progress,
         "baseline": baseline,
-        "circuit": args.circuit,
+        "representation": args.circuit,
     }
     t = time.time()
     sw_var = qs.sweep_k(model, pca, eval_toks, ks, order="variance", **common)
     sw_imp = qs.sweep_k(model, pca, eval_toks, ks, order="importance", importance=order, **common)
     t_sweeps = time.time() - t
-    reach = {"variance": qs.k_reaching(sw_var, 1.1), "importance": qs.k_reaching(sw_imp, 1.1)}
+    reach = {
+        "variance": qs.evaluation.importance.k_reaching(sw_var, 1.1),
+        "importance": qs.evaluation.importance.k_reaching(sw_imp, 1.1),
+    }
     print(
         f"baseline ppl {baseline.ppl:.4f}; K reaching 1.1x: variance {reach['variance']}, "
         f"importance {reach['importance']}"
     )
-    fig = qs.importance_overlay_figure(
+    fig = qs.viz.importance.importance_overlay_figure(
         sw_var,
         sw_imp,
         reference=SEED_REPORT_RATIOS,
@@ -191,18 +207,20 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     # 4. head level
     head_k = args.head_k if args.head_k is not None else pca.n_nonzero_components_ // 2
     t = time.time()
-    heads = qs.head_importance(
+    heads = qs.evaluation.importance.head_importance(
         model,
         pca,
         rank_toks,
         K=head_k,
         mode=args.head_mode,
-        circuit=args.circuit,
+        representation=args.circuit,
         batch_size=args.batch_size,
         progress=progress,
     )
     t_heads = time.time() - t
-    figures["heads"] = save_figure(qs.head_importance_figure(heads), out, f"heads_{args.circuit}_K{head_k}")
+    figures["heads"] = save_figure(
+        qs.viz.importance.head_importance_figure(heads), out, f"heads_{args.circuit}_K{head_k}"
+    )
     top = heads.sort_values("ratio", ascending=False).head(5)
     print(
         f"heads whose compression at K={head_k} costs most:",
@@ -228,7 +246,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "orderings": {
             "variance": sw_var.attrs["component_order"],
             "importance": sw_imp.attrs["component_order"],
-            "gradient_fisher": qs.importance_order(grad, "fisher"),
+            "gradient_fisher": qs.evaluation.importance.importance_order(grad, "fisher"),
         },
         "sweep_variance": _records(sw_var),
         "sweep_variance_attrs": dict(sw_var.attrs),
@@ -239,7 +257,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "K": head_k,
             "mode": args.head_mode,
             "rows": _records(heads),
-            "matrix_ratio": qs.head_importance_matrix(heads).tolist(),
+            "matrix_ratio": qs.evaluation.importance.head_importance_matrix(heads).tolist(),
         },
         "figures": figures,
         "seconds": {
@@ -254,7 +272,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     }
     if args.circuit == "ov":
         target = pca.reconstruct(K=head_k).to(model.W_U.device)
-        change = qs.head_output_change(
+        change = qs.evaluation.head_outputs.head_output_change(
             model,
             eval_toks,
             lambda: qs.inject_ov(model, target),

@@ -1,7 +1,7 @@
 """Which attention heads break first when the QK circuits are compressed to K PCA components?
 
 Sweeps K, compares every head's attention pattern with the original on a small diagnostic batch
-(qs.diagnostics_sweep), prints the heads that break first, and saves figures and a JSON summary.
+(qs.evaluation.diagnostics.diagnostics_sweep), prints the heads that break first, and saves figures and a JSON summary.
 
 Offline, on the real pretrained Llama-style model in ../shared (default)::
 
@@ -23,7 +23,8 @@ from pathlib import Path
 import torch
 
 import qk_subspace as qs
-from qk_subspace import plots
+from qk_subspace.viz import diagnostics as plots
+from qk_subspace.viz import save_figure
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 DEFAULT_MODEL = SHARED / "models" / "stories260K"
@@ -80,7 +81,12 @@ def main(argv: list[str] | None = None) -> dict:
         stream = stream[stream != model.tokenizer.bos_token_id]
     # the figure's sample text comes first, the diagnostic batch right after it (no overlap)
     sample = with_bos(model, stream[None, : args.sample_tokens])
-    diag = with_bos(model, qs.diagnostic_batch(stream, args.n_seqs, args.ctx, skip_tokens=args.sample_tokens))
+    diag = with_bos(
+        model,
+        qs.evaluation.diagnostics.diagnostic_batch(
+            stream, args.n_seqs, args.ctx, skip_tokens=args.sample_tokens
+        ),
+    )
 
     pca = qs.HeadPCA().fit(qs.qk_matrices(model))
     ks = args.ks or default_ks(pca.n_heads_)
@@ -89,7 +95,7 @@ def main(argv: list[str] | None = None) -> dict:
         f"{pca.n_nonzero_components_} non-zero components; K grid {ks}; diagnostic batch {tuple(diag.shape)}"
     )
     t1 = time.perf_counter()
-    long = qs.diagnostics_sweep(model, pca, diag, ks, batch_size=args.batch_size)
+    long = qs.evaluation.diagnostics.diagnostics_sweep(model, pca, diag, ks, batch_size=args.batch_size)
     t_sweep = time.perf_counter() - t1
 
     summary = long.groupby("K").agg(
@@ -102,7 +108,7 @@ def main(argv: list[str] | None = None) -> dict:
     )
     print("\nper-K summary (KL, JS in nats; kl_floored = fraction of rows where KL is a lower bound):")
     print(summary.to_string(float_format=lambda v: f"{v:.4g}"))
-    table = qs.breaking_heads(long, threshold=args.threshold, top=10)
+    table = qs.evaluation.diagnostics.breaking_heads(long, threshold=args.threshold, top=10)
     out = Path(args.out)
     written: dict[str, dict[str, str]] = {}
     png = not args.no_png
@@ -118,17 +124,17 @@ def main(argv: list[str] | None = None) -> dict:
         labels = model.to_str_tokens(sample[0])
         titles = {lh: f"KL={at.loc[f'L{lh[0]}H{lh[1]}', 'kl']:.3g} at K={k_break}" for lh in top}
         fig = plots.plot_pattern_comparison(pairs, labels, titles=titles)
-        written["patterns"] = plots.save_figure(fig, out, "patterns_side_by_side", png=png)
+        written["patterns"] = save_figure(fig, out, "patterns_side_by_side", png=png)
         if args.docs_figure:
             Path(args.docs_figure).parent.mkdir(parents=True, exist_ok=True)
             fig.write_image(args.docs_figure, scale=1)
-        written["breaking_table"] = plots.save_figure(
+        written["breaking_table"] = save_figure(
             plots.plot_breaking_heads_table(table), out, "breaking_heads", png=png
         )
-    written["kl_heatmap"] = plots.save_figure(
+    written["kl_heatmap"] = save_figure(
         plots.plot_head_metric_heatmap(long, "kl"), out, "kl_heatmap", png=png
     )
-    written["layer_kl_vs_k"] = plots.save_figure(
+    written["layer_kl_vs_k"] = save_figure(
         plots.plot_layer_metric_vs_k(long, "kl"), out, "layer_kl_vs_k", png=png
     )
 
@@ -149,9 +155,9 @@ def main(argv: list[str] | None = None) -> dict:
         "diag_batch": list(diag.shape),
         "threshold": args.threshold,
         "K_break": table.attrs.get("K_break"),
-        "breaking_heads": qs.diagnostics_to_records(table),
-        "summary": qs.diagnostics_to_records(summary.reset_index()),
-        "attention_diagnostics": qs.diagnostics_to_records(long),
+        "breaking_heads": qs.evaluation.diagnostics.diagnostics_to_records(table),
+        "summary": qs.evaluation.diagnostics.diagnostics_to_records(summary.reset_index()),
+        "attention_diagnostics": qs.evaluation.diagnostics.diagnostics_to_records(long),
         "figures": written,
         "seconds": {"sweep": round(t_sweep, 2), "total": round(time.perf_counter() - t0, 2)},
     }

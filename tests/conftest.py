@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -69,6 +70,27 @@ def make_model(
                 p.copy_(0.1 * torch.randn(p.shape, generator=g, dtype=p.dtype))
     model.eval()
     return model
+
+
+@pytest.fixture
+def stories260k() -> tuple[Path, Path]:
+    """``(model directory, TinyStories text)`` of the real offline data in ``../shared`` (skips without it)."""
+    if not STORIES.is_dir():
+        pytest.skip("needs ../shared/data (real offline model and data) beside the repo")
+    return STORIES, TINYSTORIES
+
+
+def load_tool(name: str) -> Any:
+    """A script of ``tools/`` as a module (the tools are not a package)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(
+        name, Path(__file__).resolve().parents[1] / "tools" / f"{name}.py"
+    )
+    assert spec and spec.loader
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
 
 
 @pytest.fixture

@@ -2,23 +2,16 @@
 
 from __future__ import annotations
 
-import importlib.util
 import subprocess
 import sys
 from pathlib import Path
 
+from tests.conftest import load_tool
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _tool():  # type: ignore[no-untyped-def]
-    spec = importlib.util.spec_from_file_location("arch_metrics", ROOT / "tools" / "arch_metrics.py")
-    assert spec and spec.loader
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
-ARCH = _tool()
+ARCH = load_tool("arch_metrics")
 
 
 def test_no_import_cycles_between_package_modules() -> None:

@@ -16,7 +16,7 @@ from qk_subspace.cli import main
 from qk_subspace.experiment.inputs import sha256_tokens
 from qk_subspace.experiment.store import TIMINGS_KEY, atomic_write_json, without_timings
 from tests.conftest import make_model
-from tests.tiny_checkpoint import cli_run_args, save_tiny_gpt2, write_text
+from tests.tiny_checkpoint import tiny_cli_setup
 
 N_TOKENS, CTX = 1024, 32
 DIAG = ("--diagnostics", "--diag-seqs", "4", "--diag-ctx", "32")
@@ -25,11 +25,10 @@ DIAG = ("--diagnostics", "--diag-seqs", "4", "--diag-ctx", "32")
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory: pytest.TempPathFactory) -> dict:
     d = tmp_path_factory.mktemp("features")
-    text = write_text(d / "stories.txt", n_words=3000)
-    model_dir = save_tiny_gpt2(d / "tiny", text.read_text())
-    base = cli_run_args(
-        model_dir, text, n_tokens=N_TOKENS, ctx=CTX, ks="0,2", cluster_ks="2,4", n_dims=4, n_boot=100
-    )
+    model_dir, text, base = tiny_cli_setup(
+        d, 3000, n_tokens=N_TOKENS, ctx=CTX, ks="0,2", cluster_ks="2,4",
+        n_dims=4, n_boot=100,
+    )  # fmt: skip
     model = qs.load_model(model_dir, dtype=torch.float32)
     stream = qs.chunk_text(model.tokenizer, text.read_text(), None, 2).flatten()
     return {"base": base, "model": model, "stream": stream, "dir": d}

@@ -13,19 +13,17 @@ import torch
 import qk_subspace as qs
 from qk_subspace.cli import main
 from qk_subspace.experiment.store import TIMINGS_KEY, atomic_write_json, without_timings
-from tests.tiny_checkpoint import cli_run_args, save_tiny_gpt2, write_text
+from tests.tiny_checkpoint import tiny_cli_setup
 
 N_TOKENS, CTX, N_HEADS = 512, 32, 8
 
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory: pytest.TempPathFactory) -> dict:
-    d = tmp_path_factory.mktemp("space")
-    text = write_text(d / "stories.txt", n_words=2000)
-    model_dir = save_tiny_gpt2(d / "tiny", text.read_text())
-    base = cli_run_args(
-        model_dir, text, n_tokens=N_TOKENS, ctx=CTX, ks="0,2", cluster_ks="2", n_dims=3, n_boot=50
-    )
+    model_dir, text, base = tiny_cli_setup(
+        tmp_path_factory.mktemp("space"), 2000, n_tokens=N_TOKENS, ctx=CTX, ks="0,2", cluster_ks="2", n_dims=3,
+        n_boot=50,
+    )  # fmt: skip
     return {"base": base, "dir": model_dir, "text": text}
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -17,14 +18,7 @@ from transformer_lens import head_detector
 import qk_subspace as qs
 import qk_subspace.evaluation.diagnostics as diag_mod
 from qk_subspace.evaluation.diagnostics import DIVERGENCE_COLUMNS, HEAD_SCORE_NAMES, attention_diagnostics
-from tests.conftest import (
-    STORIES,
-    TINYSTORIES,
-    assert_params_equal,
-    make_model,
-    param_snapshot,
-    requires_shared,
-)
+from tests.conftest import assert_params_equal, make_model, param_snapshot
 
 
 def _toks(n: int = 3, pos: int = 16, seed: int = 0, vocab: int = 50) -> torch.Tensor:
@@ -383,8 +377,8 @@ def test_show_patterns_circuitsvis() -> None:
     assert "L0H1 edited" in str(out)
 
 
-@requires_shared
-def test_stories260k_k_all_is_exact() -> None:
+def test_stories260k_k_all_is_exact(stories260k: tuple[Path, Path]) -> None:
+    STORIES, TINYSTORIES = stories260k
     model = qs.load_model(STORIES)
     text = TINYSTORIES.read_text()[:3000]
     toks = model.tokenizer(text, return_tensors="pt").input_ids[:, :64].reshape(2, 32)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import types
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -13,14 +14,7 @@ from transformer_lens import HookedTransformer, HookedTransformerConfig
 import qk_subspace as qs
 from qk_subspace.edits.parameter_edit import ParameterEdit
 from qk_subspace.model import fastpath
-from tests.conftest import (
-    STORIES,
-    TINYSTORIES,
-    assert_params_equal,
-    make_model,
-    param_snapshot,
-    requires_shared,
-)
+from tests.conftest import assert_params_equal, make_model, param_snapshot
 
 
 def _cfg_model(dtype: torch.dtype = torch.float32, seed: int = 0, **overrides) -> HookedTransformer:
@@ -298,25 +292,15 @@ def test_bfloat16_close_to_standard() -> None:
 
 
 def test_flops_per_token_gpt2_small() -> None:
-    cfg = HookedTransformerConfig(
-        n_layers=12,
-        d_model=768,
-        n_heads=12,
-        d_head=64,
-        d_mlp=3072,
-        n_ctx=1024,
-        d_vocab=50257,
-        act_fn="gelu_new",
-        normalization_type="LN",
-        device="cpu",
-    )
+    shape = dict(n_layers=12, d_model=768, n_heads=12, d_head=64, d_mlp=3072, n_ctx=1024, d_vocab=50257)
+    cfg = HookedTransformerConfig(**shape, act_fn="gelu_new", normalization_type="LN", device="cpu")
     d, L, V, T = 768, 12, 50257, 1024
     expected = L * (2 * 4 * d * d + 2 * 2 * d * 4 * d + 4 * d * (T + 1) / 2) + 2 * d * V
     assert fastpath.flops_per_token(cfg, T) == pytest.approx(expected)
 
 
-@requires_shared
-def test_real_stories260k_fast_equals_standard() -> None:
+def test_real_stories260k_fast_equals_standard(stories260k: tuple[Path, Path]) -> None:
+    STORIES, TINYSTORIES = stories260k
     model = qs.load_model(str(STORIES))
     assert fastpath.unsupported_reason(model) is None, fastpath.unsupported_reason(model)
     text = TINYSTORIES.read_text()[:20000]

@@ -16,14 +16,9 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
 
 def _rotary_model(rotary_dim: int, adjacent: bool, dtype: torch.dtype = torch.float32) -> HookedTransformer:
     """Rotary model with non-rotated head dims and/or GPT-J style adjacent pairs, biases non-zero."""
+    shape = dict(n_layers=2, d_model=32, n_heads=4, d_head=8, d_mlp=64, n_ctx=32, d_vocab=50)
     cfg = HookedTransformerConfig(
-        n_layers=2,
-        d_model=32,
-        n_heads=4,
-        d_head=8,
-        d_mlp=64,
-        n_ctx=32,
-        d_vocab=50,
+        **shape,
         seed=0,
         dtype=dtype,
         device="cpu",
@@ -171,18 +166,8 @@ def test_canonical_gauge_rotary_modes(tokens: torch.Tensor) -> None:
 
 
 def test_unsupported_models_are_refused() -> None:
-    cfg = HookedTransformerConfig(
-        n_layers=1,
-        d_model=16,
-        n_heads=2,
-        d_head=8,
-        n_ctx=8,
-        d_vocab=20,
-        act_fn="gelu",
-        attn_only=True,
-        use_qk_norm=True,
-        device="cpu",
-    )
+    shape = dict(n_layers=1, d_model=16, n_heads=2, d_head=8, n_ctx=8, d_vocab=20)
+    cfg = HookedTransformerConfig(**shape, act_fn="gelu", attn_only=True, use_qk_norm=True, device="cpu")
     model = HookedTransformer(cfg)
     with pytest.raises(ValueError, match="qk_norm"):
         qs.random_gauge(model)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -9,14 +11,7 @@ import torch
 
 import qk_subspace as qs
 from qk_subspace.evaluation.importance import _loss_per_chunk
-from tests.conftest import (
-    STORIES,
-    TINYSTORIES,
-    assert_params_equal,
-    make_model,
-    param_snapshot,
-    requires_shared,
-)
+from tests.conftest import assert_params_equal, make_model, param_snapshot
 
 
 def inject(circuit: str):  # type: ignore[no-untyped-def]
@@ -254,8 +249,8 @@ def test_validation_errors() -> None:
         qs.component_importance(model, qs.HeadPCA(), toks, progress=False)
 
 
-@requires_shared
-def test_gradient_ranks_like_drop_one_on_stories260k() -> None:
+def test_gradient_ranks_like_drop_one_on_stories260k(stories260k: tuple[Path, Path]) -> None:
+    STORIES, TINYSTORIES = stories260k
     model = qs.load_model(STORIES)
     text = TINYSTORIES.read_text(encoding="utf-8")[:20000]
     toks = qs.chunk_text(model.tokenizer, text, n_tokens=2 * 64, ctx=64)

@@ -15,7 +15,7 @@ import pytest
 import qk_subspace as qs
 from qk_subspace.cli import main
 from qk_subspace.experiment.store import TIMINGS_KEY, atomic_write_json, without_timings
-from tests.tiny_checkpoint import cli_run_args, save_tiny_gpt2, write_text
+from tests.tiny_checkpoint import tiny_cli_setup
 
 ROOT = Path(__file__).resolve().parents[1]
 KS = "0,2,4,6"
@@ -26,10 +26,8 @@ N_POINTS = 1 + 5 + 3  # baseline + K grid (+ 8 = all) + cluster counts
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory: pytest.TempPathFactory) -> dict:
     d = tmp_path_factory.mktemp("resume")
-    text = write_text(d / "stories.txt", n_words=3000)
-    model = save_tiny_gpt2(d / "tiny", text.read_text())
-    args = cli_run_args(
-        model, text, n_tokens=1024, ctx=64, ks=KS, cluster_ks=CLUSTER_KS, n_dims=4, n_boot=100
+    model, text, args = tiny_cli_setup(
+        d, 3000, n_tokens=1024, ctx=64, ks=KS, cluster_ks=CLUSTER_KS, n_dims=4, n_boot=100
     )
     ref = d / "reference"
     assert main([*args, "--out", str(ref)]) == 0  # an uninterrupted run

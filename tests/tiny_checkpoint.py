@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -127,3 +128,11 @@ def cli_run_args(
         "--no-png",
         "--no-progress",
     ]  # fmt: skip
+
+
+def tiny_cli_setup(directory: Path, n_words: int, **run: Any) -> tuple[Path, Path, list[str]]:
+    """A text of ``n_words`` words and a tiny GPT-2 trained on it in ``directory``, with the
+    ``qk-subspace run`` arguments of :func:`cli_run_args` (``run``: its keyword options)."""
+    text = write_text(directory / "stories.txt", n_words=n_words)
+    model_dir = save_tiny_gpt2(directory / "tiny", text.read_text())
+    return model_dir, text, cli_run_args(model_dir, text, **run)

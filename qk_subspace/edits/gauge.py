@@ -45,7 +45,7 @@ the rotated part of ``W_Q^T W_K`` is canonical only up to that construction, not
 ``rotary="error"`` refuses instead, ``rotary="svd"`` applies the SVD basis anyway with a warning
 (the model's outputs then change; only useful for looking at the position-0 circuit).
 
-All writes go through :class:`qk_subspace.injection.ParameterEdit`; leaving the ``with`` block
+All writes go through :class:`qk_subspace.edits.parameter_edit.ParameterEdit`; leaving the ``with`` block
 restores every parameter bit for bit.
 """
 

@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from ..model.heads import head_labels
+from ..model.heads import head_labels, parse_heads
 from ..model.weights import model_device
 from .parameter_edit import ParameterEdit
 
@@ -46,6 +46,13 @@ class HeadEdit(ParameterEdit):
     residual: torch.Tensor
     residual_total: float
     max_abs_error: torch.Tensor | None = None
+
+    def _set_targets(self, model: Any, target: torch.Tensor, heads: Any, cond_warn: float) -> None:
+        """Check head-space targets ``[n_layers, n_heads, d_head, d_head]`` and keep them with the heads to edit."""
+        check_head_targets(model, target)
+        self.heads = parse_heads(heads, model.cfg.n_layers, model.cfg.n_heads)
+        self.target = target
+        self.cond_warn = cond_warn
 
     def _record_residual(
         self, error_sq: torch.Tensor, intended_sq: torch.Tensor, max_abs: torch.Tensor | None = None

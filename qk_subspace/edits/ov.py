@@ -58,9 +58,8 @@ from typing import Any
 import torch
 
 from ..model.circuits import ov_matrices
-from ..model.heads import parse_heads
 from ..model.weights import kv_groups, value_parameter_name
-from .head_edit import COND_SINGULAR, COND_WARN, HeadEdit, check_head_targets
+from .head_edit import COND_SINGULAR, COND_WARN, HeadEdit
 
 __all__ = ["OVEdit", "inject_ov", "ov_injection_weights"]
 
@@ -130,11 +129,7 @@ class OVEdit(HeadEdit):
         heads: Iterable[int] | Iterable[tuple[int, int]] | torch.Tensor | None = None,
         cond_warn: float = COND_WARN,
     ) -> None:
-        check_head_targets(model, target)
-        cfg = model.cfg
-        self.heads = parse_heads(heads, cfg.n_layers, cfg.n_heads)
-        self.target = target
-        self.cond_warn = cond_warn
+        self._set_targets(model, target, heads, cond_warn)
         super().__init__(model, self._ov_plan, name="inject_ov")
 
     def _ov_plan(self) -> dict[str, torch.Tensor]:

@@ -33,9 +33,9 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from ..model.heads import head_labels, parse_heads
+from ..model.heads import head_labels
 from ..model.weights import query_parameter_name
-from .head_edit import COND_SINGULAR, COND_WARN, HeadEdit, check_head_targets
+from .head_edit import COND_SINGULAR, COND_WARN, HeadEdit
 
 __all__ = [
     "INJECTION_CACHE_MAX_BYTES",
@@ -205,12 +205,8 @@ class QKEdit(HeadEdit):
     ) -> None:
         if method not in ("exact", "pinv"):
             raise ValueError(f"method must be 'exact' or 'pinv', got {method!r}")
-        check_head_targets(model, target)
-        cfg = model.cfg
-        self.heads = parse_heads(heads, cfg.n_layers, cfg.n_heads)
-        self.target = target
+        self._set_targets(model, target, heads, cond_warn)
         self.method = method
-        self.cond_warn = cond_warn
         self._checked_finite: list[torch.Tensor] = []
         self._used: dict[int, _LayerCache] = {}
         super().__init__(model, self._qk_plan, name=f"inject_qk(method={method!r})")

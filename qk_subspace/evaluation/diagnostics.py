@@ -12,12 +12,12 @@ both patterns to per-head sums on the fly. So at most one layer's original patte
 edited pattern being hooked are alive, never a cache of all layers, and no logits are computed.
 Micro-batches of ``batch_size`` sequences bound it further (default: automatic, so that one
 layer's pattern has at most 2^24 entries). Switching states between the two
-half-steps is done with :class:`~qk_subspace.injection.ParameterEdit` (exact, bit-for-bit restore).
+half-steps is done with :class:`~qk_subspace.edits.parameter_edit.ParameterEdit` (exact, bit-for-bit restore).
 
 Two ways to say what "edited" means:
 
 * ``target`` given: a ``[n_layers, n_heads, d_head, d_head]`` W_QK tensor. It is injected once
-  with :func:`~qk_subspace.injection.inject_qk` (to get the new ``W_Q`` and the per-head residual);
+  with :func:`~qk_subspace.edits.qk.inject_qk` (to get the new ``W_Q`` and the per-head residual);
   the current weights are the "original" state.
 * ``target=None``: the caller is already inside one or more qk_subspace edits
   (``with qs.inject_qk(...)``); the current weights are the "edited" state and the "original"
@@ -228,28 +228,33 @@ def _stream_pattern_pairs(
                     ) -> None:
                         on_layer(layer, kept["p"], pattern, batch)
 
-                    with _state(model, original):
-                        res_o = model.run_with_hooks(
-                            res_o,
-                            start_at_layer=layer,
-                            stop_at_layer=layer + 1,
-                            shortformer_pos_embed=sf_o,
-                            attention_mask=mask_o,
-                            fwd_hooks=[(hook_name, keep)],
-                        )
-                    with _state(model, edited):
-                        res_e = model.run_with_hooks(
-                            res_e,
-                            start_at_layer=layer,
-                            stop_at_layer=layer + 1,
-                            shortformer_pos_embed=sf_e,
-                            attention_mask=mask_e,
-                            fwd_hooks=[(hook_name, compare)],
-                        )
+                    res_o = _one_layer(model, original, res_o, layer, sf_o, mask_o, (hook_name, keep))
+                    res_e = _one_layer(model, edited, res_e, layer, sf_e, mask_e, (hook_name, compare))
                     kept.clear()
                     bar.update(1)
     finally:
         bar.close()
+
+
+def _one_layer(
+    model: Any,
+    state: WeightPlan | None,
+    resid: torch.Tensor,
+    layer: int,
+    shortformer: Any,
+    mask: Any,
+    hook: tuple[str, Callable[..., None]],
+) -> torch.Tensor:
+    """Run block ``layer`` on the residual stream ``resid`` ``[b, pos, d_model]`` in weight state ``state``."""
+    with _state(model, state):
+        return model.run_with_hooks(
+            resid,
+            start_at_layer=layer,
+            stop_at_layer=layer + 1,
+            shortformer_pos_embed=shortformer,
+            attention_mask=mask,
+            fwd_hooks=[hook],
+        )
 
 
 def auto_batch_size(model: Any, pos: int) -> int:

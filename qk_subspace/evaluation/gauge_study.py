@@ -1,7 +1,7 @@
 """How much of the PCA result is a property of the heads and how much of their coordinates?
 
 :func:`gauge_study` re-runs the analysis under several random model-preserving gauges
-(:func:`~qk_subspace.gauge.random_gauge`): the baseline perplexity must not move (checked to
+(:func:`~qk_subspace.edits.gauge.random_gauge`): the baseline perplexity must not move (checked to
 ``BASELINE_RTOL``); the raw ``W_Q^T W_K`` variance curve and PPL-vs-K curve do move; the
 circuit-space ones (the ``"qk-circuit"`` representation) must not, up to round-off.
 """

@@ -6,7 +6,7 @@ central finding is that this is not what the model needs (GPT-2 small: component
 directly.
 
 * ``method="drop_one"``: for each component ``j`` rebuild every head from the mean and all
-  components except ``j``, inject (exactly, see :mod:`qk_subspace.injection` / :mod:`qk_subspace.ov`),
+  components except ``j``, inject (exactly, see :mod:`qk_subspace.edits.qk` / :mod:`qk_subspace.edits.ov`),
   and measure the perplexity change, with a paired bootstrap CI over chunks.
 * ``method="gradient"``: per chunk, one forward and one backward pass give ``dL/dT`` for every
   head's circuit matrix ``T``; removing component ``j`` changes head h's matrix by
@@ -28,7 +28,7 @@ so ``dW_Q = U G^{-1} dT^T`` and, with ``g = dL/dW_Q`` (``[d_model, d_head]``, fr
 
 (note the transpose: ``G^{-1} U^T g`` is ``(dL/dT)^T``). At the unedited weights the injection
 map is the identity, so this is the derivative of the loss along exactly the edits we evaluate.
-The OV circuit (:mod:`qk_subspace.ov`) is the same with ``g = dL/dW_V`` and ``U = W_O^T``; for
+The OV circuit (:mod:`qk_subspace.edits.ov`) is the same with ``g = dL/dW_V`` and ``U = W_O^T``; for
 grouped-query models ``W_V`` is shared by the ``r`` query heads of a group and the injection
 solves them jointly, ``dW_V = U_g G_g^{-1} dR_g^T`` with ``U_g = [U_h1 | ... | U_hr]`` and
 ``R_g = [T_h1 - ... | ... | T_hr - ...]``, hence ``dL/dR_g = (G_g^{-1} U_g^T g)^T``

@@ -23,7 +23,7 @@ class PerplexityResult:
         mean_nll: mean negative log-likelihood per predicted token (nats).
         nll_per_chunk: ``[n_chunks]`` float64, mean NLL of each chunk (for paired comparisons).
         n_tokens: number of predicted tokens (each chunk predicts ``ctx - 1``).
-        path: forward used: ``"fast"`` (:mod:`qk_subspace.fastpath`), ``"standard"``
+        path: forward used: ``"fast"`` (:mod:`qk_subspace.model.fastpath`), ``"standard"``
             (TransformerLens' forward) or ``"mixed"`` (some micro-batches needed the standard one).
     """
 
@@ -90,7 +90,7 @@ def perplexity(
 
     ``fast`` (default ``None``: on unless ``QK_SUBSPACE_FAST=0`` or
     ``fastpath.set_fast_path_enabled(False)``) computes the same NLLs with the hook-free forward of
-    :mod:`qk_subspace.fastpath` on the same model and weights (edits in place included; within
+    :mod:`qk_subspace.model.fastpath` on the same model and weights (edits in place included; within
     float round-off of the standard forward), and never materialises the logits. Models or calls it
     cannot reproduce exactly -- any attached hook, unsupported configurations, see
     ``fastpath.unsupported_reason(model)`` -- use TransformerLens' forward; ``result.path`` says which.

@@ -1,7 +1,7 @@
 """The gauge-invariant representation: every head's full QK circuit ``C_h = W_Q W_K^T`` (``"qk-circuit"``).
 
 ``W_QK = W_Q^T W_K`` (the report's d_head x d_head matrix) changes under a per-head change of basis
-``W_Q -> W_Q G, W_K -> W_K G^{-T}`` that leaves the model unchanged (see :mod:`qk_subspace.gauge`);
+``W_Q -> W_Q G, W_K -> W_K G^{-T}`` that leaves the model unchanged (see :mod:`qk_subspace.edits.gauge`);
 ``C_h`` does not. PCA across heads of the flattened ``C_h`` needs only their Gram matrix, which is
 computable in d_head space without ever forming a ``d_model x d_model`` matrix:
 

@@ -31,7 +31,7 @@ def plot_head_metric_heatmap(
     """Layer x head heatmap of a per-head diagnostics metric, one frame per K with a slider.
 
     Args:
-        df: long frame of :func:`qk_subspace.diagnostics_sweep` (columns ``K``, ``layer``, ``head``,
+        df: long frame of :func:`qk_subspace.evaluation.diagnostics.diagnostics_sweep` (columns ``K``, ``layer``, ``head``,
             ``metric``), or a single-K frame of ``attention_diagnostics`` (no ``K`` column).
         metric: the column to show (e.g. ``"kl"``, ``"js"``, ``"tv"``, ``"top1_agreement"``).
         active_k: the K shown first (and in the PNG); default the smallest K.

@@ -2,60 +2,39 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import plotly.graph_objects as go
+
+from .common import add_pair, finish_two_panels, two_panels
 
 __all__ = ["layerwise_figure", "figures"]
 
 
 def layerwise_figure(
-    table: object, title: str = "Per-layer vs global PCA at equal parameter count"
+    table: Any, title: str = "Per-layer vs global PCA at equal parameter count"
 ) -> go.Figure:
     """Variance about the global mean (left) and PPL ratio (right) vs parameters stored.
 
-    ``table`` is :func:`qk_subspace.spaces.compare_layerwise_global` output.
+    ``table`` is :func:`qk_subspace.evaluation.sweeps.compare_layerwise_global` output.
     """
-    from plotly.subplots import make_subplots
-
-    fig = make_subplots(
-        rows=1,
-        cols=2,
-        subplot_titles=("variance explained (about the global mean)", "perplexity ratio (log)"),
-    )
-    for groupby, grp in table.groupby("groupby"):  # type: ignore[attr-defined]
+    fig = two_panels("variance explained (about the global mean)")
+    for groupby, grp in table.groupby("groupby"):
         name = "per layer" if groupby == "layer" else "global"
         color = "#2ca02c" if groupby == "layer" else "#000000"
         text = [f"K={k}" for k in grp["K"]]
-        fig.add_trace(
-            go.Scatter(
-                x=grp["n_params"],
-                y=grp["global_variance"],
-                mode="lines+markers",
-                name=name,
-                legendgroup=name,
-                text=text,
-                line=dict(color=color),
-            ),
-            row=1,
-            col=1,
+        add_pair(
+            fig,
+            grp["n_params"],
+            grp["global_variance"],
+            grp["ratio"],
+            name,
+            text=text,
+            line=dict(color=color),
         )
-        fig.add_trace(
-            go.Scatter(
-                x=grp["n_params"],
-                y=grp["ratio"],
-                mode="lines+markers",
-                name=name,
-                legendgroup=name,
-                showlegend=False,
-                text=text,
-                line=dict(color=color),
-            ),
-            row=1,
-            col=2,
-        )
-    fig.update_xaxes(title_text="numbers stored (means + components + coefficients)")
-    fig.update_yaxes(type="log", row=1, col=2)
-    fig.update_layout(title=title, template="plotly_white", width=1150, height=480)
-    return fig
+    return finish_two_panels(
+        fig, title, "numbers stored (means + components + coefficients)", unit_left=False
+    )
 
 
 def figures(results: dict) -> dict[str, go.Figure]:

@@ -6,6 +6,8 @@ from typing import Any
 
 import plotly.graph_objects as go
 
+from .common import band, finish_two_panels, two_panels
+
 __all__ = ["baselines_figure", "figures"]
 
 
@@ -18,15 +20,11 @@ def baselines_figure(
     """Variance curve with spectrum nulls (left) and PPL ratio vs K with the random-subspace band (right).
 
     Args:
-        nulls: :func:`qk_subspace.baselines.spectrum_nulls` table.
-        real_sweep: a :func:`sweep_space` / ``sweep_k`` table (K, ratio) of the real PCA.
-        random_sweep: a :func:`qk_subspace.baselines.random_subspace_sweep` table.
+        nulls: :func:`qk_subspace.decomposition.nulls.spectrum_nulls` table.
+        real_sweep: a :func:`qk_subspace.sweep` / :func:`qk_subspace.sweep_k` table (K, ratio) of the real PCA.
+        random_sweep: a :func:`qk_subspace.evaluation.sweeps.random_subspace_sweep` table.
     """
-    from plotly.subplots import make_subplots
-
-    fig = make_subplots(
-        rows=1, cols=2, subplot_titles=("cumulative explained variance", "perplexity ratio (log)")
-    )
+    fig = two_panels("cumulative explained variance")
     styles = {
         "real": ("#000000", "solid"),
         "shuffled": ("#ff7f0e", "dash"),
@@ -34,7 +32,7 @@ def baselines_figure(
         "random_subspace": ("#7f7f7f", "dot"),
         "marchenko_pastur": ("#9467bd", "dashdot"),
     }
-    for curve, grp in nulls.groupby("curve", sort=False):  # type: ignore[attr-defined]
+    for curve, grp in nulls.groupby("curve", sort=False):
         color, dash = styles.get(str(curve), ("#333333", "solid"))
         err = (
             dict(type="data", array=grp["std"], visible=True, thickness=1)
@@ -60,56 +58,32 @@ def baselines_figure(
             row=1,
             col=1,
         )
+    curve = dict(mode="lines+markers")
     if real_sweep is not None:
-        fig.add_trace(
-            go.Scatter(
-                x=real_sweep["K"],
-                y=real_sweep["ratio"],
-                mode="lines+markers",
-                name="real PCA",
-                line=dict(color="#000000"),
-            ),
-            row=1,
-            col=2,
+        real = go.Scatter(
+            x=real_sweep["K"], y=real_sweep["ratio"], name="real PCA", line=dict(color="#000000"), **curve
         )
+        fig.add_trace(real, row=1, col=2)
     if random_sweep is not None:
-        agg = random_sweep.groupby("K")["ratio"].agg(["mean", "min", "max"]).reset_index()  # type: ignore[attr-defined]
-        fig.add_trace(
-            go.Scatter(
-                x=agg["K"], y=agg["max"], mode="lines", line=dict(width=0), showlegend=False, hoverinfo="skip"
-            ),
-            row=1,
+        agg = random_sweep.groupby("K")["ratio"].agg(["mean", "min", "max"]).reset_index()
+        band(
+            fig,
+            agg["K"],
+            agg["min"],
+            agg["max"],
+            "random subspace (min-max)",
+            "rgba(127,127,127,0.25)",
             col=2,
         )
-        fig.add_trace(
-            go.Scatter(
-                x=agg["K"],
-                y=agg["min"],
-                mode="lines",
-                line=dict(width=0),
-                fill="tonexty",
-                fillcolor="rgba(127,127,127,0.25)",
-                name="random subspace (min-max)",
-            ),
-            row=1,
-            col=2,
+        mean = go.Scatter(
+            x=agg["K"],
+            y=agg["mean"],
+            name="random subspace (mean)",
+            line=dict(color="#7f7f7f", dash="dot"),
+            **curve,
         )
-        fig.add_trace(
-            go.Scatter(
-                x=agg["K"],
-                y=agg["mean"],
-                mode="lines+markers",
-                name="random subspace (mean)",
-                line=dict(color="#7f7f7f", dash="dot"),
-            ),
-            row=1,
-            col=2,
-        )
-    fig.update_xaxes(title_text="K (components kept)")
-    fig.update_yaxes(range=[0, 1.02], row=1, col=1)
-    fig.update_yaxes(type="log", row=1, col=2)
-    fig.update_layout(title=title, template="plotly_white", width=1150, height=480)
-    return fig
+        fig.add_trace(mean, row=1, col=2)
+    return finish_two_panels(fig, title, "K (components kept)")
 
 
 def figures(results: dict) -> dict[str, go.Figure]:
