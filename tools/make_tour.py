@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import nbformat as nbf
@@ -188,4 +190,6 @@ nb.cells = [
 ]
 out = Path(__file__).resolve().parents[1] / "demos" / "tour.ipynb"
 nbf.write(nb, out)
+# the code cells follow the project's formatting (CI runs `ruff format --check` on the notebook too)
+subprocess.run([sys.executable, "-m", "ruff", "format", "-q", str(out)], check=False)
 print("wrote", out)
