@@ -14,7 +14,9 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
+from . import __version__
 from .experiment.config import GROUPS, ExperimentConfig, Option, fields_of
+from .model.embedded import EMBEDDED_NAME
 
 __all__ = ["add_run_arguments", "build_parser", "config_from_args", "main"]
 
@@ -79,10 +81,11 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--model",
         nargs="+",
-        required=True,
+        default=[EMBEDDED_NAME],
         metavar="NAME_OR_DIR",
-        help="official TransformerLens name (gpt2, needs the hub) or local HF checkpoint dir; "
-        "several models run in order behind the gate (e.g. --model gpt2 gpt2-medium)",
+        help=f"model(s): {EMBEDDED_NAME} (embedded in the package, offline), an official TransformerLens name "
+        "(gpt2, gpt2-medium, ...: needs the hub or its cache) or a local Hugging Face checkpoint directory; several "
+        f"run in order behind the gate, e.g. --model gpt2 gpt2-medium (default: {EMBEDDED_NAME})",
     )
     p.add_argument("--out", default="results", help="output directory (default: results)")
     for cls in GROUPS.values():
@@ -131,6 +134,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="qk-subspace",
         description="Do attention heads share a low-dimensional QK subspace? PCA, exact injection, perplexity.",
     )
+    parser.add_argument("--version", action="version", version=f"qk-subspace {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="the full experiment (6A/6B/6C, 2D map, gate) for one or more models")
     add_run_arguments(run)

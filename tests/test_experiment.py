@@ -242,9 +242,16 @@ def test_run_experiment_in_memory_model(tmp_path: Path) -> None:
     with qs.inject_qk(model, pca.reconstruct(2)):
         assert qs.perplexity(model, toks, progress=False).ppl == res.results["perplexity_vs_k"][1]["ppl"]
     # validation before any evaluation
-    with pytest.raises(ValueError, match=r"n_dims must be in \[1, 8\].*got 20"):
-        qs.run_experiment(model, tmp_path / "x", tokens=toks, ks=(0,), progress=False, png=False)
-    with pytest.raises(ValueError, match=r"ks must be in \[0, 8\]"):
+    # the default n_dims (20) fits every model: clipped to the PCA's 8 components, and recorded
+    res = qs.run_experiment(
+        model, tmp_path / "x", tokens=toks, ks=(0,), cluster_ks=(2,), progress=False, png=False
+    )
+    clustering = res.results["metadata"]["clustering"]
+    assert (clustering["n_dims"], clustering["n_dims_requested"]) == (8, None)
+    with pytest.raises(ValueError, match=r"n_dims \(--n-dims\) must be in \[1, 8\].*got 20"):
+        qs.run_experiment(model, tmp_path / "z", tokens=toks, ks=(0,), n_dims=20, progress=False, png=False)
+    assert not (tmp_path / "z").exists()  # refused before anything is written
+    with pytest.raises(ValueError, match=r"ks \(--ks\) must be in \[0, 8\]"):
         qs.run_experiment(model, tmp_path / "y", tokens=toks, ks=(9,), cluster_ks=(2,), n_dims=3, png=False)
 
 
@@ -330,9 +337,9 @@ def test_cli_arguments_map_to_config_fields() -> None:
         True,
         1.2,
         10,
-        20,
+        None,  # the default: 20, clipped to the PCA's components
     )
-    assert cfg.value("n_dims") == 20 and cfg.flat()["ks"] == (1, 3, 10)
+    assert cfg.value("n_dims") is None and cfg.flat()["ks"] == (1, 3, 10)
     default = config_from_args(build_parser().parse_args(["run", "--model", "gpt2"]))
     assert default == qs.ExperimentConfig()  # CLI defaults = the report's protocol
     assert main(["run", "--model", "gpt2", "--ks", "1,x"]) == 2

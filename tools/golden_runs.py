@@ -5,8 +5,8 @@
 
 The comparison ignores ``timings`` and ``metadata.package_versions`` (they describe the run, not its
 results) and needs every other key and value of the recorded file to be present and equal, and the
-columns of every table row in the same order (keys added by newer code are allowed). Values listed in
-``CORRECTED`` may differ. Needs ``../shared`` beside the repository.
+columns of every table row in the same order (keys added by newer code are allowed).
+Needs ``../shared`` beside the repository.
 """
 
 from __future__ import annotations
@@ -33,11 +33,6 @@ FAMILIES: dict[str, list[str]] = {
     "gauges": ["--gauges", "1", "--ks", "3", "10", "40"],
 }
 IGNORED = (("timings",), ("metadata", "package_versions"))
-#: Values the recorded runs got wrong and later code corrects (path -> why); they are reported, not failed.
-CORRECTED = {
-    ("metadata", "model_source"): "the recording code overwrote the model's source with the side-batch "
-    "source ('tokens given by the caller') whenever no diagnostic or importance batch was cut",
-}
 
 
 def run_family(family: str, out: Path) -> Path:
@@ -57,7 +52,7 @@ def in_rows(path: tuple[str, ...]) -> bool:
 
 def compare(old: Any, new: Any, path: tuple[str, ...] = ()) -> list[str]:
     """Differences of ``new`` from ``old``: every key of ``old`` must be in ``new`` with an equal value."""
-    if path in IGNORED or (path in CORRECTED and old != new):
+    if path in IGNORED:
         return []
     where = ".".join(path) or "<root>"
     if isinstance(old, dict):

@@ -33,8 +33,10 @@ __all__ = [
 
 #: The seed report's grid of cluster counts k (GPT-2 small).
 REPORT_CLUSTER_GRID = (4, 8, 12, 16, 32, 64)
-#: Number of k-means restarts (fixed so that results depend only on the seed).
-KMEANS_N_INIT = 10
+#: Number of k-means restarts (fixed, so results depend only on the data and the seed). With 10, the
+#: best of the restarts still depended on the seed and on round-off (13 different optima over 20 seeds
+#: for k=8 on stories260K); 100 restarts find the same optimum for k >= 12 and almost always for k = 8.
+KMEANS_N_INIT = 100
 
 
 def validate_cluster_k(k: Any, n_heads: int, name: str = "k") -> int:

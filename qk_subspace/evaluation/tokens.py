@@ -8,13 +8,15 @@ the first ``n_tokens`` tokens, then to whole chunks of ``ctx`` tokens (200,000 -
 
 from __future__ import annotations
 
+import contextlib
 import os
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
 
-__all__ = ["load_wikitext2", "chunk_text", "wikitext2_rows", "chunk_tokens"]
+__all__ = ["chunk_text", "chunk_tokens", "encode", "load_wikitext2", "wikitext2_rows"]
 
 
 def wikitext2_rows(split: str = "test", text_file: str | os.PathLike | None = None) -> list[str]:
@@ -34,19 +36,46 @@ def wikitext2_rows(split: str = "test", text_file: str | os.PathLike | None = No
         if lines and lines[-1] == "":
             lines = lines[:-1]
         return [line + "\n" if line.strip() else "" for line in lines]
-    try:
-        from datasets import load_dataset
+    from ..model.loading import hub_reachable
 
-        ds = load_dataset("Salesforce/wikitext", "wikitext-2-raw-v1", split=split)
+    offline = not hub_reachable()  # then `datasets` may still have a local copy: read it without retries
+    try:
+        with _hub_offline(offline):
+            from datasets import load_dataset
+
+            ds = load_dataset("Salesforce/wikitext", "wikitext-2-raw-v1", split=split)
     except Exception as exc:
+        where = "no network and no local copy" if offline else f"{type(exc).__name__}: {exc}"
         raise ConnectionError(
-            f"could not load WikiText-2 ({split}) with `datasets` ({type(exc).__name__}: {exc}). "
-            "Offline, pass text_file='path/to/wiki.test.raw' (e.g. ../shared/data/wikitext-2-raw/wiki.test.raw)"
+            f"could not load WikiText-2 ({split}) with `datasets` ({where}); give a local text with "
+            "--text-file (Python: text_file=), e.g. a WikiText-2 wiki.test.raw or any plain-text file"
         ) from exc
     return list(ds["text"])
 
 
-def _encode(tokenizer: Any, text: str) -> list[int]:
+@contextlib.contextmanager
+def _hub_offline(offline: bool) -> Iterator[None]:
+    """Put the Hugging Face hub and ``datasets`` in offline mode for the block (read at import, so patched)."""
+    if not offline:
+        yield
+        return
+    import datasets.config
+    import huggingface_hub.constants
+
+    flags = [(huggingface_hub.constants, "HF_HUB_OFFLINE"), (datasets.config, "HF_HUB_OFFLINE")]
+    flags.append((datasets.config, "HF_DATASETS_OFFLINE"))
+    old = [(mod, name, getattr(mod, name)) for mod, name in flags if hasattr(mod, name)]
+    for mod, name, _ in old:
+        setattr(mod, name, True)
+    try:
+        yield
+    finally:
+        for mod, name, value in old:
+            setattr(mod, name, value)
+
+
+def encode(tokenizer: Any, text: str) -> list[int]:
+    """Token ids of ``text`` without special tokens (no BOS)."""
     if tokenizer is None:
         raise ValueError("tokenizer is None: text needs a tokenizer (the model has none; pass one)")
     return list(tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"])
@@ -77,7 +106,7 @@ def chunk_text(tokenizer: Any, text: str, n_tokens: int | None = None, ctx: int 
     if not isinstance(text, str) or not text.strip():
         shown = repr(text[:40]) if isinstance(text, str) else type(text).__name__
         raise ValueError(f"text must be a non-empty string with non-space characters, got {shown}")
-    return chunk_tokens(_encode(tokenizer, text), n_tokens, ctx)
+    return chunk_tokens(encode(tokenizer, text), n_tokens, ctx)
 
 
 def load_wikitext2(

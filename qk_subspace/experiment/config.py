@@ -122,7 +122,10 @@ class SweepOptions:
         minimum=1,
         metavar="k",
     )
-    n_dims: int = option(20, "PCA coordinates for k-means", minimum=1)
+    n_dims: int | None = option(
+        None, "PCA coordinates for k-means (default: 20, or the PCA's number of components if fewer)", minimum=1,
+        optional=True,
+    )  # fmt: skip
     map_k: int | None = option(None, "k that colours the 2D map (default: the smallest k)", optional=True)
     seed: int = option(0, "k-means and bootstrap seed")
     n_boot: int = option(2000, "bootstrap resamples for the confidence intervals", minimum=1)

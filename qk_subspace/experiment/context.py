@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import time
+import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -32,6 +33,10 @@ __all__ = ["BREAK_THRESHOLD", "RunContext", "default_k_grid", "prepare"]
 _REPORT_N_HEADS = 144  # GPT-2 small, the model REPORT_K_GRID was written for
 #: KL (nats) above which a head counts as broken in the breaking-heads table.
 BREAK_THRESHOLD = 0.1
+#: PCA coordinates k-means uses by default (the report's 20), clipped to the PCA's components.
+DEFAULT_N_DIMS = 20
+#: Fewer evaluation chunks than this make the bootstrap confidence intervals over chunks meaningless.
+MIN_CHUNKS = 10
 
 
 def default_k_grid(n_heads: int) -> list[int]:
@@ -51,7 +56,8 @@ class RunContext:
         side: their descriptions for the metadata (``diagnostics``, ``importance``).
         representation, heads, pca: the main representation, its heads and their PCA.
         layer_pca: the per-layer PCA (``groupby="layer"``), else ``None``.
-        ks, cluster_ks, dropped, map_k, layer_ks, matched, rand_ks: the grids.
+        ks, cluster_ks, dropped, map_k, layer_ks, matched, rand_ks: the grids; n_dims: the PCA coordinates
+            k-means uses (``--n-dims``; by default 20, clipped to the PCA's components).
         baseline: the unedited model's perplexity (set by the baseline stage).
         clusterings: k-means results per cluster count (set by the clustering stage).
         stage_s: seconds spent preparing, per step.
@@ -74,6 +80,7 @@ class RunContext:
     cluster_ks: list[int]
     dropped: list[int]
     map_k: int | None
+    n_dims: int
     layer_ks: list[int]
     matched: dict[int, int]
     rand_ks: list[int]
@@ -112,8 +119,25 @@ def _load(model: Any, cfg: ExperimentConfig) -> tuple[Any, str, str]:
             getattr(model, "qk_subspace_source", str(model.cfg.model_name)),
             model_display_name(model),
         )
-    mdl = load_model(model, device=cfg.run.device, dtype=_DTYPES[cfg.run.dtype])
+    _check_device(cfg.run.device)
+    try:
+        mdl = load_model(model, device=cfg.run.device, dtype=_DTYPES[cfg.run.dtype])
+    except (FileNotFoundError, ValueError, ConnectionError, TypeError) as exc:
+        raise type(exc)(f"model (--model) {str(model)!r}: {exc}") from None
     return mdl, str(getattr(mdl, "qk_subspace_source", model)), model_display_name(model)
+
+
+def _check_device(device: str | None) -> None:
+    """Refuse a device this torch build cannot use, naming the option (before any loading)."""
+    if device is None:
+        return
+    kind = str(device).split(":")[0]
+    available = {"cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available()}
+    if kind in available and not available[kind]:
+        raise ValueError(
+            f"device (--device) {device!r} is not available: this torch build ({torch.__version__}) has no "
+            f"{kind.upper()} device here; use --device cpu (default: TransformerLens' choice)"
+        )
 
 
 def _inputs(
@@ -192,7 +216,17 @@ def prepare(
     mdl, source, name = _load(model, cfg)
     stage_s["load_model"] = time.perf_counter() - t0
     t0 = time.perf_counter()
+    n_ctx = int(mdl.cfg.n_ctx)
+    if cfg.text.ctx is not None and cfg.text.ctx > n_ctx:
+        raise ValueError(f"ctx (--ctx) must be at most the model's context n_ctx={n_ctx}, got {cfg.text.ctx}")
     toks, protocol, diag, rank, side = _inputs(mdl, cfg, tokens, diag_tokens, rank_tokens)
+    if protocol["n_chunks"] < MIN_CHUNKS:
+        warnings.warn(
+            f"only {protocol['n_chunks']} evaluation chunk(s): the bootstrap confidence intervals over chunks "
+            f"need at least {MIN_CHUNKS} to mean anything; give more tokens (--n-tokens) or shorter chunks (--ctx)",
+            RuntimeWarning,
+            stacklevel=3,
+        )
     stage_s["tokens"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     rep = get(cfg.representation)
@@ -205,14 +239,15 @@ def prepare(
     # grids: K = all (exactness check) and the gate K are always evaluated
     base_ks = list(s.ks) if s.ks is not None else default_k_grid(n)
     ks = sorted(
-        {validate_k(k, n, name="ks") for k in base_ks} | {n} | ({s.gate_k} if s.gate_k <= n else set())
+        {validate_k(k, n, name="ks (--ks)") for k in base_ks} | {n} | ({s.gate_k} if s.gate_k <= n else set())
     )
     cluster_ks = sorted({int(k) for k in s.cluster_ks if k < n})
     dropped = sorted({int(k) for k in s.cluster_ks if k >= n})
-    if cluster_ks and not 1 <= s.n_dims <= pca.n_components_:
+    n_dims = s.n_dims if s.n_dims is not None else min(DEFAULT_N_DIMS, pca.n_components_)
+    if cluster_ks and not 1 <= n_dims <= pca.n_components_:
         raise ValueError(
-            f"n_dims must be in [1, {pca.n_components_}] (the PCA's number of components for this model), "
-            f"got {s.n_dims}"
+            f"n_dims (--n-dims) must be in [1, {pca.n_components_}] (the PCA's number of components for this "
+            f"model), got {n_dims}"
         )
     m_layer = int(mdl.cfg.n_heads)
     layer_ks = sorted({min(k, m_layer) for k in ks} | {m_layer}) if layer_pca is not None else []
@@ -220,10 +255,12 @@ def prepare(
     rand_ks = [k for k in ks if 0 < k < pca.n_nonzero_components_] if cfg.studies.baselines else []
     map_k = s.map_k if s.map_k is not None else (cluster_ks[0] if cluster_ks else None)
     if map_k is not None and map_k not in cluster_ks:
-        raise ValueError(f"map_k must be one of the evaluated cluster counts {cluster_ks}, got {map_k}")
+        raise ValueError(
+            f"map_k (--map-k) must be one of the evaluated cluster counts {cluster_ks}, got {map_k}"
+        )
     return RunContext(
         config=cfg, model=mdl, name=name, source=source, tokens=toks, protocol=protocol, diag_tokens=diag,
         rank_tokens=rank, side=side, representation=rep, heads=heads, pca=pca, layer_pca=layer_pca, ks=ks,
-        cluster_ks=cluster_ks, dropped=dropped, map_k=map_k, layer_ks=layer_ks, matched=matched,
+        cluster_ks=cluster_ks, dropped=dropped, map_k=map_k, n_dims=n_dims, layer_ks=layer_ks, matched=matched,
         rand_ks=rand_ks, stage_s=stage_s,
     )  # fmt: skip

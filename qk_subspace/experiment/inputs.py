@@ -11,10 +11,18 @@ from typing import Any
 import torch
 
 from ..evaluation.diagnostics import diagnostic_batch
-from ..evaluation.tokens import chunk_text, chunk_tokens, load_wikitext2
+from ..evaluation.tokens import chunk_tokens, encode, wikitext2_rows
+from ..model.embedded import EMBEDDED_NAME, embedded_tokens, is_embedded
 from .config import ExperimentConfig
 
-__all__ = ["evaluation_tokens", "model_display_name", "sha256_file", "sha256_tokens", "side_tokens"]
+__all__ = [
+    "evaluation_tokens",
+    "model_display_name",
+    "sha256_file",
+    "sha256_tokens",
+    "side_tokens",
+    "token_stream",
+]
 
 
 def model_display_name(model: Any) -> str:
@@ -40,36 +48,63 @@ def sha256_tokens(tokens: torch.Tensor) -> str:
     return hashlib.sha256(repr(tuple(arr.shape)).encode() + arr.tobytes()).hexdigest()
 
 
-def evaluation_tokens(model: Any, config: ExperimentConfig) -> tuple[torch.Tensor, dict[str, Any]]:
-    """The evaluation tokens ``[n_chunks, ctx]`` of ``config`` and a description of the protocol."""
-    ctx = config.text.ctx if config.text.ctx is not None else min(1024, int(model.cfg.n_ctx))
+def token_stream(model: Any, config: ExperimentConfig) -> tuple[torch.Tensor, int | None, dict[str, Any]]:
+    """The run's whole token stream (1-D), how much of it perplexity may use (``None``: all), and the protocol.
+
+    The embedded model without ``text_file`` uses its own samples (:mod:`qk_subspace.model.embedded`):
+    the evaluation part, then the side part. Otherwise: the text file, or WikiText-2 via ``datasets``,
+    tokenized without BOS (WikiText-2 rows joined with blank lines).
+    """
+    if config.text.text_file is None and is_embedded(model):
+        evaluation, side = embedded_tokens()
+        protocol: dict[str, Any] = {
+            "text": f"{EMBEDDED_NAME} samples (text the model generated itself, seed 0)",
+            "route": "embedded",
+            "joined_with": "sequences of 256 tokens, each from BOS",
+        }
+        return torch.cat([evaluation, side]), len(evaluation), protocol
     if model.tokenizer is None:
         raise ValueError(
             "the model has no tokenizer; give run_experiment tokens=... or a checkpoint with tokenizer files"
         )
-    protocol: dict[str, Any] = {"ctx": ctx, "n_tokens_requested": config.text.n_tokens, "bos": False}
     if config.text.text_file is None:
-        tokens = load_wikitext2(
-            model.tokenizer, split=config.text.split, n_tokens=config.text.n_tokens, ctx=ctx
-        )
-        protocol.update(
-            text="wikitext-2-raw-v1", route="datasets", split=config.text.split, joined_with="\n\n"
-        )
-        return tokens, protocol
+        rows = wikitext2_rows(config.text.split)
+        protocol = {
+            "text": "wikitext-2-raw-v1",
+            "route": "datasets",
+            "split": config.text.split,
+            "joined_with": "\n\n",
+        }
+        return torch.tensor(encode(model.tokenizer, "\n\n".join(rows)), dtype=torch.long), None, protocol
     path = Path(config.text.text_file).expanduser()
     if not path.is_file():
-        raise FileNotFoundError(f"text_file {str(path)!r} does not exist")
+        raise FileNotFoundError(f"text_file (--text-file) {str(path)!r} does not exist")
     wikitext = config.text.text_format == "wikitext" or (
         config.text.text_format == "auto" and re.fullmatch(r"wiki\..+\.raw", path.name) is not None
     )
     if wikitext:
-        tokens = load_wikitext2(model.tokenizer, n_tokens=config.text.n_tokens, ctx=ctx, text_file=path)
-        protocol.update(text="wikitext-2-raw-v1", route="file", joined_with="\n\n")
+        text = "\n\n".join(wikitext2_rows(text_file=path))
+        protocol = {"text": "wikitext-2-raw-v1", "route": "file", "joined_with": "\n\n"}
     else:
-        tokens = chunk_text(model.tokenizer, path.read_text(encoding="utf-8"), config.text.n_tokens, ctx)
-        protocol.update(text=path.name, route="plain text file")
+        text = path.read_text(encoding="utf-8")
+        protocol = {"text": path.name, "route": "plain text file"}
+        if not text.strip():
+            raise ValueError(f"text_file (--text-file) {str(path)!r} has no text")
     protocol.update(text_file=str(config.text.text_file), text_sha256=sha256_file(path))
-    return tokens, protocol
+    return torch.tensor(encode(model.tokenizer, text), dtype=torch.long), None, protocol
+
+
+def evaluation_tokens(model: Any, config: ExperimentConfig) -> tuple[torch.Tensor, dict[str, Any]]:
+    """The evaluation tokens ``[n_chunks, ctx]`` of ``config`` (the stream's first ``n_tokens``, whole chunks)."""
+    ctx = config.text.ctx if config.text.ctx is not None else min(1024, int(model.cfg.n_ctx))
+    stream, limit, described = token_stream(model, config)
+    protocol: dict[str, Any] = {
+        "ctx": ctx,
+        "n_tokens_requested": config.text.n_tokens,
+        "bos": limit is not None,
+    }
+    protocol.update(described)
+    return chunk_tokens(stream[:limit], config.text.n_tokens, ctx), protocol
 
 
 def side_tokens(
@@ -87,8 +122,8 @@ def side_tokens(
     want_diag, want_rank = config.circuits.diagnostics, config.circuits.order == "importance"
     if not (want_diag or want_rank):
         return None, None, {}
-    full, _ = evaluation_tokens(model, config.replace(n_tokens=None, ctx=2))
-    stream = full.flatten()[n_used:]
+    full, _, _ = token_stream(model, config)
+    stream = full[n_used:]
     diag = rank = None
     info: dict[str, Any] = {"offset": n_used, "available": len(stream)}
     hint = "lower --n-tokens (the perplexity tokens) or use a longer text"

@@ -70,7 +70,7 @@ def build_metadata(ctx: RunContext) -> dict[str, Any]:
             "K_global_matched": [ctx.matched[k] for k in ctx.layer_ks],
             "K_random": ctx.rand_ks,
         },
-        "clustering": {"n_dims": s.n_dims, "kmeans_n_init": KMEANS_N_INIT},
+        "clustering": {"n_dims": ctx.n_dims, "kmeans_n_init": KMEANS_N_INIT, "n_dims_requested": s.n_dims},
         "seeds": {"kmeans": s.seed, "bootstrap": s.seed},
         "evaluation": {
             "batch_size": cfg.text.batch_size,

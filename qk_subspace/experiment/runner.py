@@ -70,16 +70,22 @@ def _now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
-def _output_dir(out_dir: str | os.PathLike) -> Path:
+def _check_output_dir(out_dir: str | os.PathLike) -> Path:
+    """``out_dir`` as a path, refused at once if it is not (or cannot become) a writable directory.
+
+    Nothing is created here: a run refused before its first evaluation leaves no folder behind.
+    """
     out = Path(out_dir).expanduser()
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
+    existing = next(p for p in (out, *out.parents) if p.exists())
+    if not existing.is_dir():
         raise PermissionError(
-            f"out_dir {str(out)!r} cannot be created ({exc.strerror or exc}); it must be a writable directory"
-        ) from exc
-    if not os.access(out, os.W_OK):
-        raise PermissionError(f"out_dir {str(out)!r} is not writable; it must be a writable directory")
+            f"out_dir {str(out)!r} cannot be created ({str(existing)!r} is a file); it must be a writable directory"
+        )
+    if not os.access(existing, os.W_OK):
+        what = (
+            "is not writable" if existing == out else f"cannot be created ({str(existing)!r} is not writable)"
+        )
+        raise PermissionError(f"out_dir {str(out)!r} {what}; it must be a writable directory")
     return out
 
 
@@ -117,10 +123,13 @@ def run_experiment(
         qk_subspace.experiment.store.ConfigMismatchError: ``resume`` on a different configuration.
     """
     cfg = (config or ExperimentConfig()).replace(**overrides)
-    out = _output_dir(out_dir)
+    out = _check_output_dir(out_dir)
     t_run, started = time.perf_counter(), _now()
-    ctx = prepare(model, cfg, tokens, diag_tokens, rank_tokens)
+    ctx = prepare(
+        model, cfg, tokens, diag_tokens, rank_tokens
+    )  # every refusal happens here, before any write
     stages = [s for s in STAGES if s.enabled(cfg)]
+    out.mkdir(parents=True, exist_ok=True)
     path = out / f"exp6_{ctx.name}.json"
     store = ResultsStore.open(path, build_metadata(ctx), resume=cfg.run.resume, overwrite=cfg.run.overwrite)
     data = store.payload

@@ -11,7 +11,9 @@ from typing import Any
 import torch
 from transformer_lens import HookedTransformer
 
-__all__ = ["load_model", "SUPPORTED_LOCAL_ARCHITECTURES", "DEFAULT_PROCESSING"]
+from .embedded import EMBEDDED_DIR, EMBEDDED_NAME, is_embedded_name
+
+__all__ = ["DEFAULT_PROCESSING", "SUPPORTED_LOCAL_ARCHITECTURES", "hub_reachable", "load_model"]
 
 #: Hugging Face architectures whose local checkpoints load offline (TransformerLens converters).
 SUPPORTED_LOCAL_ARCHITECTURES = (
@@ -37,13 +39,15 @@ DEFAULT_PROCESSING: dict[str, bool] = {
 _PICKLED_REPOS = ("NeelNanda/", "ArthurConmy/", "Baidicoot/")
 
 _OFFLINE_HINT = (
-    "To load offline, pass a local Hugging Face checkpoint directory (config.json, *.safetensors, "
-    "tokenizer files), e.g. qs.load_model('path/to/gpt2'), or save one with "
-    "transformers' model.save_pretrained(dir) on a machine with internet."
+    "Offline, give a local Hugging Face checkpoint directory (config.json, *.safetensors, tokenizer files; "
+    "transformers' save_pretrained writes one) or the embedded model 'stories260K'."
 )
+#: ``model_source`` recorded for the embedded model.
+EMBEDDED_SOURCE = f"{EMBEDDED_NAME} (embedded in qk_subspace; llama2.c, MIT licence)"
 
 
-def _hub_reachable(timeout: float = 3.0) -> bool:
+def hub_reachable(timeout: float = 3.0) -> bool:
+    """Whether the Hugging Face hub can be reached (``False`` at once when ``HF_HUB_OFFLINE`` is set)."""
     if os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0") or os.environ.get(
         "TRANSFORMERS_OFFLINE", ""
     ) not in ("", "0"):
@@ -177,9 +181,10 @@ def load_model(
     """Load a HookedTransformer.
 
     Args:
-        name_or_path: an official TransformerLens name (``"gpt2"``, ``"gpt2-medium"``, ...), loaded
-            with ``HookedTransformer.from_pretrained`` (needs the hub or its cache), or a local
-            Hugging Face checkpoint directory, loaded with no network access at all.
+        name_or_path: ``"stories260K"``, the model embedded in the package
+            (:mod:`qk_subspace.model.embedded`); an official TransformerLens name (``"gpt2"``,
+            ``"gpt2-medium"``, ...), loaded with ``HookedTransformer.from_pretrained`` (needs the hub or
+            its cache); or a local Hugging Face checkpoint directory, loaded with no network access at all.
         device: ``"cpu"``, ``"cuda"``, ... (default: TransformerLens' choice).
         dtype: parameter dtype (default float32).
         tokenizer: optional tokenizer object or directory (local checkpoints without tokenizer files).
@@ -211,6 +216,10 @@ def load_model(
             f"dtype must be a floating-point torch.dtype (torch.float32, torch.float64, torch.bfloat16, ...), "
             f"got {dtype!r}"
         )
+    if is_embedded_name(name_or_path):
+        model = _load_local(EMBEDDED_DIR, device, dtype, proc, tokenizer)
+        object.__setattr__(model, "qk_subspace_embedded", EMBEDDED_NAME)
+        return _record(model, EMBEDDED_SOURCE, proc, offline=True)
     path = Path(name_or_path).expanduser()
     if path.is_dir():
         model = _load_local(path, device, dtype, proc, tokenizer)
@@ -232,7 +241,7 @@ def load_model(
             f"refusing to load {name!r} ({official}): {unsafe}, which can execute arbitrary code. "
             "If you trust that repository, pass trust_remote_code=True (allowed: True/False, default False)"
         )
-    if not _hub_cached(official) and not _hub_reachable():
+    if not _hub_cached(official) and not hub_reachable():
         raise ConnectionError(
             f"cannot load {name!r} ({official}): it is not in the local Hugging Face cache and the hub "
             f"is unreachable (offline). {_OFFLINE_HINT}"

@@ -45,10 +45,12 @@ class ClusteringStage(Stage):
 
     def setup(self, ctx: RunContext, data: dict[str, Any]) -> None:
         s = ctx.config.sweeps
-        ctx.clusterings = {k: cluster_heads(ctx.pca, k, n_dims=s.n_dims, seed=s.seed) for k in ctx.cluster_ks}
+        ctx.clusterings = {
+            k: cluster_heads(ctx.pca, k, n_dims=ctx.n_dims, seed=s.seed) for k in ctx.cluster_ks
+        }
         old = data.get("clustering") or {}
         data["clustering"] = {
-            "n_dims": s.n_dims,
+            "n_dims": ctx.n_dims,
             "seed": s.seed,
             "kmeans_n_init": KMEANS_N_INIT,
             "dropped_k": ctx.dropped,
@@ -81,7 +83,7 @@ class ClusteringStage(Stage):
             log.finish(f"cluster_k={row['k']}")
 
         s, rep = ctx.config.sweeps, ctx.representation
-        plans = cluster_plans(ctx.pca, todo, n_dims=s.n_dims, seed=s.seed, clusterings=ctx.clusterings)
+        plans = cluster_plans(ctx.pca, todo, n_dims=ctx.n_dims, seed=s.seed, clusterings=ctx.clusterings)
         log.start()
         with rep.context(ctx.model):
             run_sweep(
