@@ -12,6 +12,7 @@ import os
 import sys
 import time
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 from . import __version__
@@ -120,11 +121,17 @@ def _cmd_run(args: argparse.Namespace) -> int:
     for res in done:
         print()
         print(format_tables(res.results))
-        print(f"results: {res.path}")
     for name, reason in skipped:
         print(f"\nskipped {name}: {reason}")
+    print("\nwritten:")
+    for res in done:
+        figures = sorted(p for paths in res.figure_files.values() for p in paths.values())
+        print(f"  {res.path}")
+        print(
+            f"  {len(figures)} figure files in {res.path.parent} ({', '.join(sorted({Path(p).suffix for p in figures}))})"
+        )
     if done and done[0].report_path is not None:
-        print(f"report: {done[0].report_path}")
+        print(f"  {done[0].report_path}")
     print(f"wall time: {wall:.1f} s")
     return 0
 

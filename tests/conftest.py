@@ -80,6 +80,14 @@ def stories260k() -> tuple[Path, Path]:
     return STORIES, TINYSTORIES
 
 
+def is_html_figure(path: Path) -> bool:
+    """``path`` is a plotly HTML figure whose plotly.js is the one file beside it (not embedded)."""
+    text = path.read_text(encoding="utf-8") if path.is_file() else ""
+    return (
+        "Plotly.newPlot" in text and '"plotly.min.js"' in text and (path.parent / "plotly.min.js").is_file()
+    )
+
+
 def load_tool(name: str) -> Any:
     """A script of ``tools/`` as a module (the tools are not a package)."""
     import importlib.util

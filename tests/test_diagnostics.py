@@ -340,7 +340,11 @@ def test_plots(tmp_path) -> None:
         model, pca, toks, [0, 1, pca.n_heads_], progress=False, head_scores=False
     )
     fig = plots.plot_head_metric_heatmap(long, "kl")
-    assert len(fig.data) == 3 and len(fig.layout.sliders[0].steps) == 3
+    assert len(fig.data) == 3 and [a.text for a in fig.layout.annotations] == [
+        "K=8",
+        "K=1",
+        "K=0",
+    ]  # one panel per K
     assert fig.data[0].z.shape == (model.cfg.n_layers, model.cfg.n_heads)
     fig2 = plots.plot_layer_metric_vs_k(long)
     assert len(fig2.data) == model.cfg.n_layers

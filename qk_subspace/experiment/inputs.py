@@ -12,7 +12,7 @@ import torch
 
 from ..evaluation.diagnostics import diagnostic_batch
 from ..evaluation.tokens import chunk_tokens, encode, wikitext2_rows
-from ..model.embedded import EMBEDDED_NAME, embedded_tokens, is_embedded
+from ..model.embedded import EMBEDDED_NAME, SEQ_LEN, embedded_tokens, is_embedded
 from .config import ExperimentConfig
 
 __all__ = [
@@ -95,9 +95,14 @@ def token_stream(model: Any, config: ExperimentConfig) -> tuple[torch.Tensor, in
 
 
 def evaluation_tokens(model: Any, config: ExperimentConfig) -> tuple[torch.Tensor, dict[str, Any]]:
-    """The evaluation tokens ``[n_chunks, ctx]`` of ``config`` (the stream's first ``n_tokens``, whole chunks)."""
-    ctx = config.text.ctx if config.text.ctx is not None else min(1024, int(model.cfg.n_ctx))
+    """The evaluation tokens ``[n_chunks, ctx]`` of ``config`` (the stream's first ``n_tokens``, whole chunks).
+
+    ``ctx`` defaults to ``min(1024, n_ctx)``; on the embedded samples, to their sequence length (256),
+    so every chunk is one sampled sequence from its BOS.
+    """
     stream, limit, described = token_stream(model, config)
+    default_ctx = SEQ_LEN if described["route"] == "embedded" else min(1024, int(model.cfg.n_ctx))
+    ctx = config.text.ctx if config.text.ctx is not None else default_ctx
     protocol: dict[str, Any] = {
         "ctx": ctx,
         "n_tokens_requested": config.text.n_tokens,

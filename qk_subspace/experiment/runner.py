@@ -167,7 +167,7 @@ def _write_outputs(
     result = ExperimentResult(results=data, path=path, figures=figures, figure_files=files)
     if write_report:
         result.report_path = out / "report.md"
-        result.report_path.write_text(render_report([data]), encoding="utf-8")
+        result.report_path.write_text(render_report([data], files=[files]), encoding="utf-8")
     return result
 
 
@@ -213,7 +213,8 @@ def run_models(
             )
         )
     report = Path(out_dir).expanduser() / "report.md"
-    report.write_text(render_report([r.results for r in done], skipped=skipped), encoding="utf-8")
+    text = render_report([r.results for r in done], skipped=skipped, files=[r.figure_files for r in done])
+    report.write_text(text, encoding="utf-8")
     for r in done:
         r.report_path = report
     return done, skipped

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import socket
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -43,7 +45,7 @@ _OFFLINE_HINT = (
     "transformers' save_pretrained writes one) or the embedded model 'stories260K'."
 )
 #: ``model_source`` recorded for the embedded model.
-EMBEDDED_SOURCE = f"{EMBEDDED_NAME} (embedded in qk_subspace; llama2.c, MIT licence)"
+EMBEDDED_SOURCE = "embedded in qk_subspace (llama2.c, MIT licence)"
 
 
 def hub_reachable(timeout: float = 3.0) -> bool:
@@ -130,14 +132,15 @@ def _load_local(
     has_safetensors = any(path.glob("*.safetensors"))
     # Both routes avoid unpickling arbitrary objects: safetensors, or a pytorch_model.bin read by
     # transformers with torch.load(weights_only=True). No custom code from the directory is run.
-    hf_model = AutoModelForCausalLM.from_pretrained(
-        str(path),
-        dtype=dtype,
-        local_files_only=True,
-        use_safetensors=has_safetensors,
-        weights_only=True,
-        trust_remote_code=False,
-    )
+    with _quiet_transformers():
+        hf_model = AutoModelForCausalLM.from_pretrained(
+            str(path),
+            dtype=dtype,
+            local_files_only=True,
+            use_safetensors=has_safetensors,
+            weights_only=True,
+            trust_remote_code=False,
+        )
     hf_model.eval()
     if tokenizer is None and any(
         (path / f).exists()
@@ -157,6 +160,20 @@ def _load_local(
     model.move_model_modules_to_device()
     del hf_model
     return model
+
+
+@contextlib.contextmanager
+def _quiet_transformers() -> Iterator[None]:
+    """No "Loading weights" progress bar from transformers for the small local checkpoints read here."""
+    from transformers.utils import logging as hf_logging
+
+    was_enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            hf_logging.enable_progress_bar()
 
 
 def _unsafe_official_reason(official: str) -> str | None:

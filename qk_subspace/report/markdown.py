@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -19,39 +20,58 @@ def _md_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
 
 
 def _ratio(x: float) -> str:
-    return f"{x:.3g}x" if x < 10 else f"{x:.1f}x"
+    """A perplexity ratio with the digits that matter near 1 (1.003x, 4.307x, 44.2x)."""
+    return f"{x:.3f}x" if x < 10 else f"{x:.1f}x"
 
 
-def _gate_word(passed: bool | None) -> str:
-    return "passed" if passed else ("not applied" if passed is None else "not passed")
+def _gate_outcome(gate: Mapping[str, Any], followed: str | None) -> str:
+    """What the gate decided for the model after this one (``followed``: its name, or ``None`` if none was given)."""
+    if gate["passed"] is None:
+        return "not applied"
+    if followed is None:
+        return (
+            "passed (no further model was given)"
+            if gate["passed"]
+            else "a next model would not run (none was given)"
+        )
+    return f"{followed} runs" if gate["passed"] else f"{followed} is skipped"
 
 
-def _patterns(rows: Sequence[Mapping[str, Any]]) -> list[str]:
-    """The seed README's predicted outcomes, checked on the K values this run evaluated."""
+def _scaled(k: int, n_heads: int) -> int:
+    """The report's K for GPT-2 small's 144 heads, scaled to ``n_heads`` (as the default K grid is)."""
+    return max(1, int(np.floor(k * n_heads / 144 + 0.5)))
+
+
+def _patterns(rows: Sequence[Mapping[str, Any]], n_heads: int = 144) -> list[str]:
+    """The seed README's predicted outcomes (written for 144 heads; K scaled to ``n_heads``), on the K evaluated."""
     ratio = {int(r["K"]): float(r["ratio"]) for r in rows}
-    mid = {k: v for k, v in ratio.items() if 16 <= k <= 32}
+    k10, k16, k32, k64 = (_scaled(k, n_heads) for k in (10, 16, 32, 64))
+    mid = {k: v for k, v in ratio.items() if k16 <= k <= k32}
 
     def mark(ok: bool | None, what: str) -> str:
         return "n/a (K not evaluated)" if ok is None else ("yes" if ok else "no") + f" ({what})"
 
-    best = mark(ratio[10] <= 1.05 if 10 in ratio else None, f"K=10: {ratio.get(10, float('nan')):.3g}x")
+    best = mark(ratio[k10] <= 1.05 if k10 in ratio else None, f"K={k10}: {ratio.get(k10, float('nan')):.4g}x")
     good_k = min(mid, key=lambda k: mid[k]) if mid else None
     good = mark(
         mid[good_k] <= 1.1 if good_k is not None else None,
-        f"best K in 16-32: K={good_k}, {mid.get(good_k, float('nan')):.3g}x" if good_k else "",
+        f"best K in {k16}-{k32}: K={good_k}, {mid.get(good_k, float('nan')):.4g}x" if good_k else "",
     )
-    poor = mark(ratio[64] > 1.2 if 64 in ratio else None, f"K=64: {ratio.get(64, float('nan')):.3g}x")
+    poor = mark(ratio[k64] > 1.2 if k64 in ratio else None, f"K={k64}: {ratio.get(k64, float('nan')):.4g}x")
+    scaled = "" if n_heads == 144 else f" (the report's K for 144 heads, scaled to {n_heads})"
     return [
-        f"best:     K=10 within 1.05x       -> {best}",
-        f"good:     K=16-32 within 1.1x     -> {good}",
-        f"mediocre: K=64 still above 1.2x   -> {poor}",
+        f"best:     K={k10} within 1.05x{scaled}  -> {best}",
+        f"good:     K={k16}-{k32} within 1.1x  -> {good}",
+        f"mediocre: K={k64} still above 1.2x  -> {poor}",
     ]
 
 
-def _model_section(res: Mapping[str, Any]) -> str:
+def _model_section(
+    res: Mapping[str, Any], followed: str | None = None, files: Mapping[str, Mapping[str, str]] | None = None
+) -> str:
     ref = REFERENCE_GPT2_SMALL if is_gpt2_small(res) else None
     s = _conditions(res, ref) + _variance_section(res, ref) + _sweep_section(res, ref)
-    s += _clustering_section(res, ref) + _map_gate_checks(res, ref)
+    s += _clustering_section(res, ref) + _map_gate_checks(res, ref, followed) + _files_section(res, files)
     s += _extra_sections(res)
     text = "\n".join(s)
     if res["metadata"].get("circuit") == "ov":  # the same pipeline on OV circuits, edited through W_V
@@ -180,6 +200,13 @@ def _sweep_section(res: Mapping[str, Any], ref: Mapping[str, Any] | None) -> lis
     return s
 
 
+def _n_dims_note(res: Mapping[str, Any]) -> str:
+    c = res["metadata"].get("clustering", {})
+    if c.get("n_dims_requested", 0) is None and c.get("n_dims") != 20:
+        return f" (the default 20, clipped to the PCA's {c['n_dims']} components)"
+    return ""
+
+
 def _clustering_section(res: Mapping[str, Any], ref: Mapping[str, Any] | None) -> list[str]:
     """6C: perplexity with heads replaced by cluster representatives."""
     n = res["variance"]["n_heads"]
@@ -187,7 +214,9 @@ def _clustering_section(res: Mapping[str, Any], ref: Mapping[str, Any] | None) -
     s = [
         "## 3. Head clustering (6C)",
         "",
-        f"k-means (n_init={cl['kmeans_n_init']}, seed={cl['seed']}) on the top {cl['n_dims']} PCA coefficients; "
+        f"k-means (n_init={cl['kmeans_n_init']}, seed={cl['seed']}) on the top {cl['n_dims']} PCA coefficients"
+        + _n_dims_note(res)
+        + "; "
         "the member nearest each centroid represents its cluster and every other member's W_QK is replaced by "
         "the representative's (exact injection)."
         + (f" Dropped k >= {n}: {cl['dropped_k']}." if cl["dropped_k"] else ""),
@@ -213,8 +242,10 @@ def _clustering_section(res: Mapping[str, Any], ref: Mapping[str, Any] | None) -
     return s
 
 
-def _map_gate_checks(res: Mapping[str, Any], ref: Mapping[str, Any] | None) -> list[str]:
-    """The 2D map, the predicted patterns, the gate, the checks and the files."""
+def _map_gate_checks(
+    res: Mapping[str, Any], ref: Mapping[str, Any] | None, followed: str | None
+) -> list[str]:
+    """The 2D map, the predicted patterns, the gate and the checks."""
     meta, var, chk = res["metadata"], res["variance"], res["checks"]
     gate_k, gate_t = meta["gate"]["K"], meta["gate"]["threshold"]
     ka = chk["k_all"]
@@ -232,13 +263,13 @@ def _map_gate_checks(res: Mapping[str, Any], ref: Mapping[str, Any] | None) -> l
         "## 5. The predicted patterns (seed README)",
         "",
         "```",
-        *_patterns(res["perplexity_vs_k"]),
+        *_patterns(res["perplexity_vs_k"], var["n_heads"]),
         "```",
         "",
         "## 6. Gate (6D)",
         "",
         f"Rule: continue to the next (larger) model only if the ratio at K={gate_k} is within {gate_t}x. "
-        f"Result: {res['gate']['reason']} -> **{_gate_word(res['gate']['passed'])}**."
+        f"Result: {res['gate']['reason']} -> **{_gate_outcome(res['gate'], followed)}**."
         + (" (reference: K=10 gave 40x, so the report skipped GPT-2 medium)" if ref else ""),
         "",
         "## Checks",
@@ -253,14 +284,6 @@ def _map_gate_checks(res: Mapping[str, Any], ref: Mapping[str, Any] | None) -> l
             if chk.get("pca_reconstruction_max_abs_error") is not None
             else "- PCA reconstruction: circuit space (circuits not materialised; see the injection residuals)"
         ),
-        "",
-        "## Files",
-        "",
-        f"- `exp6_{meta['model']}.json` -- all numbers (6A/6B/6C, 2D map, checks; clock times only in `timings`)",
-        f"- `exp6a_cumvar_{meta['model']}.html/.png` -- cumulative variance",
-        f"- `exp6b_ppl_vs_K_{meta['model']}.html/.png` -- perplexity vs K",
-        f"- `exp6c_cluster_ppl_{meta['model']}.html/.png` -- perplexity vs number of clusters",
-        f"- `exp6c_cluster_viz_{meta['model']}.html/.png` -- PCA 2D map (by layer / by cluster)",
         "",
     ]
     return s
@@ -439,9 +462,40 @@ def _space_sections(res: Mapping[str, Any]) -> list[str]:
     return s
 
 
-def render_report(results: Sequence[Mapping[str, Any]], skipped: Sequence[tuple[str, str]] = ()) -> str:
-    """report.md for one or more runs (in order) and the models the gate skipped."""
-    parts = [_model_section(r) for r in results]
+def _files_section(res: Mapping[str, Any], files: Mapping[str, Mapping[str, str]] | None) -> list[str]:
+    """The files of the run that exist, and its PNG figures embedded (paths relative to the report)."""
+    name = res["metadata"]["model"]
+    s = ["## Files", "", f"- `exp6_{name}.json` -- all numbers (clock times only in `timings`)"]
+    written = {
+        fig: {kind: p for kind, p in paths.items() if Path(p).is_file()}
+        for fig, paths in (files or {}).items()
+    }
+    for fig, paths in written.items():
+        if paths:
+            s.append(f"- `{fig}`: " + ", ".join(f"`{Path(p).name}`" for p in paths.values()))
+    if files is None:
+        s.append("- figures: `qs.viz.experiment_figures(results)` rebuilds them from the JSON")
+    pngs = [(fig, paths["png"]) for fig, paths in written.items() if "png" in paths]
+    if pngs:
+        s += ["", "## Figures", ""] + [f"![{fig}]({Path(p).name})" for fig, p in pngs]
+    return [*s, ""]
+
+
+def render_report(
+    results: Sequence[Mapping[str, Any]],
+    skipped: Sequence[tuple[str, str]] = (),
+    files: Sequence[Mapping[str, Mapping[str, str]]] | None = None,
+) -> str:
+    """report.md for one or more runs (in order) and the models the gate skipped.
+
+    ``files``: per run, ``{figure name: {"html": path, "png": path}}`` as written; the report lists the
+    files that exist and embeds the PNGs (paths relative to the report's folder).
+    """
+    names = [str(r["metadata"]["model"]) for r in results] + [name for name, _ in skipped[:1]]
+    parts = [
+        _model_section(r, names[i + 1] if i + 1 < len(names) else None, files[i] if files else None)
+        for i, r in enumerate(results)
+    ]
     if skipped:
         parts.append(
             "# Skipped by the gate\n\n"

@@ -48,8 +48,49 @@ def fig_cluster_ppl(results: dict) -> go.Figure:
     return fig
 
 
+def _group_traces(fig: go.Figure, rows: list[dict], key: str, col: int, label: str, labels_on: bool) -> None:
+    """One trace per value of ``key`` (a discrete legend), heads labelled ``L{layer}H{head}`` on the map."""
+    hover = "%{text}<br>PC1 %{x:.3g}<br>PC2 %{y:.3g}<br>%{customdata}<extra></extra>"
+    palette = px_colors()
+    for i, value in enumerate(sorted({r[key] for r in rows if r[key] is not None})):
+        sel = [r for r in rows if r[key] == value]
+        fig.add_trace(
+            go.Scatter(
+                x=[r["pc1"] for r in sel],
+                y=[r["pc2"] for r in sel],
+                mode="markers+text" if labels_on else "markers",
+                name=f"{label} {value}",
+                legendgroup=f"{label}{col}",
+                legendgrouptitle_text=f"{label}s" if i == 0 else None,
+                text=[r["label"] for r in sel],
+                textposition="top center",
+                textfont={"size": 8, "color": "#555555"},
+                customdata=[f"{label} {value}" for _ in sel],
+                hovertemplate=hover,
+                marker={
+                    "size": 8,
+                    "color": palette[i % len(palette)],
+                    "line": {"width": 0.5, "color": "white"},
+                },
+            ),
+            row=1,
+            col=col,
+        )
+
+
+def px_colors() -> list[str]:
+    """A qualitative palette (discrete layers and clusters)."""
+    import plotly.express as px
+
+    return list(px.colors.qualitative.Dark24)
+
+
+#: Heads are labelled on the map up to this many (beyond, hover shows the label).
+MAX_LABELLED_HEADS = 80
+
+
 def fig_cluster_viz(results: dict) -> go.Figure:
-    """2D PCA map of the heads: left coloured by layer, right by cluster (``map_k``)."""
+    """2D PCA map of the heads: left coloured by layer, right by cluster (``map_k``); discrete colours."""
     from plotly.subplots import make_subplots
 
     rows = results["pca_map"]
@@ -59,63 +100,21 @@ def fig_cluster_viz(results: dict) -> go.Figure:
     fig = make_subplots(
         rows=1,
         cols=2,
-        horizontal_spacing=0.12,
-        subplot_titles=(
-            "coloured by layer",
-            f"coloured by cluster (k={map_k})" if map_k else "no clustering",
-        ),
+        horizontal_spacing=0.1,
+        subplot_titles=("by layer", f"by cluster (k={map_k})" if map_k else "no clustering"),
     )
-    xs, ys = [r["pc1"] for r in rows], [r["pc2"] for r in rows]
-    text = [r["label"] for r in rows]
-    hover = "%{text}<br>PC1 %{x:.3g}<br>PC2 %{y:.3g}<br>%{customdata}<extra></extra>"
-    n_layers = max(r["layer"] for r in rows) + 1
-    fig.add_trace(
-        go.Scatter(
-            x=xs,
-            y=ys,
-            mode="markers",
-            text=text,
-            customdata=[f"layer {r['layer']}" for r in rows],
-            hovertemplate=hover,
-            showlegend=False,
-            marker={
-                "color": [r["layer"] for r in rows],
-                "colorscale": "Viridis",
-                "cmin": 0,
-                "cmax": max(1, n_layers - 1),
-                "size": 8,
-                "colorbar": {"title": "layer", "x": 0.44},
-                "line": {"width": 0.5, "color": "white"},
-            },
-        ),
-        row=1,
-        col=1,
-    )
-    clusters = sorted({r["cluster"] for r in rows if r["cluster"] is not None})
-    for c in clusters:
-        sel = [r for r in rows if r["cluster"] == c]
-        fig.add_trace(
-            go.Scatter(
-                x=[r["pc1"] for r in sel],
-                y=[r["pc2"] for r in sel],
-                mode="markers",
-                name=f"cluster {c}",
-                text=[r["label"] for r in sel],
-                customdata=[f"cluster {c}" for _ in sel],
-                hovertemplate=hover,
-                marker={"size": 8, "line": {"width": 0.5, "color": "white"}},
-            ),
-            row=1,
-            col=2,
-        )
+    labels_on = len(rows) <= MAX_LABELLED_HEADS
+    _group_traces(fig, rows, "layer", 1, "layer", labels_on)
+    _group_traces(fig, rows, "cluster", 2, "cluster", labels_on)
     for col in (1, 2):
         fig.update_xaxes(title_text=f"PC1 ({100 * pc[0]:.1f}%)", row=1, col=col)
         fig.update_yaxes(title_text=f"PC2 ({100 * pc[1]:.1f}%)" if len(pc) > 1 else "PC2", row=1, col=col)
     fig.update_layout(
         title=f"PCA 2D map of the heads' {circuit_name(results)} ({model})",
         template="plotly_white",
-        width=1100,
-        height=500,
+        width=1200,
+        height=560,
+        legend={"groupclick": "toggleitem"},
     )
     return fig
 

@@ -25,75 +25,83 @@ def _metric_title(metric: str) -> str:
     }.get(metric, metric)
 
 
+#: The heatmap grid shows at most this many K (evenly spread, the largest and smallest always kept).
+MAX_HEATMAP_PANELS = 12
+
+
+def _panel_ks(ks: list[int], most: int) -> list[int]:
+    if len(ks) <= most:
+        return ks
+    idx = np.unique(np.round(np.linspace(0, len(ks) - 1, most)).astype(int))
+    return [ks[i] for i in idx]
+
+
 def plot_head_metric_heatmap(
-    df, metric: str = "kl", active_k: int | None = None, zmax: float | None = None
+    df, metric: str = "kl", zmax: float | None = None, columns: int = 4
 ) -> go.Figure:
-    """Layer x head heatmap of a per-head diagnostics metric, one frame per K with a slider.
+    """Layer x head heatmaps of a per-head diagnostics metric, one panel per K on a shared colour scale.
+
+    A static grid (it reads the same in the HTML and the PNG), largest K first.
 
     Args:
-        df: long frame of :func:`qk_subspace.evaluation.diagnostics.diagnostics_sweep` (columns ``K``, ``layer``, ``head``,
-            ``metric``), or a single-K frame of ``attention_diagnostics`` (no ``K`` column).
+        df: long frame of :func:`qk_subspace.evaluation.diagnostics.diagnostics_sweep` (columns ``K``, ``layer``,
+            ``head``, ``metric``), or a single-K frame of ``attention_diagnostics`` (no ``K`` column).
         metric: the column to show (e.g. ``"kl"``, ``"js"``, ``"tv"``, ``"top1_agreement"``).
-        active_k: the K shown first (and in the PNG); default the smallest K.
         zmax: colour-scale maximum shared by all K (default the largest value over all K).
+        columns: panels per row.
     """
+    from plotly.subplots import make_subplots
 
     if "K" not in df.columns:
         df = df.assign(K=-1)
-    ks = sorted(int(k) for k in df["K"].unique())
+    ks = _panel_ks(sorted((int(k) for k in df["K"].unique()), reverse=True), MAX_HEATMAP_PANELS)
     n_layers, n_heads = int(df["layer"].max()) + 1, int(df["head"].max()) + 1
     zmax = float(df[metric].max()) if zmax is None else zmax
-    active = ks.index(active_k) if active_k is not None else 0
-    fig = go.Figure()
+    cols = min(columns, len(ks))
+    nrows = -(-len(ks) // cols)
+    titles = [f"K={k}" if k >= 0 else "" for k in ks]
+    fig = make_subplots(
+        rows=nrows, cols=cols, subplot_titles=titles, horizontal_spacing=0.04, vertical_spacing=0.08
+    )
     for i, k in enumerate(ks):
         sub = df[df["K"] == k]
         z = np.full((n_layers, n_heads), np.nan)
         z[sub["layer"].to_numpy(), sub["head"].to_numpy()] = sub[metric].to_numpy()
-        fig.add_trace(
-            go.Heatmap(
-                z=z,
-                x=list(range(n_heads)),
-                y=list(range(n_layers)),
-                zmin=0,
-                zmax=zmax,
-                colorscale="Viridis",
-                visible=i == active,
-                colorbar={"title": metric},
-                hovertemplate="L%{y}H%{x}: %{z:.4g}<extra>K=" + str(k) + "</extra>",
-            )
-        )
-    steps = [
-        {
-            "method": "update",
-            "label": str(k),
-            "args": [
-                {"visible": [j == i for j in range(len(ks))]},
-                {"title": f"{_metric_title(metric)} per head, K={k}"},
-            ],
-        }
-        for i, k in enumerate(ks)
-    ]
+        heat = go.Heatmap(
+            z=z, x=list(range(n_heads)), y=list(range(n_layers)), zmin=0, zmax=zmax, colorscale="Viridis",
+            coloraxis="coloraxis", hovertemplate="L%{y}H%{x}: %{z:.4g}<extra>K=" + str(k) + "</extra>",
+        )  # fmt: skip
+        fig.add_trace(heat, row=i // cols + 1, col=i % cols + 1)
+    fig.update_yaxes(autorange="reversed", title_text="layer", col=1)
+    fig.update_xaxes(title_text="head", row=nrows)
     fig.update_layout(
-        title=f"{_metric_title(metric)} per head, K={ks[active]}",
-        xaxis_title="head",
-        yaxis_title="layer",
-        yaxis_autorange="reversed",
-        sliders=[{"active": active, "currentvalue": {"prefix": "K = "}, "steps": steps}],
+        title=f"{_metric_title(metric)} per head and K (layer x head)",
+        coloraxis={"colorscale": "Viridis", "cmin": 0, "cmax": zmax, "colorbar": {"title": metric}},
         template="plotly_white",
+        width=260 * cols + 120,
+        height=230 * nrows + 120,
     )
     return fig
 
 
 def plot_layer_metric_vs_k(df, metric: str = "kl", log_y: bool = True) -> go.Figure:
-    """Per-layer mean of a diagnostics metric (default KL) against K, one line per layer."""
+    """Per-layer mean of a diagnostics metric (default KL) against K, one line per layer.
+
+    On a log axis a mean of exactly 0 (every head unchanged, e.g. K = all) cannot be drawn: those
+    points are left out and listed in the title, instead of being drawn at an arbitrary floor.
+    """
     mean = df.groupby(["layer", "K"], as_index=False)[metric].mean()
     fig = go.Figure()
+    zero_ks: set[int] = set()
     for layer, sub in mean.groupby("layer"):
         sub = sub.sort_values("K")
-        y = sub[metric].clip(lower=1e-12) if log_y else sub[metric]
-        fig.add_trace(go.Scatter(x=sub["K"], y=y, mode="lines+markers", name=f"layer {layer}"))
+        if log_y:
+            zero_ks |= {int(k) for k in sub.loc[sub[metric] <= 0, "K"]}
+            sub = sub[sub[metric] > 0]
+        fig.add_trace(go.Scatter(x=sub["K"], y=sub[metric], mode="lines+markers", name=f"layer {layer}"))
+    note = f" (exactly 0, not drawn on the log axis: K={sorted(zero_ks)})" if zero_ks else ""
     fig.update_layout(
-        title=f"Per-layer mean {_metric_title(metric)} vs K",
+        title=f"Per-layer mean {_metric_title(metric)} vs K{note}",
         xaxis_title="K (PCA components kept)",
         yaxis_title=f"mean {metric}",
         yaxis_type="log" if log_y else "linear",

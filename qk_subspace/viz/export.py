@@ -1,4 +1,5 @@
-"""Saving figures: self-contained HTML and, where a Chromium is installed, PNG."""
+"""Saving figures: HTML (plotly.js written once per folder, beside the figures) and, where a Chromium is
+installed, PNG."""
 
 from __future__ import annotations
 
@@ -24,16 +25,17 @@ def png_export_available() -> bool:
 
 
 def save_figure(fig: go.Figure, out_dir: str | os.PathLike, name: str, png: bool = True) -> dict[str, str]:
-    """Write ``fig`` as ``<out_dir>/<name>.html`` (self-contained) and, if possible, ``<name>.png``.
+    """Write ``fig`` as ``<out_dir>/<name>.html`` and, if possible, ``<name>.png``.
 
-    PNG export needs a Chromium (kaleido 1.x); without one, warns once and writes HTML only.
-    Returns ``{"html": path, "png": path}`` for the files written.
+    The HTML loads ``plotly.min.js`` from its own folder (written there once, ~4.7 MB, instead of into
+    every file), so keep the folder together. PNG export needs a Chromium (kaleido 1.x); without one,
+    warns once and writes HTML only. Returns ``{"html": path, "png": path}`` for the files written.
     """
     global _PNG_WARNED
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     written = {"html": str(out / f"{name}.html")}
-    fig.write_html(written["html"], include_plotlyjs=True, full_html=True)
+    fig.write_html(written["html"], include_plotlyjs="directory", full_html=True)
     if png:
         if png_export_available():
             try:

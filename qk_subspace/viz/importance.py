@@ -8,7 +8,7 @@ from typing import Any
 import numpy as np
 import plotly.graph_objects as go
 
-from ..report.reference import REFERENCE_GPT2_SMALL
+from ..report.reference import REFERENCE_GPT2_SMALL, is_gpt2_small
 
 __all__ = ["SEED_REPORT_RATIOS", "figures", "head_importance_figure", "importance_overlay_figure"]
 
@@ -30,7 +30,8 @@ def figures(results: dict) -> dict[str, go.Figure]:
             pd.DataFrame(results["perplexity_vs_k"]),
             pd.DataFrame(rows),
             threshold=meta.get("gate", {}).get("threshold", 1.1),
-            reference=SEED_REPORT_RATIOS if circuit == "qk" else None,
+            # the seed report measured GPT-2 small: its curve belongs on no other model's K axis
+            reference=SEED_REPORT_RATIOS if circuit == "qk" and is_gpt2_small(results) else None,
             reference_scale=n / 144,
             title=f"{m}, {circuit.upper()}: compression by PCA variance vs by {method} importance",
         )

@@ -27,16 +27,17 @@ def fig_cumvar(results: dict) -> go.Figure:
     )
     for t in var["thresholds"]:
         fig.add_hline(y=100 * t["threshold"], line_dash="dot", line_color="grey")
+        reached = cum[t["K"] - 1]  # the marker sits on the curve, at the first K reaching the threshold
         fig.add_trace(
             go.Scatter(
                 x=[t["K"]],
-                y=[100 * t["threshold"]],
+                y=[reached],
                 mode="markers+text",
                 text=[f"{100 * t['threshold']:.0f}%: K={t['K']}"],
                 textposition="bottom right",
                 marker={"size": 9, "color": "crimson"},
                 showlegend=False,
-                hovertemplate=f"{100 * t['threshold']:.0f}% needs K={t['K']}<extra></extra>",
+                hovertemplate=f"K={t['K']} reaches {reached:.1f}% (>= {100 * t['threshold']:.0f}%)<extra></extra>",
             )
         )
     fig.update_layout(
