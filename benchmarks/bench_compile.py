@@ -1,4 +1,4 @@
-"""Does ``torch.compile`` pay for the fast path? (issue 7: "torch.compile where it pays").
+"""Does ``torch.compile`` pay for the fast path?
 
 Compiles the fast path's residual-stream forward (``fastpath._residual_final``, the
 layers without the unembedding/cross-entropy) of a GPT-2-small-shaped model with inductor, checks
@@ -82,7 +82,7 @@ def main() -> None:
     if args.append:
         common.append_to_section(
             RESULTS,
-            "## torch.compile of the fast path (issue 7)",
+            "## torch.compile of the fast path",
             "Appended by `benchmarks/bench_compile.py`, newest last.",
             table,
         )

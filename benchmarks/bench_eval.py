@@ -5,7 +5,7 @@
     python benchmarks/bench_eval.py --model DIR      # any local HF checkpoint, e.g.
                                                      # ../shared/data/models/stories260K
 
-Measures (issue 7), all in one run:
+Measures, all in one run:
   * loss agreement of HF, TransformerLens' standard forward and the fast path on one chunk;
   * throughput of ``qs.perplexity`` (fast path) vs an equivalent HF loop (logits -> per-token
     cross-entropy -> per-chunk mean) on the same ``[n, ctx]`` tokens, interleaved A/B repetitions
@@ -259,7 +259,7 @@ def rss_row(r: dict[str, Any]) -> str:
 def append_results(table: str) -> None:
     common.append_to_section(
         RESULTS,
-        "## Evaluation performance: fast path vs Hugging Face (issue 7)",
+        "## Evaluation performance: fast path vs Hugging Face",
         "Appended by `benchmarks/bench_eval.py`, newest last.",
         table,
     )

@@ -1,4 +1,4 @@
-"""Sweep-point overhead of QK injection (issue 7): reconstruct + inject + restore on GPT-2 small.
+"""Sweep-point overhead of QK injection: reconstruct + inject + restore on GPT-2 small.
 
 Builds a GPT-2-small-shaped HookedTransformer (random weights, fp32), fits HeadPCA on its QK
 circuits, then times per sweep point ``pca.reconstruct(100)``, entering ``qs.inject_qk`` and

@@ -1,4 +1,4 @@
-"""The seed report's full sweep on a GPT-2-small-shaped model, timed (issue 7's GPU check).
+"""The seed report's full sweep on a GPT-2-small-shaped model, timed (the GPU check).
 
     python benchmarks/gpu_sweep.py             # CUDA: fp32 and bf16, 195 x 1024 tokens per evaluation
     python benchmarks/gpu_sweep.py --quick     # CPU smoke run with a tiny token budget (known to work)
@@ -176,7 +176,7 @@ def main() -> None:
     if args.append:
         common.append_to_section(
             Path(__file__).resolve().parent / "RESULTS.md",
-            "## GPU sweep timing (issue 7)",
+            "## GPU sweep timing",
             "Appended by `benchmarks/gpu_sweep.py`, newest last.",
             text,
         )

@@ -1,7 +1,11 @@
-"""Gauge study, null baselines and per-layer PCA on one model (offline on stories260K by default).
+"""Gauge study, null baselines and per-layer PCA on one model (offline on the embedded model by default).
 
-    python demos/gauge_study.py                                   # stories260K, 64 x 256 TinyStories tokens
-    python demos/gauge_study.py --model gpt2 --text wikitext      # GPT-2 small by name (needs the hub)
+    python demos/gauge_study.py                                   # embedded stories260K on its own samples
+    python demos/gauge_study.py --model DIR --text-file FILE      # any local checkpoint and text
+    python demos/gauge_study.py --model gpt2                      # GPT-2 small by name (needs the hub)
+
+Options are named as in ``qk-subspace run`` (``--model``, ``--text-file``, ``--ctx``, lists such as
+``--ks 0 1 3`` or ``--ks 0,1,3``).
 
 Writes to --out (default results/gauge_study): gauge.{html,png}, baselines_{raw,circuit}.{html,png},
 layerwise_{raw,circuit}.{html,png}, one JSON per section (gauge_study.json: config, baselines, spread,
@@ -22,42 +26,35 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run from a checkout without installing
 
 import qk_subspace as qs
+from qk_subspace.cli import flat_ints, int_list
+from qk_subspace.experiment.inputs import load_tokens
 from qk_subspace.viz import save_figure
 
 #: The QK representation of each PCA space.
 REPRESENTATION = {"raw": "qk", "canonical": "qk-canonical", "circuit": "qk-circuit"}
 
-SHARED = ROOT.parent / "shared" / "data"
-
-
-def _tokens(model: object, text: str, n_chunks: int, ctx: int):  # type: ignore[no-untyped-def]
-    if text == "tinystories":
-        raw = (SHARED / "tinystories" / "tinystories_val.txt").read_text(encoding="utf-8")
-        return qs.chunk_text(model.tokenizer, raw[: 40 * n_chunks * ctx], n_chunks * ctx, ctx)  # type: ignore[attr-defined]
-    if text == "wikitext":
-        local = SHARED / "wikitext-2-raw" / "wiki.test.raw"
-        return qs.load_wikitext2(
-            model.tokenizer,
-            n_tokens=n_chunks * ctx,
-            ctx=ctx,  # type: ignore[attr-defined]
-            text_file=local if local.is_file() else None,
-        )
-    return qs.chunk_text(model.tokenizer, Path(text).read_text(encoding="utf-8"), n_chunks * ctx, ctx)  # type: ignore[attr-defined]
-
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", default=str(SHARED / "models" / "stories260K"), help="local HF dir or TL name")
-    ap.add_argument("--text", default="tinystories", help="tinystories | wikitext | path to a text file")
+    ap.add_argument(
+        "--model", default="stories260K", help="stories260K (embedded), a local HF dir or a TL name"
+    )
+    ap.add_argument(
+        "--text-file", default=None, help="text to evaluate on (default: the embedded model's samples)"
+    )
     ap.add_argument("--n-chunks", type=int, default=64)
     ap.add_argument("--ctx", type=int, default=256)
-    ap.add_argument("--ks", default="0,1,3,5,10,15,20,25,30,35,40", help="global K grid")
-    ap.add_argument("--ks-layer", default=None, help="per-layer K grid (default 0..heads per layer)")
+    ap.add_argument(
+        "--ks", nargs="+", type=int_list("--ks"), default=[[0, 1, 3, 5, 10, 15, 20, 25, 30, 35, 40]]
+    )
+    ap.add_argument(
+        "--ks-layer", nargs="+", type=int_list("--ks-layer"), default=None, help="per-layer K grid"
+    )
     ap.add_argument("--n-gauges", type=int, default=3)
     ap.add_argument("--cond", type=float, default=10.0)
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--random-seeds", type=int, default=3, help="random-subspace baseline seeds (0: skip)")
-    ap.add_argument("--ks-random", default="1,3,5,10,20,30", help="K grid of the random-subspace baseline")
+    ap.add_argument("--ks-random", nargs="+", type=int_list("--ks-random"), default=[[1, 3, 5, 10, 20, 30]])
     ap.add_argument("--no-layerwise", action="store_true")
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--out", default="results/gauge_study")
@@ -74,10 +71,10 @@ def main() -> None:
     progress = not args.quiet
     t0 = time.time()
     model = qs.load_model(args.model)
-    text = args.text if not (args.text == "tinystories" and args.model == "gpt2") else "wikitext"
-    tokens = _tokens(model, text, args.n_chunks, args.ctx)
+    text = args.text_file or "the model's own samples"
+    tokens = load_tokens(model, args.text_file, args.n_chunks * args.ctx, args.ctx)
     n_heads = model.cfg.n_layers * model.cfg.n_heads
-    ks = [k for k in (int(x) for x in args.ks.split(",")) if k <= n_heads]
+    ks = [k for k in flat_ints(args.ks) or [] if k <= n_heads]
     timings: dict[str, float] = {"load": time.time() - t0}
     result: dict[str, object] = {"model": args.model, "text": text, "tokens": list(tokens.shape)}
 
@@ -136,7 +133,7 @@ def main() -> None:
         print("\ncanonical:", canon.set_index("K")["ratio"].round(3).to_dict())
 
     if "baselines" in sections and args.random_seeds > 0:
-        ks_rand = [int(x) for x in args.ks_random.split(",") if int(x) < n_heads - 1]
+        ks_rand = [k for k in flat_ints(args.ks_random) or [] if k < n_heads - 1]
         payload: dict[str, object] = dict(result)
         for sp in ("raw", "circuit"):
             t = time.time()
@@ -180,9 +177,7 @@ def main() -> None:
         dump("baselines", {**payload, "timings_s": timings})
 
     if "layerwise" in sections:
-        ks_layer = (
-            [int(x) for x in args.ks_layer.split(",")] if args.ks_layer else list(range(model.cfg.n_heads))
-        )
+        ks_layer = flat_ints(args.ks_layer) if args.ks_layer else list(range(model.cfg.n_heads))
         payload = dict(result)
         for sp in ("raw", "circuit"):
             t = time.time()

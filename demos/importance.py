@@ -1,6 +1,7 @@
-"""Function-aware component ranking and importance-ordered compression (issue 6), end to end.
+"""Function-aware component ranking and importance-ordered compression, end to end.
 
-Offline on the real stories260K model with TinyStories text (default)::
+Offline on the embedded stories260K model and its own samples (default); any model with ``--model`` and
+``--text-file`` (options named as in ``qk-subspace run``)::
 
     python demos/importance.py --out results/importance_qk
     python demos/importance.py --circuit ov --out results/importance_ov
@@ -8,7 +9,7 @@ Offline on the real stories260K model with TinyStories text (default)::
 GPT-2 small by name (needs the Hugging Face hub or its cache) on WikiText-2::
 
     python demos/importance.py --model gpt2 --ctx 1024 --rank-tokens 16384 --eval-tokens 65536 --ks report \\
-        --wikitext ../shared/data/wikitext-2-raw/wiki.test.raw --out results/importance_gpt2
+        --text-file ../shared/data/wikitext-2-raw/wiki.test.raw --out results/importance_gpt2
 
 Steps: fit HeadPCA on the circuit matrices; rank the components by drop-one perplexity change and
 by gradient (first-order Taylor, empirical Fisher) on *ranking* tokens; report the Spearman rank
@@ -30,13 +31,11 @@ import numpy as np
 import torch
 
 import qk_subspace as qs
+from qk_subspace.experiment.inputs import load_tokens
 from qk_subspace.viz import save_figure
 from qk_subspace.viz.importance import SEED_REPORT_RATIOS
 
 ROOT = Path(__file__).resolve().parents[1]
-SHARED = ROOT.parent / "shared" / "data"
-DEFAULT_MODEL = SHARED / "models" / "stories260K"
-DEFAULT_TEXT = SHARED / "tinystories" / "tinystories_val.txt"
 
 
 def _records(df: Any) -> list[dict[str, Any]]:
@@ -85,18 +84,22 @@ def replot(out: Path) -> dict[str, Any]:
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument(
-        "--model", default=str(DEFAULT_MODEL), help="local HF checkpoint dir or a TransformerLens name"
+        "--model", default="stories260K", help="stories260K (embedded), a local HF dir or a TL name"
     )
-    ap.add_argument("--text", default=str(DEFAULT_TEXT), help="plain-text file to evaluate on")
-    ap.add_argument("--wikitext", default=None, help="use WikiText-2 (this wiki.test.raw) instead of --text")
+    ap.add_argument(
+        "--text-file",
+        default=None,
+        help="text (a wiki.*.raw is WikiText-2); default: the embedded model's samples",
+    )
     ap.add_argument("--circuit", choices=("qk", "ov"), default="qk")
     ap.add_argument("--ctx", type=int, default=256)
     ap.add_argument("--rank-tokens", type=int, default=8192, help="tokens for drop-one / gradient ranking")
     ap.add_argument("--eval-tokens", type=int, default=16384, help="tokens for the K sweeps (disjoint)")
     ap.add_argument(
         "--ks",
-        default="all",
-        help="comma-separated K values, 'all' (0..n_heads) or 'report' (0 + the seed report's grid)",
+        nargs="+",
+        default=["all"],
+        help="K values (1,3,10 or 1 3 10), 'all' (0..n_heads) or 'report' (0 + the seed report's grid)",
     )
     ap.add_argument("--head-mode", choices=["only", "all_but"], default="only")
     ap.add_argument("--score", default=None, help="drop-one column to order by (default delta_nll)")
@@ -117,10 +120,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     model = qs.load_model(args.model)
     need = args.rank_tokens + args.eval_tokens
-    if args.wikitext:
-        toks = qs.load_wikitext2(model.tokenizer, n_tokens=None, ctx=args.ctx, text_file=args.wikitext)
-    else:
-        toks = qs.chunk_text(model.tokenizer, Path(args.text).read_text(encoding="utf-8"), None, args.ctx)
+    toks = load_tokens(model, args.text_file, None, args.ctx)
     n_rank, n_eval = args.rank_tokens // args.ctx, args.eval_tokens // args.ctx
     if n_rank < 2 or n_eval < 2 or len(toks) * args.ctx < need:
         raise SystemExit(
@@ -170,12 +170,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     # 3. sweeps
     n_all = pca.n_heads_
-    if args.ks == "all":
+    if args.ks == ["all"]:
         ks = list(range(n_all + 1))
-    elif args.ks == "report":
+    elif args.ks == ["report"]:
         ks = [0, *[k for k in qs.evaluation.sweeps.REPORT_K_GRID if k < n_all], n_all]
     else:
-        ks = [int(k) for k in args.ks.split(",")]
+        ks = [int(k) for part in args.ks for k in part.split(",") if k.strip()]
     baseline = qs.perplexity(model, eval_toks, batch_size=args.batch_size, progress=progress, desc="baseline")
     common = {
         "batch_size": args.batch_size,

@@ -3,13 +3,14 @@
 Sweeps K, compares every head's attention pattern with the original on a small diagnostic batch
 (qs.evaluation.diagnostics.diagnostics_sweep), prints the heads that break first, and saves figures and a JSON summary.
 
-Offline, on the real pretrained Llama-style model in ../shared (default)::
+Offline, on the embedded stories260K model and its own samples (default; options named as in
+``qk-subspace run``)::
 
     python demos/inspect_heads.py --out results/inspect_heads
 
 GPT-2 small by name (needs the Hugging Face hub or its cache), on WikiText-2 text::
 
-    python demos/inspect_heads.py --model gpt2 --text ../shared/data/wikitext-2-raw/wiki.test.raw \
+    python demos/inspect_heads.py --model gpt2 --text-file ../shared/data/wikitext-2-raw/wiki.test.raw \
         --ks 1 10 32 64 100 130 144
 """
 
@@ -23,12 +24,10 @@ from pathlib import Path
 import torch
 
 import qk_subspace as qs
+from qk_subspace.cli import flat_ints, int_list
+from qk_subspace.experiment.inputs import load_tokens
 from qk_subspace.viz import diagnostics as plots
 from qk_subspace.viz import save_figure
-
-SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
-DEFAULT_MODEL = SHARED / "models" / "stories260K"
-DEFAULT_TEXT = SHARED / "tinystories" / "tinystories_val.txt"
 
 
 def default_ks(n_heads: int) -> list[int]:
@@ -51,10 +50,16 @@ def with_bos(model, chunks: torch.Tensor) -> torch.Tensor:
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument(
-        "--model", default=str(DEFAULT_MODEL), help="official name (gpt2) or local HF checkpoint dir"
+        "--model", default="stories260K", help="stories260K (embedded), a local HF dir or a TL name"
     )
-    ap.add_argument("--text", default=str(DEFAULT_TEXT), help="a text file for the diagnostic batch")
-    ap.add_argument("--ks", type=int, nargs="*", default=None, help="K grid (default 0, powers of 2, all)")
+    ap.add_argument(
+        "--text-file",
+        default=None,
+        help="text for the diagnostic batch (default: the embedded model's samples)",
+    )
+    ap.add_argument(
+        "--ks", nargs="+", type=int_list("--ks"), default=None, help="K grid (default 0, powers of 2, all)"
+    )
     ap.add_argument("--n-seqs", type=int, default=8, help="sequences in the diagnostic batch")
     ap.add_argument("--ctx", type=int, default=128, help="tokens per diagnostic sequence")
     ap.add_argument(
@@ -75,8 +80,7 @@ def main(argv: list[str] | None = None) -> dict:
     t0 = time.perf_counter()
     torch.set_grad_enabled(False)
     model = qs.load_model(args.model)
-    text = Path(args.text).read_text(encoding="utf-8")
-    stream = model.tokenizer(text[: 40 * args.n_seqs * args.ctx], return_tensors="pt").input_ids.flatten()
+    stream = load_tokens(model, args.text_file, None, 2).flatten()
     if model.tokenizer.bos_token_id is not None:
         stream = stream[stream != model.tokenizer.bos_token_id]
     # the figure's sample text comes first, the diagnostic batch right after it (no overlap)
@@ -89,7 +93,7 @@ def main(argv: list[str] | None = None) -> dict:
     )
 
     pca = qs.HeadPCA().fit(qs.qk_matrices(model))
-    ks = args.ks or default_ks(pca.n_heads_)
+    ks = flat_ints(args.ks) or default_ks(pca.n_heads_)
     print(
         f"model {args.model}: {model.cfg.n_layers} layers x {model.cfg.n_heads} heads, "
         f"{pca.n_nonzero_components_} non-zero components; K grid {ks}; diagnostic batch {tuple(diag.shape)}"
@@ -150,7 +154,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     result = {
         "model": str(args.model),
-        "text": str(args.text),
+        "text": str(args.text_file or "the model's own samples"),
         "ks": ks,
         "diag_batch": list(diag.shape),
         "threshold": args.threshold,

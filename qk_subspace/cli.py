@@ -19,10 +19,12 @@ from . import __version__
 from .experiment.config import GROUPS, ExperimentConfig, Option, fields_of
 from .model.embedded import EMBEDDED_NAME
 
-__all__ = ["add_run_arguments", "build_parser", "config_from_args", "main"]
+__all__ = ["add_run_arguments", "build_parser", "config_from_args", "flat_ints", "int_list", "main"]
 
 
-def _int_list(flag: str) -> Any:
+def int_list(flag: str) -> Any:
+    """An argparse ``type`` for integer lists: ``1,3,10`` (several such words with ``nargs="+"``)."""
+
     def parse(value: str) -> list[int]:
         out = []
         for part in str(value).split(","):
@@ -69,7 +71,7 @@ def _argument(group: Any, name: str, opt: Option, default: Any) -> None:
         if opt.metavar is not None:
             kw["metavar"] = opt.metavar
         if opt.kind == "ints":
-            kw.update(nargs="+", type=_int_list(flag))
+            kw.update(nargs="+", type=int_list(flag))
         elif opt.kind == "n_tokens":
             kw["type"] = _n_tokens
         elif opt.kind in ("int", "float"):
@@ -95,6 +97,13 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
             _argument(group, f.name, opt, f.default)
 
 
+def flat_ints(values: Sequence[Any] | None) -> list[int] | None:
+    """The integers of ``nargs="+"`` arguments of :func:`int_list` (``None`` stays ``None``)."""
+    if values is None:
+        return None
+    return [x for part in values for x in (part if isinstance(part, list) else [part])]
+
+
 def config_from_args(args: argparse.Namespace) -> ExperimentConfig:
     """An :class:`ExperimentConfig` from parsed arguments (every argument named like an option)."""
     values = vars(args)
@@ -104,7 +113,7 @@ def config_from_args(args: argparse.Namespace) -> ExperimentConfig:
         for f, opt in fields_of(cls):
             v = values[f.name]
             if opt.kind == "ints" and isinstance(v, list):  # nargs="+" of comma lists: flatten
-                v = tuple(x for part in v for x in (part if isinstance(part, list) else [part]))
+                v = tuple(flat_ints(v) or ())
             kw[f.name] = v
         groups[g] = cls(**kw)
     return ExperimentConfig(**groups)

@@ -1,4 +1,4 @@
-"""End-to-end runner/CLI wiring of diagnostics (issue 4), importance order and OV circuits (issue 6)."""
+"""End-to-end runner/CLI wiring of diagnostics, importance order and OV circuits."""
 
 from __future__ import annotations
 

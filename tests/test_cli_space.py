@@ -1,4 +1,4 @@
-"""End-to-end runner/CLI wiring of issue 5: --space, --groupby layer, --baselines, --gauges."""
+"""End-to-end runner/CLI wiring of --space, --groupby layer, --baselines, --gauges."""
 
 from __future__ import annotations
 

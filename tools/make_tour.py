@@ -14,37 +14,43 @@ cells: list[tuple[str, str]] = [
         """# qk_subspace: a notebook tour
 
 Do the attention heads of a transformer share a low-dimensional weight subspace, and what breaks when you
-force them into it? This tour runs **fully offline** on the real pretrained Llama-style model
-`stories260K` (5 layers x 8 query heads, grouped-query attention, rotary) with TinyStories text from
-`../shared/data`, on a CPU in a few minutes.
+force them into it? This tour runs **fully offline, from any folder**, on the real pretrained Llama-style
+model `stories260K` embedded in the package (5 layers x 8 query heads, grouped-query attention, rotary),
+on text the model sampled itself, on a CPU in about a minute. It needs only `pip install -e ".[dev]"`.
 
-**With internet, switch to GPT-2 small** (the model of the seed report) by setting
-`MODEL = "gpt2"` below and using WikiText-2 tokens:
-`tokens = qs.load_wikitext2(model.tokenizer, n_tokens=200_000, ctx=1024)`.""",
+**Another model**: set `MODEL` to a local Hugging Face checkpoint directory (and `TEXT` to a text file),
+or to `"gpt2"` with internet (then `TEXT = None` uses WikiText-2 via `datasets`).""",
     ),
     (
         "code",
         """import os
 from pathlib import Path
 
+import plotly.io as pio
 import torch
 
 import qk_subspace as qs
+from qk_subspace.experiment.inputs import load_tokens
+from qk_subspace.viz import png_export_available
 
 torch.set_num_threads(min(2, os.cpu_count() or 1))
-SHARED = Path(os.environ.get("QK_SUBSPACE_SHARED", "../../shared")).resolve()
-MODEL = SHARED / "data/models/stories260K"            # or "gpt2" with internet
-TEXT = SHARED / "data/tinystories/tinystories_val.txt"
+# interactive figures, plus a static PNG copy that plain notebook viewers show (needs a Chromium)
+pio.renderers.default = "plotly_mimetype+png" if png_export_available() else "plotly_mimetype+notebook"
+MODEL = "stories260K"  # embedded in the package; or a local checkpoint dir, or "gpt2" with internet
+TEXT = None  # None: the embedded model's own samples; or a path to a text file
 OUT = Path(os.environ.get("QK_SUBSPACE_TOUR_OUT", "tour_out"))
-print(qs.__version__, MODEL.is_dir())""",
+print(qs.__version__)""",
     ),
-    ("md", """## 1. Load the model (no network access at all for a local checkpoint)"""),
+    (
+        "md",
+        """## 1. Load the model (no network access at all for the embedded model or a local checkpoint)""",
+    ),
     (
         "code",
         """model = qs.load_model(MODEL)
 print(model.cfg.n_layers, "layers x", model.cfg.n_heads, "heads; key/value heads:", model.cfg.n_key_value_heads)
 print("processing:", model.qk_subspace_processing)
-tokens = qs.chunk_text(model.tokenizer, TEXT.read_text(), n_tokens=16 * 256, ctx=256)   # [16, 256]
+tokens = load_tokens(model, TEXT, n_tokens=16 * 256, ctx=256)  # [16, 256], as qk-subspace run cuts them
 tokens.shape""",
     ),
     (
@@ -79,7 +85,7 @@ with qs.inject_qk(model, pca.reconstruct(pca.n_heads_)) as edit:
 with qs.inject_qk(model, pca.reconstruct(pca.n_heads_), method="pinv"):
     pinv = qs.perplexity(model, tokens, progress=False)
 print(f"baseline {baseline.ppl:.5f}   K=all {k_all.ppl:.5f}   (ratio {k_all.ppl / baseline.ppl:.8f}, "
-      f"max residual {edit.residual.max():.2e})   pinv {pinv.ppl:.3f}")
+      f"max relative residual {edit.residual.max():.2e})   pinv {pinv.ppl:.3f}")
 assert abs(k_all.ppl / baseline.ppl - 1) < 1e-5""",
     ),
     (
@@ -177,7 +183,7 @@ print(f"OV: K=all ratio {ov_all.ppl / baseline.ppl:.8f}, K=10 ratio {ov_10.ppl /
         """## Where next
 
 - `qk-subspace run --model gpt2 --out results` reproduces the seed report (needs the hub).
-- `--diagnostics`, `--order importance`, `--circuit ov`, `--space circuit`, `--baselines`: see the README.
+- `--diagnostics`, `--order importance`, `--circuit ov`, `--space circuit`, `--baselines`: `docs/protocol.md`.
 - Every public name: `docs/api.md`.""",
     ),
 ]

@@ -144,15 +144,17 @@ def check_positive_int(k: Any, name: str) -> int:
     return int(k)
 
 
-def cluster_heads(pca: HeadPCA, k: int, n_dims: int = 20, seed: int = 0) -> HeadClustering:
+def cluster_heads(
+    pca: HeadPCA, k: int, n_dims: int = 20, seed: int = 0, n_init: int = KMEANS_N_INIT
+) -> HeadClustering:
     """k-means clustering of the fitted heads on their top-``n_dims`` PCA coefficients.
 
     Args:
         pca: a fitted :class:`~qk_subspace.decomposition.pca.HeadPCA` (its ``coefficients_`` are clustered).
         k: number of clusters, in ``[1, n_heads]``.
         n_dims: number of leading PCA coordinates used, in ``[1, pca.n_components_]``.
-        seed: ``random_state`` of :class:`sklearn.cluster.KMeans` (``n_init`` fixed to
-            :data:`KMEANS_N_INIT`), so the result depends only on the data and the seed.
+        seed: ``random_state`` of :class:`sklearn.cluster.KMeans`.
+        n_init: k-means restarts (default :data:`KMEANS_N_INIT`), the best of which is kept.
 
     Returns:
         :class:`HeadClustering` with assignments ``[*head_shape]`` and, per cluster, the member
@@ -169,7 +171,7 @@ def cluster_heads(pca: HeadPCA, k: int, n_dims: int = 20, seed: int = 0) -> Head
         )
     n_dims = int(n_dims)
     X = np.ascontiguousarray(pca.coefficients_[:, :n_dims], dtype=np.float64)
-    km = KMeans(n_clusters=k, n_init=KMEANS_N_INIT, random_state=int(seed))
+    km = KMeans(n_clusters=k, n_init=int(n_init), random_state=int(seed))
     labels = km.fit_predict(X).astype(np.int64)
     centroids = np.asarray(km.cluster_centers_, dtype=np.float64)
     reps = np.full(k, -1, dtype=np.int64)

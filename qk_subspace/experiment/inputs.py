@@ -17,6 +17,7 @@ from .config import ExperimentConfig
 
 __all__ = [
     "evaluation_tokens",
+    "load_tokens",
     "model_display_name",
     "sha256_file",
     "sha256_tokens",
@@ -110,6 +111,21 @@ def evaluation_tokens(model: Any, config: ExperimentConfig) -> tuple[torch.Tenso
     }
     protocol.update(described)
     return chunk_tokens(stream[:limit], config.text.n_tokens, ctx), protocol
+
+
+def load_tokens(
+    model: Any,
+    text_file: str | os.PathLike | None = None,
+    n_tokens: int | None = None,
+    ctx: int | None = None,
+) -> torch.Tensor:
+    """Evaluation tokens ``[n_chunks, ctx]`` as ``qk-subspace run`` cuts them (for scripts and demos).
+
+    ``text_file`` as ``--text-file`` (a ``wiki.*.raw`` file gives the WikiText-2 protocol); ``None``: the
+    embedded model's own samples for the embedded model, WikiText-2 via ``datasets`` otherwise.
+    """
+    changes = {"text_file": None if text_file is None else str(text_file), "n_tokens": n_tokens, "ctx": ctx}
+    return evaluation_tokens(model, ExperimentConfig().replace(**changes))[0]
 
 
 def side_tokens(

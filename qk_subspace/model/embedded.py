@@ -25,6 +25,7 @@ __all__ = [
     "EVAL_SEQUENCES",
     "SEQ_LEN",
     "embedded_tokens",
+    "evaluation_chunks",
     "is_embedded",
     "is_embedded_name",
 ]
@@ -61,3 +62,14 @@ def embedded_tokens() -> tuple[torch.Tensor, torch.Tensor]:
         )
     ids = torch.from_numpy(np.load(path).astype(np.int64))
     return ids[:EVAL_SEQUENCES].flatten(), ids[EVAL_SEQUENCES:].flatten()
+
+
+def evaluation_chunks(n_chunks: int | None = None) -> torch.Tensor:
+    """The first ``n_chunks`` (default all ``EVAL_SEQUENCES``) perplexity sequences ``[n_chunks, SEQ_LEN]``."""
+    evaluation, _ = embedded_tokens()
+    chunks = evaluation.reshape(EVAL_SEQUENCES, SEQ_LEN)
+    if n_chunks is None:
+        return chunks
+    if isinstance(n_chunks, bool) or not isinstance(n_chunks, int) or not 1 <= n_chunks <= EVAL_SEQUENCES:
+        raise ValueError(f"n_chunks must be an integer in [1, {EVAL_SEQUENCES}], got {n_chunks!r}")
+    return chunks[:n_chunks].clone()
