@@ -29,6 +29,21 @@ def test_compare_can_fail() -> None:
     assert TOOL.compare({"a": 1}, {"a": 1.0})  # an int that became a float
 
 
+def _strings(obj: object) -> list[str]:
+    if isinstance(obj, dict):
+        return [s for v in obj.values() for s in _strings(v)]
+    if isinstance(obj, list):
+        return [s for v in obj for s in _strings(v)]
+    return [obj] if isinstance(obj, str) else []
+
+
+@pytest.mark.parametrize("family", sorted(TOOL.FAMILIES))
+def test_recorded_runs_name_no_machine_paths(family: str) -> None:
+    recorded = json.loads((GOLDEN / family / "exp6_stories260K.json").read_text())
+    paths = [s for s in _strings(recorded) if "shared/data" in s]
+    assert paths and all(p.startswith("../shared/data/") for p in paths)
+
+
 @requires_shared
 @pytest.mark.parametrize("family", sorted(TOOL.FAMILIES))
 def test_recorded_run_is_reproduced(family: str, tmp_path: Path) -> None:

@@ -4,7 +4,8 @@
     python tools/golden_runs.py check DIR      # run again into a temp dir and compare number for number
 
 The comparison ignores ``timings`` and ``metadata.package_versions`` (they describe the run, not its
-results) and needs every other key and value of the recorded file to be present and equal, and the
+results), writes the shared data folder as ``../shared/data`` wherever a path names it (the recorded files
+do not depend on where the checkout is) and needs every other key and value of the recorded file to be present and equal, and the
 columns of every table row in the same order (keys added by newer code are allowed).
 Needs ``../shared`` beside the repository.
 """
@@ -36,13 +37,16 @@ IGNORED = (("timings",), ("metadata", "package_versions"))
 
 
 def run_family(family: str, out: Path) -> Path:
+    """Run one family into ``out`` and return its results JSON, with the shared data paths portable."""
     from qk_subspace.cli import main
 
     args = ["run", "--model", str(MODEL), "--text-file", str(TEXT), "--out", str(out), *COMMON]
     rc = main(args + FAMILIES[family])
     if rc != 0:
         raise SystemExit(f"{family}: qk-subspace exited {rc}")
-    return out / "exp6_stories260K.json"
+    path = out / "exp6_stories260K.json"
+    path.write_text(path.read_text().replace(json.dumps(str(SHARED))[1:-1], "../shared/data"))
+    return path
 
 
 def in_rows(path: tuple[str, ...]) -> bool:
