@@ -1,6 +1,6 @@
 """Does ``torch.compile`` pay for the fast path?
 
-Compiles the fast path's residual-stream forward (``fastpath._residual_final``, the
+Compiles the fast path's residual-stream forward (``fastforward.residual_final``, the
 layers without the unembedding/cross-entropy) of a GPT-2-small-shaped model with inductor, checks
 it against the eager function, and times both interleaved on ``[batch, 1024]`` random tokens::
 
@@ -24,7 +24,7 @@ import common
 import torch
 from transformer_lens import HookedTransformer
 
-from qk_subspace.model import fastpath
+from qk_subspace.model import fastforward, fastpath
 
 RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
 
@@ -38,10 +38,10 @@ def main() -> None:
     torch.manual_seed(0)
     model = HookedTransformer(common.gpt2_small_config()).eval()
     tokens = torch.randint(0, model.cfg.d_vocab, (args.batch, 1024))
-    weights = fastpath._weights(model)
+    weights = fastpath.gather(model, tokens.shape[1])
 
     def eager(toks: torch.Tensor) -> torch.Tensor:
-        return fastpath._residual_final(model, toks, weights)
+        return fastforward.residual_final(weights, toks)
 
     compiled = torch.compile(eager, dynamic=False)
     with torch.inference_mode():

@@ -231,7 +231,7 @@ def sweep_overhead(model: Any, reps: int) -> dict[str, float]:
         times["inject"].append(time.perf_counter() - t)
         t = time.perf_counter()
         with torch.inference_mode():
-            fastpath._weights(model)
+            fastpath.gather(model, model.cfg.n_ctx)
         times["fast_path_views"].append(time.perf_counter() - t)
         t = time.perf_counter()
         edit.__exit__(None, None, None)

@@ -17,7 +17,8 @@ def test_qk_matrices_match_hand_product(kind: str) -> None:
     assert W.shape == (2, 4, 8, 8) and W.dtype == torch.float64
     for layer, block in enumerate(model.blocks):
         attn = block.attn
-        W_K = attn._W_K if kind == "gqa" else attn.W_K
+        W_K = qs.model.weights.kv_weight(model, layer, "W_K")  # one per key/value head
+        assert W_K.shape[0] == (2 if kind == "gqa" else 4)
         for h in range(4):
             kv = h // 2 if kind == "gqa" else h
             ref = attn.W_Q[h].double().T @ W_K[kv].double()

@@ -18,7 +18,7 @@ from transformer_lens import head_detector
 import qk_subspace as qs
 import qk_subspace.evaluation.diagnostics as diag_mod
 from qk_subspace.evaluation.diagnostics import DIVERGENCE_COLUMNS, HEAD_SCORE_NAMES, attention_diagnostics
-from tests.conftest import assert_params_equal, make_model, param_snapshot
+from tests.conftest import assert_params_equal, make_model, param_snapshot, tolerance
 
 
 def _toks(n: int = 3, pos: int = 16, seed: int = 0, vocab: int = 50) -> torch.Tensor:
@@ -69,7 +69,10 @@ def test_constant_scores_head_is_uniform_with_analytic_kl(kind: str) -> None:
         n = torch.arange(1, pos + 1, dtype=torch.float64)
         uniform = torch.tril(torch.ones(pos, pos, dtype=torch.float64)) / n[:, None]
         torch.testing.assert_close(
-            cache_e["pattern", L][:, H], uniform.expand(3, pos, pos), atol=1e-15, rtol=0
+            cache_e["pattern", L][:, H],
+            uniform.expand(3, pos, pos),
+            atol=tolerance(model, 1e-15, 1e-7),
+            rtol=0,
         )
 
         df = attention_diagnostics(model, toks, target, heads=[(L, H)], method="pinv").set_index("label")
@@ -87,12 +90,13 @@ def test_constant_scores_head_is_uniform_with_analytic_kl(kind: str) -> None:
     )
     row = df.loc[f"L{L}H{H}"]
     assert row["edited"]
-    assert abs(row["kl"] - float(kl)) < 1e-12
-    assert abs(row["tv"] - float(tv)) < 1e-12
-    assert abs(row["js"] - float(js.mean())) < 1e-12
-    assert abs(row["entropy_edited"] - float(log_n.mean())) < 1e-12
-    assert abs(row["entropy_orig"] - float(H_p.mean())) < 1e-12
-    assert abs(row["first_token_mass_edited"] - float((1 / n).mean())) < 1e-12
+    tol = tolerance(model, 1e-12, 1e-7)
+    assert abs(row["kl"] - float(kl)) < tol
+    assert abs(row["tv"] - float(tv)) < tol
+    assert abs(row["js"] - float(js.mean())) < tol
+    assert abs(row["entropy_edited"] - float(log_n.mean())) < tol
+    assert abs(row["entropy_orig"] - float(H_p.mean())) < tol
+    assert abs(row["first_token_mass_edited"] - float((1 / n).mean())) < tol
     assert row["residual"] == 0.0  # pinv of a zero target writes W_Q = 0 exactly
     # every other head of layers <= L sees the same residual stream: exactly unchanged
     others = df[(df["layer"] <= L) & ~((df["layer"] == L) & (df["head"] == H))]
@@ -162,7 +166,9 @@ def test_streaming_equals_full_cache_reference(kind: str) -> None:
     assert df["kl"].max() > 1e-3  # a real edit, not a trivial comparison
     cols = list(DIVERGENCE_COLUMNS) + [f"{n}_{w}" for n in HEAD_SCORE_NAMES for w in ("orig", "edited")]
     for c in cols:
-        np.testing.assert_allclose(df[c].to_numpy(), ref[c].to_numpy(), rtol=1e-9, atol=1e-12, err_msg=c)
+        np.testing.assert_allclose(
+            df[c].to_numpy(), ref[c].to_numpy(), rtol=tolerance(model, 1e-9), atol=1e-12, err_msg=c
+        )
 
 
 def test_metrics_invariant_to_batch_size() -> None:
@@ -271,7 +277,11 @@ def test_head_type_scores_match_transformer_lens_on_handmade_patterns() -> None:
 def test_repeated_random_tokens_and_diagnostic_batch() -> None:
     model = make_model("mha")
     rep = qs.evaluation.diagnostics.repeated_random_tokens(model, n_seqs=3, half_len=5, seed=1)
-    assert rep.shape == (3, 10)
+    bos = model.tokenizer is not None  # [BOS] R R when the model has a tokenizer with a BOS token
+    assert rep.shape == (3, 10 + bos)
+    if bos:
+        assert (rep[:, 0] == model.tokenizer.bos_token_id).all()
+        rep = rep[:, 1:]
     assert torch.equal(rep[:, :5], rep[:, 5:])
     stream = torch.arange(100)
     b = qs.evaluation.diagnostics.diagnostic_batch(stream, n_seqs=2, ctx=8, skip_tokens=50)

@@ -5,20 +5,28 @@ from __future__ import annotations
 import contextlib
 import types
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
 import torch
-from transformer_lens import HookedTransformer, HookedTransformerConfig
 
 import qk_subspace as qs
 from qk_subspace.edits.parameter_edit import ParameterEdit
-from qk_subspace.model import fastpath
-from tests.conftest import assert_params_equal, make_model, param_snapshot
+from qk_subspace.model import backends, fastforward, fastpath
+from tests.conftest import (
+    HOOKED,
+    assert_params_equal,
+    make_model,
+    param_snapshot,
+    requires_hooked,
+)
 
 
-def _cfg_model(dtype: torch.dtype = torch.float32, seed: int = 0, **overrides) -> HookedTransformer:
-    """A tiny random model from config overrides (biases randomised like conftest.make_model)."""
+def _cfg_model(dtype: torch.dtype = torch.float32, seed: int = 0, **overrides) -> Any:
+    """A tiny random HookedTransformer from config overrides (biases randomised like conftest.make_model)."""
+    from transformer_lens import HookedTransformer, HookedTransformerConfig
+
     base = {
         "n_layers": 2,
         "d_model": 32,
@@ -85,7 +93,7 @@ CONFIGS = {
 }
 
 
-def _standard_token_nll(model: HookedTransformer, tokens: torch.Tensor) -> torch.Tensor:
+def _standard_token_nll(model: Any, tokens: torch.Tensor) -> torch.Tensor:
     with torch.inference_mode():
         logits = model(tokens, return_type="logits")
         return -torch.log_softmax(logits[:, :-1].to(torch.float64), -1).gather(-1, tokens[:, 1:, None])[
@@ -97,6 +105,7 @@ def _tokens(n: int = 5, ctx: int = 32, vocab: int = 50, seed: int = 0) -> torch.
     return torch.randint(0, vocab, (n, ctx), generator=torch.Generator().manual_seed(seed))
 
 
+@requires_hooked
 @pytest.mark.parametrize("name", list(CONFIGS))
 def test_fast_matches_standard_float64_and_float32(name: str) -> None:
     toks = _tokens()
@@ -181,16 +190,38 @@ def test_inject_qk_is_seen_by_the_fast_path(tokens: torch.Tensor) -> None:
 
 
 def test_fast_path_keeps_no_weight_copies() -> None:
-    """Every tensor the fast forward reads is a view of a parameter's own storage."""
+    """Every weight the fast forward reads is a view of a parameter's own storage (a bias the model does
+    not have is zeros; a bridge's rotary tables are computed from the model's own rotary embedding)."""
     for kind in ("mha", "gqa"):
         model = make_model(kind)
-        W = fastpath._weights(model)
+        W = fastpath.gather(model, 16)
         storages = {p.untyped_storage().data_ptr() for p in model.parameters()}
         storages |= {b.untyped_storage().data_ptr() for b in model.buffers()}
-        tensors = [W.W_U] + ([W.b_U] if W.b_U is not None else [])
+        tensors = [W.W_E, W.W_U] + ([W.b_U] if W.b_U is not None else [])
         for L in W.layers:
-            tensors += [t for t in vars(L).values() if isinstance(t, torch.Tensor)]
-        assert tensors and all(t.untyped_storage().data_ptr() in storages for t in tensors)
+            tensors += [
+                t for k, t in vars(L).items() if isinstance(t, torch.Tensor) and not k.startswith("rot_")
+            ]
+        views = [t.untyped_storage().data_ptr() in storages for t in tensors]
+        assert sum(views) >= 10 * len(W.layers)
+        assert all(v or not t.any() for v, t in zip(views, tensors, strict=True))
+
+
+def _state_dict_key(model: Any, p: torch.nn.Parameter) -> str:
+    return next(
+        k for k, v in model.state_dict().items() if v.data_ptr() == p.data_ptr() and v.shape == p.shape
+    )
+
+
+def _parameter_of(model: Any, weight: str) -> tuple[str, torch.nn.Parameter]:
+    """``(name, parameter)`` that stores a TransformerLens-named weight (on a bridge, the Hugging Face one)."""
+    if backends.name_of(model) == "hooked":
+        return weight, dict(model.named_parameters())[weight]
+    if weight.endswith("mlp.W_in"):
+        p = getattr(model.blocks[int(weight.split(".")[1])].mlp, "in").original_component.weight
+    else:
+        p = qs.model.weights.weight_slots(model)[weight].parameter
+    return next((n, q) for n, q in model.named_parameters() if q is p)
 
 
 @pytest.mark.parametrize(
@@ -200,17 +231,18 @@ def test_fast_path_keeps_no_weight_copies() -> None:
 def test_every_route_of_writing_weights_is_seen(write: str, tokens: torch.Tensor) -> None:
     """Edits by qk_subspace, load_state_dict, and writes through ``p.data`` (which bypass torch's
     in-place version counter) all change the fast path's result exactly as the standard forward's."""
-    for name in ("blocks.1.attn.W_K", "blocks.0.attn.W_V", "blocks.1.attn.W_Q", "blocks.0.mlp.W_in"):
+    for weight in ("blocks.1.attn.W_K", "blocks.0.attn.W_V", "blocks.1.attn.W_Q", "blocks.0.mlp.W_in"):
         model = make_model("mha")
         base = qs.perplexity(model, tokens, progress=False).mean_nll
-        p = dict(model.named_parameters())[name]
+        name, p = _parameter_of(model, weight)
         new = 2.0 * p.detach().clone()
         with contextlib.ExitStack() as stack:
             if write == "edit":
                 stack.enter_context(ParameterEdit(model, {name: new}))
             elif write == "load_state_dict":
                 sd = {k: v.clone() for k, v in model.state_dict().items()}
-                sd[name] = new
+                key = name if name in sd else _state_dict_key(model, p)  # a bridge names its own keys
+                sd[key] = new
                 model.load_state_dict(sd)
             elif write == "data_setitem":
                 p.data[...] = new
@@ -260,6 +292,7 @@ def test_switches_env_global_and_argument(tokens: torch.Tensor, monkeypatch: pyt
         ({"act_fn": "solu_ln"}, "layer-norm activation"),
     ],
 )
+@requires_hooked
 def test_unsupported_configurations_fall_back(overrides: dict, reason: str) -> None:
     model = _cfg_model(**overrides)
     why = fastpath.unsupported_reason(model)
@@ -273,15 +306,20 @@ def test_unsupported_configurations_fall_back(overrides: dict, reason: str) -> N
 def test_left_padding_tokenizer_mask_falls_back_per_batch() -> None:
     model = make_model("gqa")
     # TransformerLens builds a padding mask for left-padding tokenizers; leading pad ids are masked.
-    model.tokenizer = types.SimpleNamespace(padding_side="left", pad_token_id=0, bos_token_id=1)
-    toks = _tokens(4, 16, seed=5).clamp(min=2)
-    toks[2, :3] = 0  # leading pads in chunk 2 only
+    if HOOKED:
+        model.tokenizer = types.SimpleNamespace(padding_side="left", pad_token_id=0, bos_token_id=1)
+    else:  # a bridge keeps a real tokenizer: the embedded model's pads on the left with id 2
+        assert model.tokenizer.padding_side == "left"
+    pad = int(model.tokenizer.pad_token_id)
+    toks = _tokens(4, 16, seed=5).clamp(min=pad + 1)
+    toks[2, :3] = pad  # leading pads in chunk 2 only
     res = qs.perplexity(model, toks, batch_size=2, progress=False, fast=True)
     assert res.path == "mixed"  # chunks 0-1 fast, chunks 2-3 standard
     std = qs.perplexity(model, toks, batch_size=2, progress=False, fast=False)
     np.testing.assert_allclose(res.nll_per_chunk, std.nll_per_chunk, rtol=1e-5)
 
 
+@requires_hooked
 def test_bfloat16_close_to_standard() -> None:
     model = _cfg_model(torch.bfloat16, **CONFIGS["llama_gqa"])
     toks = _tokens(3)
@@ -293,7 +331,9 @@ def test_bfloat16_close_to_standard() -> None:
 
 def test_flops_per_token_gpt2_small() -> None:
     shape = dict(n_layers=12, d_model=768, n_heads=12, d_head=64, d_mlp=3072, n_ctx=1024, d_vocab=50257)
-    cfg = HookedTransformerConfig(**shape, act_fn="gelu_new", normalization_type="LN", device="cpu")
+    cfg = types.SimpleNamespace(
+        **shape, d_vocab_out=50257, n_key_value_heads=None, attn_only=False, gated_mlp=False
+    )
     d, L, V, T = 768, 12, 50257, 1024
     expected = L * (2 * 4 * d * d + 2 * 2 * d * 4 * d + 4 * d * (T + 1) / 2) + 2 * d * V
     assert fastpath.flops_per_token(cfg, T) == pytest.approx(expected)
@@ -318,25 +358,26 @@ def test_block_nll_matches_float64_cross_entropy() -> None:
     logits = 3 * torch.randn(64, 1000, generator=g) + torch.randn(64, 1, generator=g)
     target = torch.randint(0, 1000, (64,), generator=g)
     expected = torch.nn.functional.cross_entropy(logits.double(), target, reduction="none")
-    got = fastpath._block_nll(logits.clone(), target)
+    got = fastforward.block_nll(logits.clone(), target)
     assert got.dtype == torch.float32
     assert torch.allclose(got.double(), expected, rtol=0, atol=2e-6), (got.double() - expected).abs().max()
-    got64 = fastpath._block_nll(logits.double(), target)
+    got64 = fastforward.block_nll(logits.double(), target)
     assert torch.allclose(got64, expected, rtol=0, atol=1e-12)
 
 
 @pytest.mark.parametrize("rows", [1, 5, 31, 64])
 def test_cross_entropy_blocks_of_any_size(rows: int, monkeypatch: pytest.MonkeyPatch) -> None:
     """Block boundaries (5 sequences of 31 positions, blocks spanning sequences) change nothing but round-off."""
-    model = _cfg_model(torch.float64, **CONFIGS["gpt2"])
+    model = make_model("mha", dtype=torch.float64)
     toks = _tokens()
     ref = _standard_token_nll(model, toks)
-    monkeypatch.setattr(fastpath, "CE_BLOCK_ROWS", rows)
+    monkeypatch.setattr(fastforward, "CE_BLOCK_ROWS", rows)
     got = fastpath.fast_token_nll(model, toks)
     assert got is not None and got.dtype == torch.float64
     assert torch.allclose(got, ref, rtol=0, atol=1e-10), (got - ref).abs().max()
 
 
+@requires_hooked
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("name", ["gpt2", "llama_gqa", "neox_partial_rotary_parallel"])
 def test_low_precision_models_stay_close_to_standard(name: str, dtype: torch.dtype) -> None:

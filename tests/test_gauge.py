@@ -1,21 +1,28 @@
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 import pytest
 import torch
-from transformer_lens import HookedTransformer, HookedTransformerConfig
 
 import qk_subspace as qs
 from qk_subspace.edits.gauge import gauge_plan, random_gauge_matrices
-from tests.conftest import assert_params_equal, make_model, param_snapshot
+from qk_subspace.model import backends
+from tests.conftest import assert_params_equal, make_model, param_snapshot, requires_hooked
 
 
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).norm() / b.norm())
 
 
-def _rotary_model(rotary_dim: int, adjacent: bool, dtype: torch.dtype = torch.float32) -> HookedTransformer:
-    """Rotary model with non-rotated head dims and/or GPT-J style adjacent pairs, biases non-zero."""
+def _rotary_model(rotary_dim: int, adjacent: bool, dtype: torch.dtype = torch.float32) -> Any:
+    """Rotary HookedTransformer with non-rotated head dims and/or GPT-J style adjacent pairs, biases
+    non-zero (partial and adjacent rotary exist on HookedTransformer configs only)."""
+    if not backends.has_hooked_transformer():
+        pytest.skip("partial/adjacent rotary configurations need HookedTransformer (transformer-lens 3.x)")
+    from transformer_lens import HookedTransformer, HookedTransformerConfig
+
     shape = dict(n_layers=2, d_model=32, n_heads=4, d_head=8, d_mlp=64, n_ctx=32, d_vocab=50)
     cfg = HookedTransformerConfig(
         **shape,
@@ -64,19 +71,27 @@ def test_random_gauge_keeps_logits_and_restores_bit_for_bit(name: str, tokens: t
     assert_params_equal(model, snap)
 
 
-def test_random_gauge_restores_on_exception(mha_model: HookedTransformer) -> None:
+def test_random_gauge_restores_on_exception(mha_model: Any) -> None:
     snap = param_snapshot(mha_model)
     with pytest.raises(RuntimeError, match="boom"), qs.random_gauge(mha_model, seed=0):
         raise RuntimeError("boom")
     assert_params_equal(mha_model, snap)
 
 
-def _rotary_matrices(model: HookedTransformer, n_pos: int = 12) -> torch.Tensor:
-    """M_p ([n_pos, d_head, d_head]) with rotated(x) = x M_p, read off TransformerLens' own apply_rotary."""
+def _rotary_matrices(model: Any, n_pos: int = 12) -> torch.Tensor:
+    """M_p ([n_pos, d_head, d_head]) with rotated(x) = x M_p, read off the library's own rotary: TransformerLens'
+    apply_rotary, or on a bridge Hugging Face's rotary embedding and apply_rotary_pos_emb."""
     attn = model.blocks[0].attn
     d = model.cfg.d_head
     eye = torch.eye(d, dtype=torch.float64)
     x = eye[None, None].expand(1, n_pos, d, d).reshape(1, n_pos, d, d)  # [batch, pos, "head"=basis, d]
+    if backends.name_of(model) == "bridge":
+        from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+        cos, sin = model.original_model.model.rotary_emb(x, torch.arange(n_pos)[None])
+        q = x.transpose(1, 2)  # [batch, "head"=basis, pos, d]
+        out, _ = apply_rotary_pos_emb(q, q, cos.double(), sin.double())
+        return out.transpose(1, 2)[0]
     attn_sin, attn_cos = attn.rotary_sin, attn.rotary_cos
     with torch.no_grad():
         attn.rotary_sin, attn.rotary_cos = attn_sin.double(), attn_cos.double()
@@ -165,7 +180,10 @@ def test_canonical_gauge_rotary_modes(tokens: torch.Tensor) -> None:
             assert _rel(model(tokens), base) > 1e-4  # documented: the SVD basis breaks a rotary model
 
 
+@requires_hooked
 def test_unsupported_models_are_refused() -> None:
+    from transformer_lens import HookedTransformer, HookedTransformerConfig
+
     shape = dict(n_layers=1, d_model=16, n_heads=2, d_head=8, n_ctx=8, d_vocab=20)
     cfg = HookedTransformerConfig(**shape, act_fn="gelu", attn_only=True, use_qk_norm=True, device="cpu")
     model = HookedTransformer(cfg)

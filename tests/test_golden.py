@@ -27,6 +27,12 @@ def test_compare_can_fail() -> None:
     assert TOOL.compare(old, {**same, "rows": [{"ratio": 2.0, "K": 1, "ppl": 3.0}]})  # column order
     assert TOOL.compare(old, {**same, "rows": []})
     assert TOOL.compare({"a": 1}, {"a": 1.0})  # an int that became a float
+    # a bridge run: floats to float32 round-off, everything else exact
+    meta = {"package_versions": {}, "backend": "bridge"}
+    bridge = {**same, "metadata": meta, "rows": [{"K": 1, "ratio": 2.0001, "ppl": 3.0}]}
+    assert TOOL.compare_run(old, bridge) == []
+    assert TOOL.compare_run(old, {**bridge, "rows": [{"K": 1, "ratio": 2.01, "ppl": 3.0}]})
+    assert TOOL.compare_run(old, {**bridge, "rows": [{"K": 2, "ratio": 2.0, "ppl": 3.0}]})
 
 
 def _strings(obj: object) -> list[str]:
@@ -49,4 +55,4 @@ def test_recorded_runs_name_no_machine_paths(family: str) -> None:
 def test_recorded_run_is_reproduced(family: str, tmp_path: Path) -> None:
     recorded = json.loads((GOLDEN / family / "exp6_stories260K.json").read_text())
     new = json.loads(TOOL.run_family(family, tmp_path).read_text())
-    assert TOOL.compare(recorded, new) == []
+    assert TOOL.compare_run(recorded, new) == []

@@ -11,7 +11,7 @@ import torch
 
 import qk_subspace as qs
 from qk_subspace.evaluation.importance import _loss_per_chunk
-from tests.conftest import assert_params_equal, make_model, param_snapshot
+from tests.conftest import assert_params_equal, float32_attention, make_model, param_snapshot
 
 
 def inject(circuit: str):  # type: ignore[no-untyped-def]
@@ -47,7 +47,7 @@ def test_drop_none_reproduces_baseline_and_zero_variance_drop_is_free(circuit: s
     assert list(df["component"]) == [7, 2] and df.attrs["score"] == "delta_nll"
     zero, real = df.iloc[0], df.iloc[1]
     assert abs(zero["delta_nll"]) < 1e-6 and abs(zero["ratio"] - 1) < 1e-5
-    assert abs(real["delta_nll"]) > 1e-3
+    assert abs(real["delta_nll"]) > 1e-4
     assert real["ratio_low"] <= real["ratio"] <= real["ratio_high"]
 
 
@@ -81,17 +81,18 @@ def test_circuit_gradient_matches_finite_differences(kind: str, circuit: str) ->
             return float(_loss_per_chunk(model, toks).mean())
 
     g = torch.Generator().manual_seed(7)
-    eps = 1e-5
+    # a model with float32 attention gets a wider step and tolerance (its loss has float32 round-off)
+    eps, tol = (1e-3, 2e-3) if float32_attention(model) else (1e-5, 1e-6)
     for _ in range(3):
         E = torch.randn(T.shape, generator=g, dtype=torch.float64)  # not symmetric: transposes matter
         fd = (loss(T + eps * E) - loss(T - eps * E)) / (2 * eps)
-        assert abs(fd - float((G * E).sum())) < 1e-6 * max(1.0, abs(fd))
+        assert abs(fd - float((G * E).sum())) < tol * max(1.0, abs(fd))
     # single entries, one of them off-diagonal both ways round
     for idx in [(0, 1, 2, 5), (0, 1, 5, 2), (1, 3, 0, 0)]:
         E = torch.zeros_like(T)
         E[idx] = 1.0
         fd = (loss(T + eps * E) - loss(T - eps * E)) / (2 * eps)
-        assert abs(fd - float(G[idx])) < 1e-6 * max(1.0, abs(fd))
+        assert abs(fd - float(G[idx])) < tol * max(1.0, abs(fd))
     assert_params_equal(model, snap)
 
 
@@ -99,7 +100,8 @@ def test_gradient_scores_and_flags_restored() -> None:
     model = make_model("gqa", dtype=torch.float64)
     toks = _toks(3, 12, seed=2)
     names = [n for n, _ in model.named_parameters()]
-    frozen = {names[0], "blocks.1.attn.W_Q"}
+    wq = qs.model.weights.weight_slots(model)["blocks.1.attn.W_Q"].parameter  # its parameter on a bridge
+    frozen = {names[0], next(n for n, p in model.named_parameters() if p is wq)}
     for n, p in model.named_parameters():
         p.requires_grad_(n not in frozen)
     snap = param_snapshot(model)

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import qk_subspace as qs
-from tests.conftest import assert_params_equal, make_model, param_snapshot
+from tests.conftest import assert_params_equal, changed_weights, make_model, param_snapshot
 
 SHAPES = [
     ("mha", dict(d_model=32, n_heads=4, d_head=8)),
@@ -24,10 +24,10 @@ def _random_target(model, seed: int = 0) -> torch.Tensor:
 def _independent_qk(model) -> torch.Tensor:
     """W_Q^T W_K from the parameters, by hand (independent of qk_matrices / model.QK)."""
     out = []
-    for block in model.blocks:
+    for layer, block in enumerate(model.blocks):
         attn = block.attn
-        rep = model.cfg.n_heads // (model.cfg.n_key_value_heads or model.cfg.n_heads)
-        W_K = attn._W_K if hasattr(attn, "_W_K") else attn.W_K
+        W_K = qs.model.weights.kv_weight(model, layer, "W_K")  # the parameter: one per key/value head
+        rep = model.cfg.n_heads // W_K.shape[0]
         W_K = W_K.detach().double().repeat_interleave(rep, dim=0)
         out.append(attn.W_Q.detach().double().transpose(-1, -2) @ W_K)
     return torch.stack(out)
@@ -60,16 +60,14 @@ def test_null_space_part_preserved_and_biases_untouched(kind: str) -> None:
     before = param_snapshot(model)
     with qs.inject_qk(model, target):
         for layer, block in enumerate(model.blocks):
-            W_K = block.attn.W_K.detach()
+            W_K = qs.model.weights.attention_weight(model, layer, "W_K").detach()
             # projector onto the orthogonal complement of span(W_K) in d_model space, per head
             P = W_K @ torch.linalg.pinv(W_K)
             I = torch.eye(W_K.shape[1], dtype=W_K.dtype)
             old = before[f"blocks.{layer}.attn.W_Q"]
             new = block.attn.W_Q.detach()
             torch.testing.assert_close((I - P) @ new, (I - P) @ old, rtol=0, atol=1e-10)
-        for name, p in model.named_parameters():
-            if not name.endswith("W_Q"):
-                assert torch.equal(p.detach(), before[name]), name
+        assert changed_weights(model, before) == {f"blocks.{layer}.attn.W_Q" for layer in range(2)}
     assert_params_equal(model, before)
 
 

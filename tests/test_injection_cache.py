@@ -23,21 +23,28 @@ def _target(model, seed: int = 0) -> torch.Tensor:
     return torch.randn(cfg.n_layers, cfg.n_heads, cfg.d_head, cfg.d_head, generator=g, dtype=torch.float64)
 
 
-def _key_param(attn) -> torch.nn.Parameter:
-    return attn._W_K if hasattr(attn, "_W_K") else attn.W_K
+def _key_param(model, layer: int) -> torch.Tensor:
+    """The key weight, one per key/value head: the parameter (hooked) or a view of it (bridge)."""
+    return qs.model.weights.kv_weight(model, layer, "W_K")
+
+
+def _per_query_head_keys(model, layer: int) -> torch.Tensor:
+    return qs.model.weights.attention_weight(model, layer, "W_K")
 
 
 def _check_injection(model, target: torch.Tensor) -> None:
     """Inject and compare with qk_injection_weights and a by-hand W_Q^T W_K on the live weights."""
     expected = [
-        qs.edits.qk.qk_injection_weights(b.attn.W_Q.detach(), b.attn.W_K.detach(), target[i])
+        qs.edits.qk.qk_injection_weights(
+            b.attn.W_Q.detach(), _per_query_head_keys(model, i).detach(), target[i]
+        )
         for i, b in enumerate(model.blocks)
     ]
     before = param_snapshot(model)
     with qs.inject_qk(model, target) as edit:
         for i, block in enumerate(model.blocks):
             W_Q = block.attn.W_Q.detach().double()
-            W_K = block.attn.W_K.detach().double()
+            W_K = _per_query_head_keys(model, i).detach().double()
             torch.testing.assert_close(W_Q, expected[i], rtol=0, atol=1e-10)
             qk = W_Q.transpose(-1, -2) @ W_K
             torch.testing.assert_close(qk, target[i], rtol=0, atol=1e-10)
@@ -49,7 +56,7 @@ def _check_injection(model, target: torch.Tensor) -> None:
 
 def _inplace_wk(model) -> None:
     with torch.no_grad():  # a user's direct write (allowed in tests; package code uses ParameterEdit)
-        _key_param(model.blocks[1].attn).mul_(2.0)
+        _key_param(model, 1).mul_(2.0)
 
 
 def _inplace_wq(model) -> None:
@@ -59,7 +66,7 @@ def _inplace_wq(model) -> None:
 
 def _data_write_wk(model) -> None:
     # writes through .data bypass torch's version counter; the cache must still notice
-    _key_param(model.blocks[0].attn).data.mul_(-1.5)
+    _key_param(model, 0).data.mul_(-1.5)
 
 
 def _data_write_wq(model) -> None:
@@ -73,8 +80,12 @@ def _load_state_dict(model) -> None:
 
 def _swap_parameter(model) -> None:
     attn = model.blocks[0].attn
+    if qs.model.backends.name_of(model) == "bridge":  # the Hugging Face key projection's weight
+        linear = attn.k.original_component
+        linear.weight = torch.nn.Parameter(linear.weight.detach() * 3.0)
+        return
     name = "_W_K" if hasattr(attn, "_W_K") else "W_K"
-    setattr(attn, name, torch.nn.Parameter(_key_param(attn).detach() * 3.0))
+    setattr(attn, name, torch.nn.Parameter(_key_param(model, 0).detach() * 3.0))
 
 
 CHANGES: dict[str, Callable[[torch.nn.Module], None]] = {
@@ -103,10 +114,9 @@ def test_cache_invalidated_by_an_outer_edit(kind: str) -> None:
     model = make_model(kind, dtype=torch.float64)
     target = _target(model)
     _check_injection(model, target)
-    attn = model.blocks[1].attn
-    kname = "blocks.1.attn._W_K" if hasattr(attn, "_W_K") else "blocks.1.attn.W_K"
+    kname, _ = qs.model.weights.key_parameter_names(model, 1)
     plan = {
-        kname: _key_param(attn).detach() * 0.25,
+        kname: _key_param(model, 1).detach() * 0.25,
         "blocks.0.attn.W_Q": model.blocks[0].attn.W_Q.detach() + 1.0,
     }
     with qs.ParameterEdit(model, plan):
@@ -138,8 +148,9 @@ def test_float32_residual_is_measured_on_written_weights() -> None:
     with qs.inject_qk(model, target) as edit:
         qk = torch.stack(
             [
-                b.attn.W_Q.detach().double().transpose(-1, -2) @ b.attn.W_K.detach().double()
-                for b in model.blocks
+                b.attn.W_Q.detach().double().transpose(-1, -2)
+                @ _per_query_head_keys(model, i).detach().double()
+                for i, b in enumerate(model.blocks)
             ]
         )
         measured = (qk - target).abs().amax(dim=(-1, -2))

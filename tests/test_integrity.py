@@ -331,7 +331,8 @@ def test_weights_changed_inside_block_are_restored_too() -> None:
     model = make_model("mha")
     before = param_hashes(model)
     tokens = torch.randint(0, 50, (2, 16), generator=torch.Generator().manual_seed(0))
-    wq = [b.attn.W_Q for b in model.blocks]
+    slots = qs.model.weights.weight_slots(model)
+    wq = [slots[f"blocks.{layer}.attn.W_Q"].parameter for layer in range(model.cfg.n_layers)]
     with qs.inject_qk(model, _target(model, 0)):
         opt = torch.optim.SGD(wq, lr=0.1)
         model(tokens, return_type="loss").backward()
@@ -391,8 +392,8 @@ def test_permanent_restore_failure_with_pending_ctrl_c_keeps_both(monkeypatch: p
 
 # ------------------------------------------------- only ParameterEdit writes weights
 _WRITE_METHODS = {"copy_", "set_", "load_state_dict", "load_and_process_state_dict", "register_parameter"}
-#: where each of those calls is allowed: ParameterEdit._write, and building a fresh model in loading.py
-_ALLOWED = {("parameter_edit.py", "copy_"), ("loading.py", "load_and_process_state_dict")}
+#: where each of those calls is allowed: ParameterEdit._write, and building a fresh HookedTransformer
+_ALLOWED = {("parameter_edit.py", "copy_"), ("hooked.py", "load_and_process_state_dict")}
 
 
 def weight_writes(source: str) -> list[tuple[int, str]]:

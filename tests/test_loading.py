@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import qk_subspace as qs
-from tests.conftest import STORIES, TINYSTORIES, requires_shared
+from tests.conftest import STORIES, TINYSTORIES, load_kwargs, requires_shared
 
 
 def _save_tiny_gpt2(path: Path) -> torch.nn.Module:
@@ -31,14 +31,16 @@ def _save_tiny_gpt2(path: Path) -> torch.nn.Module:
 def test_local_gpt2_checkpoint_loads_offline(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     hf = _save_tiny_gpt2(tmp_path)
-    model = qs.load_model(tmp_path)
+    model = qs.load_model(tmp_path, **load_kwargs())
     assert model.qk_subspace_processing["fold_ln"] is True
     toks = torch.randint(0, 100, (2, 32), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         ref = hf(toks, labels=toks).loss.item()
     got = model(toks, return_type="loss").item()
     assert abs(got - ref) < 1e-4
-    raw = qs.load_model(tmp_path, fold_ln=False, center_writing_weights=False, center_unembed=False)
+    raw = qs.load_model(
+        tmp_path, fold_ln=False, center_writing_weights=False, center_unembed=False, **load_kwargs()
+    )
     assert raw.qk_subspace_processing["fold_ln"] is False
     assert abs(raw(toks, return_type="loss").item() - ref) < 1e-4
 

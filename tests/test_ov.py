@@ -6,12 +6,12 @@ import pytest
 import torch
 
 import qk_subspace as qs
-from tests.conftest import assert_params_equal, make_model, param_snapshot
+from tests.conftest import assert_params_equal, changed_weights, make_model, param_snapshot
 
 
 def _value_weights(model, layer: int) -> torch.Tensor:
-    attn = model.blocks[layer].attn
-    return attn._W_V if hasattr(attn, "_W_V") else attn.W_V
+    """The value weight, one per key/value head (the parameter, or on a bridge its view)."""
+    return qs.model.weights.kv_weight(model, layer, "W_V")
 
 
 def _explicit_ov(model) -> torch.Tensor:
@@ -50,7 +50,7 @@ def test_ov_injection_identity_float64(kind: str) -> None:
         assert (qs.ov_matrices(model) - target).abs().max() < 1e-10
         assert (_explicit_ov(model) - target).abs().max() < 1e-10
         assert edit.max_abs_error.max() < 1e-10
-        changed = {k for k, v in model.named_parameters() if not torch.equal(v.detach(), snap[k])}
+        changed = changed_weights(model, snap)
         assert changed and all(k.endswith("W_V") for k in changed), changed  # W_V / _W_V only
         # The part of W_V outside span(U_g) (U_g = the group's stacked W_O^T) is preserved.
         r = 2 if kind == "gqa" else 1
@@ -113,10 +113,9 @@ def test_gqa_subset_keeps_siblings_form() -> None:
         assert (now[0, 0] - before[0, 0]).abs().max() < 1e-10  # sibling (same value head) keeps its form
         torch.testing.assert_close(now[0, 2:], before[0, 2:], rtol=0, atol=0)
         torch.testing.assert_close(now[1], before[1], rtol=0, atol=0)
-        assert torch.equal(
-            model.blocks[0].attn._W_V[1], snap["blocks.0.attn._W_V"][1]
-        )  # other group untouched
-        assert torch.equal(model.blocks[1].attn._W_V, snap["blocks.1.attn._W_V"])
+        v0, v1 = (qs.model.weights.value_parameter_name(model, layer) for layer in (0, 1))
+        assert torch.equal(_value_weights(model, 0)[1], snap[v0][1])  # other group untouched
+        assert torch.equal(_value_weights(model, 1), snap[v1])
         assert edit.max_abs_error[0, :2].max() < 1e-10 and edit.max_abs_error[0, 2:].abs().max() == 0
     assert_params_equal(model, snap)
 
@@ -137,7 +136,7 @@ def test_gqa_rank_deficient_group_least_squares() -> None:
             Wo = model.blocks[layer].attn.W_O.detach()
             Ug = torch.cat([Wo[h].T for h in range(4)], dim=1)
             Tg = torch.cat([target[layer, h] for h in range(4)], dim=1)  # [d_head, 4 d_head]
-            Wv = model.blocks[layer].attn._W_V[0].detach()
+            Wv = _value_weights(model, layer)[0].detach()
             assert (Ug @ (Ug.T @ Wv - Tg.T)).abs().max() < 1e-9
     finally:
         edit.restore()

@@ -7,6 +7,10 @@ The comparison ignores ``timings`` and ``metadata.package_versions`` (they descr
 results), writes the shared data folder as ``../shared/data`` wherever a path names it (the recorded files
 do not depend on where the checkout is) and needs every other key and value of the recorded file to be present and equal, and the
 columns of every table row in the same order (keys added by newer code are allowed).
+The runs are recorded on ``HookedTransformer``; on a ``TransformerBridge`` (``--backend bridge``, or
+TransformerLens 4) ``check`` compares floats to float32 round-off (:data:`BRIDGE_TOLERANCE`: the two
+forwards sum in different orders) and every count, choice (K, clusters, heads) and string exactly,
+except the two names the backends spell differently (:data:`BRIDGE_IGNORED`).
 Needs ``../shared`` beside the repository.
 """
 
@@ -34,6 +38,14 @@ FAMILIES: dict[str, list[str]] = {
     "gauges": ["--gauges", "1", "--ks", "3", "10", "40"],
 }
 IGNORED = (("timings",), ("metadata", "package_versions"))
+#: ``(rtol, atol)`` of float comparisons of a bridge run with the recorded HookedTransformer runs.
+BRIDGE_TOLERANCE = (3e-4, 1e-6)
+#: Config fields a bridge names differently: its model name is the checkpoint path; a folded RMSNorm
+#: is "RMSPre" on HookedTransformer and stays "RMS" (with unit weights) on the bridge.
+BRIDGE_IGNORED = (
+    ("metadata", "model_config", "model_name"),
+    ("metadata", "model_config", "normalization_type"),
+)
 
 
 def run_family(family: str, out: Path) -> Path:
@@ -54,9 +66,16 @@ def in_rows(path: tuple[str, ...]) -> bool:
     return bool(path) and path[-1].isdigit()
 
 
-def compare(old: Any, new: Any, path: tuple[str, ...] = ()) -> list[str]:
-    """Differences of ``new`` from ``old``: every key of ``old`` must be in ``new`` with an equal value."""
-    if path in IGNORED:
+def compare(
+    old: Any,
+    new: Any,
+    path: tuple[str, ...] = (),
+    tolerance: tuple[float, float] = (0.0, 0.0),
+    ignored: tuple[tuple[str, ...], ...] = IGNORED,
+) -> list[str]:
+    """Differences of ``new`` from ``old``: every key of ``old`` must be in ``new`` with an equal value
+    (floats within ``tolerance = (rtol, atol)``; exactly equal by default)."""
+    if path in ignored:
         return []
     where = ".".join(path) or "<root>"
     if isinstance(old, dict):
@@ -70,7 +89,7 @@ def compare(old: Any, new: Any, path: tuple[str, ...] = ()) -> list[str]:
             if k not in new:
                 out.append(f"{where}.{k}: missing")
             else:
-                out += compare(v, new[k], (*path, k))
+                out += compare(v, new[k], (*path, k), tolerance, ignored)
         return out
     if isinstance(old, list):
         if not isinstance(new, list) or len(new) != len(old):
@@ -79,13 +98,23 @@ def compare(old: Any, new: Any, path: tuple[str, ...] = ()) -> list[str]:
             ]
         out = []
         for i, (a, b) in enumerate(zip(old, new, strict=True)):
-            out += compare(a, b, (*path, str(i)))
+            out += compare(a, b, (*path, str(i)), tolerance, ignored)
         return out
     if isinstance(old, float) and isinstance(new, float) and math.isnan(old) and math.isnan(new):
+        return []
+    rtol, atol = tolerance
+    if isinstance(old, float) and isinstance(new, float) and abs(old - new) <= atol + rtol * abs(old):
         return []
     if old != new or type(old) is not type(new):
         return [f"{where}: {old!r} -> {new!r}"]
     return []
+
+
+def compare_run(recorded: dict[str, Any], new: dict[str, Any]) -> list[str]:
+    """:func:`compare` with the tolerance of the backend ``new`` ran on (``metadata.backend``)."""
+    if new.get("metadata", {}).get("backend") == "bridge":
+        return compare(recorded, new, tolerance=BRIDGE_TOLERANCE, ignored=IGNORED + BRIDGE_IGNORED)
+    return compare(recorded, new)
 
 
 def main(argv: list[str]) -> int:
@@ -103,7 +132,7 @@ def main(argv: list[str]) -> int:
         with tempfile.TemporaryDirectory() as tmp:
             new = json.loads(run_family(fam, Path(tmp)).read_text())
         old = json.loads((base / fam / "exp6_stories260K.json").read_text())
-        diffs = compare(old, new)
+        diffs = compare_run(old, new)
         failed += bool(diffs)
         print(f"{fam}: {'identical' if not diffs else f'{len(diffs)} differences'}")
         for d in diffs[:20]:

@@ -57,7 +57,8 @@ from typing import Any, Literal
 
 import torch
 
-from ..model.weights import key_parameter_names, kv_groups
+from ..model import backends
+from ..model.weights import key_parameter_names, kv_groups, named_weights
 from .parameter_edit import ParameterEdit
 
 __all__ = [
@@ -78,12 +79,8 @@ def check_gauge_support(model: Any) -> None:
     problems = []
     if getattr(cfg, "use_qk_norm", False):
         problems.append("use_qk_norm=True (a norm on q/k per head is not gauge-covariant)")
-    if getattr(cfg, "original_architecture", None) in (
-        "OlmoeForCausalLM",
-        "Olmo2ForCausalLM",
-        "Olmo3ForCausalLM",
-    ):
-        problems.append(f"{cfg.original_architecture} applies a norm to q and k")
+    elif backends.has_qk_norm(model):
+        problems.append(f"{backends.architecture(model)} applies a norm to q and k")
     if getattr(cfg, "clip_qkv", None) is not None:
         problems.append("clip_qkv clamps q and k entrywise")
     if getattr(cfg, "load_in_4bit", False):
@@ -182,7 +179,7 @@ def gauge_plan(model: Any, G: torch.Tensor) -> dict[str, torch.Tensor]:
             f"G must have shape [n_layers, n_kv_heads, d_head, d_head] = {expected}, got {tuple(G.shape)}"
         )
     rep = cfg.n_heads // n_kv
-    params = dict(model.named_parameters())
+    params = named_weights(model)
     plan: dict[str, torch.Tensor] = {}
     with torch.no_grad():
         for layer in range(cfg.n_layers):
@@ -341,7 +338,7 @@ def _canonical_plan(model: Any, edit: GaugeEdit, pairs: list[tuple[int, int]]) -
     n_kv = _kv_heads(model)
     rep = cfg.n_heads // n_kv
     d_head, d_model = cfg.d_head, cfg.d_model
-    params = dict(model.named_parameters())
+    params = named_weights(model)
     plan: dict[str, torch.Tensor] = {}
     svals = torch.zeros(cfg.n_layers, n_kv, d_head, dtype=torch.float64)
     Gs = torch.zeros(cfg.n_layers, n_kv, d_head, d_head, dtype=torch.float64)

@@ -41,7 +41,7 @@ class HeadEdit(ParameterEdit):
     ``residual``, ``residual_total``, ``max_abs_error``.
     """
 
-    model: Any  # a HookedTransformer (its cfg and blocks are read)
+    model: Any  # a HookedTransformer or TransformerBridge (its cfg and blocks are read)
     heads: torch.Tensor
     residual: torch.Tensor
     residual_total: float

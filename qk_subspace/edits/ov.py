@@ -58,7 +58,7 @@ from typing import Any
 import torch
 
 from ..model.circuits import ov_matrices
-from ..model.weights import kv_groups, value_parameter_name
+from ..model.weights import attention_weight, kv_groups, kv_weight, value_parameter_name
 from .head_edit import COND_SINGULAR, COND_WARN, HeadEdit
 
 __all__ = ["OVEdit", "inject_ov", "ov_injection_weights"]
@@ -140,13 +140,12 @@ class OVEdit(HeadEdit):
         self._before = ov_matrices(model, torch.float64).cpu()
         plan: dict[str, torch.Tensor] = {}
         with torch.no_grad():
-            for layer, block in enumerate(model.blocks):
+            for layer in range(cfg.n_layers):
                 mask = self.heads[layer]
                 if not mask.any():
                     continue
-                attn = block.attn
-                W_V: torch.Tensor = attn._W_V if hasattr(attn, "_W_V") else attn.W_V
-                W_O: torch.Tensor = attn.W_O
+                W_V = kv_weight(model, layer, "W_V")  # one per key/value head
+                W_O = attention_weight(model, layer, "W_O")
                 # Unselected heads keep their current form (matters when they share W_V).
                 tgt = torch.where(
                     mask[:, None, None].to(W_V.device),

@@ -19,6 +19,9 @@ from types import FrameType, TracebackType
 import torch
 from torch import nn
 
+from ..model.slots import WeightSlot
+from ..model.weights import weight_slots
+
 __all__ = ["ParameterEdit", "PlanLike", "active_edits", "weights_version"]
 
 _STACK_ATTR = "_qk_subspace_edit_stack"
@@ -76,9 +79,11 @@ class ParameterEdit:
 
     Args:
         model: the module whose parameters are edited.
-        plan: ``{parameter name: new value}`` (names as in ``model.named_parameters()``), or a
-            zero-argument callable returning it, evaluated on ``__enter__`` so that nested edits
-            see the weights of the edits around them.
+        plan: ``{weight name: new value}`` (names of :func:`qk_subspace.model.weights.weight_slots`: the
+            model's parameter names, and on a ``TransformerBridge`` also the TransformerLens names of the
+            attention weights, ``blocks.{l}.attn.W_Q`` ``[n_heads, d_model, d_head]``, which are views of
+            the Hugging Face parameters), or a zero-argument callable returning it, evaluated on
+            ``__enter__`` so that nested edits see the weights of the edits around them.
         name: a label used in error messages.
 
     Guarantees (tests/test_integrity.py):
@@ -109,32 +114,34 @@ class ParameterEdit:
         self.model = model
         self._plan = plan
         self.name = name
-        # (parameter name, parameter, snapshot of its value on entry), in write order
-        self._saved: list[tuple[str, nn.Parameter, torch.Tensor]] | None = None
+        # (weight name, slot, snapshot of its value on entry), in write order
+        self._saved: list[tuple[str, WeightSlot, torch.Tensor]] | None = None
 
     # ------------------------------------------------------------- internals
     def _compute_plan(self) -> Mapping[str, torch.Tensor]:
         return self._plan() if callable(self._plan) else self._plan
 
-    def _resolve(self, plan: Mapping[str, torch.Tensor]) -> list[tuple[str, nn.Parameter, torch.Tensor]]:
-        params = dict(self.model.named_parameters())
+    def _resolve(self, plan: Mapping[str, torch.Tensor]) -> list[tuple[str, WeightSlot, torch.Tensor]]:
+        slots = weight_slots(self.model) if plan else {}
         resolved = []
         for pname, value in plan.items():
-            if pname not in params:
+            if pname not in slots:
                 raise KeyError(
                     f"{self.name}: plan names parameter {pname!r}, which the model does not have; "
-                    "allowed: names from model.named_parameters()"
+                    "allowed: names from model.named_parameters() (and, on a TransformerBridge, the "
+                    "TransformerLens attention names blocks.{l}.attn.W_Q, ...)"
                 )
-            p = params[pname]
+            slot = slots[pname]
+            p = slot.parameter
             if not isinstance(value, torch.Tensor):
                 raise TypeError(
-                    f"{self.name}: new value for {pname} must be a torch.Tensor of shape {tuple(p.shape)}, "
+                    f"{self.name}: new value for {pname} must be a torch.Tensor of shape {slot.shape}, "
                     f"got {type(value).__name__}"
                 )
-            if tuple(value.shape) != tuple(p.shape):
+            if tuple(value.shape) != slot.shape:
                 raise ValueError(
                     f"{self.name}: new value for {pname} has shape {tuple(value.shape)}, "
-                    f"the parameter has {tuple(p.shape)}"
+                    f"the parameter has {slot.shape}"
                 )
             cast = value.detach().to(device=p.device, dtype=p.dtype)
             # checked after the cast: a finite float64 value can overflow a float32/float16 parameter
@@ -148,7 +155,7 @@ class ParameterEdit:
                     f"{self.name}: new value for {pname} contains NaN or Inf in the parameter dtype "
                     f"{p.dtype} ({int((~torch.isfinite(cast)).sum())} entries); values must be finite"
                 )
-            resolved.append((pname, p, cast))
+            resolved.append((pname, slot, cast))
         return resolved
 
     def _known_finite(self, value: torch.Tensor) -> bool:
@@ -160,9 +167,9 @@ class ParameterEdit:
         return False
 
     @staticmethod
-    def _write(param: nn.Parameter, value: torch.Tensor) -> None:
+    def _write(slot: WeightSlot, value: torch.Tensor) -> None:
         with torch.no_grad():
-            param.copy_(value)
+            slot.value().copy_(value)
 
     def _bump(self) -> None:
         setattr(self.model, _VERSION_ATTR, weights_version(self.model) + 1)
@@ -177,7 +184,7 @@ class ParameterEdit:
     def _restore(self) -> None:
         saved = self._saved
         assert saved is not None
-        failed: list[tuple[str, nn.Parameter, torch.Tensor]] = []
+        failed: list[tuple[str, WeightSlot, torch.Tensor]] = []
         error: BaseException | None = None
         with _sigint_deferred():
             for entry in reversed(saved):
@@ -218,10 +225,10 @@ class ParameterEdit:
         resolved = self._resolve(self._compute_plan())  # validates everything before any write
         try:
             with _sigint_deferred():
-                self._saved = [(n, p, p.detach().clone()) for n, p, _ in resolved]
+                self._saved = [(n, slot, slot.value().detach().clone()) for n, slot, _ in resolved]
                 self._stack().append(self)
-                for _, p, value in resolved:
-                    self._write(p, value)
+                for _, slot, value in resolved:
+                    self._write(slot, value)
                 self._bump()
             self._after_enter()
         except BaseException:

@@ -34,7 +34,7 @@ import torch
 from torch import nn
 
 from ..model.heads import head_labels
-from ..model.weights import query_parameter_name
+from ..model.weights import attention_weight, query_parameter_name
 from .head_edit import COND_SINGULAR, COND_WARN, HeadEdit
 
 __all__ = [
@@ -223,12 +223,12 @@ class QKEdit(HeadEdit):
         self._used = {}
         self._checked_finite = []
         with torch.no_grad(), _one_thread():
-            for layer, block in enumerate(model.blocks):
+            for layer in range(cfg.n_layers):
                 mask = self.heads[layer]
                 if not mask.any():
                     continue
-                attn = block.attn
-                W_Q, W_K = attn.W_Q, attn.W_K  # W_K repeats the key/value heads for GQA
+                W_Q = attention_weight(model, layer, "W_Q")
+                W_K = attention_weight(model, layer, "W_K")  # the key/value heads repeated for GQA
                 entry = _layer_cache(model, layer, W_Q, W_K)
                 conds[layer] = entry.cond
                 self._check_singular(labels, layer, conds, mask)
@@ -297,9 +297,9 @@ class QKEdit(HeadEdit):
         max_abs, err_sq, ref_sq = (torch.zeros(shape, dtype=torch.float64) for _ in range(3))
         with torch.no_grad(), _one_thread():
             for layer in self._used:
-                attn = self.model.blocks[layer].attn
                 # measured on the live weights: W_Q as written, W_K as it is now
-                written = attn.W_Q.to(torch.float64).transpose(-1, -2) @ attn.W_K.to(torch.float64)
+                W_Q = attention_weight(self.model, layer, "W_Q").to(torch.float64)
+                written = W_Q.transpose(-1, -2) @ attention_weight(self.model, layer, "W_K").to(torch.float64)
                 T = self.target[layer].to(written.device, torch.float64)
                 diff = written - T
                 max_abs[layer] = diff.abs().amax(dim=(-1, -2)).cpu()

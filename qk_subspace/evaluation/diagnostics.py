@@ -75,6 +75,7 @@ from ..decomposition.plans import Plan, topk_plans
 from ..edits.parameter_edit import ParameterEdit, active_edits
 from ..edits.qk import QKEdit, inject_qk
 from ..model.heads import head_labels, parse_heads
+from ..model.weights import named_weights
 from .perplexity import validate_tokens
 from .sweep import run_sweep
 
@@ -134,7 +135,7 @@ def _weight_states(
     if target is not None:
         edit = inject_qk(model, target, heads=heads, method=method)
         with edit:
-            params = dict(model.named_parameters())
+            params = named_weights(model)
             edited = {name: params[name].detach().clone() for name in edit.original_values()}
             residual = edit.max_abs_error.detach().clone()
         return None, edited, residual
@@ -165,7 +166,7 @@ def _edited_heads(model: Any, original: WeightPlan | None, edited: WeightPlan | 
     """Bool ``[n_layers, n_heads]``: heads whose ``W_Q`` differs between the two states."""
     cfg = model.cfg
     out = torch.zeros(cfg.n_layers, cfg.n_heads, dtype=torch.bool)
-    params = dict(model.named_parameters())
+    params = named_weights(model)
     plan = edited if edited is not None else original
     assert plan is not None
     for layer in range(cfg.n_layers):
@@ -191,12 +192,21 @@ def _stream_pattern_pairs(
     progress: bool,
     desc: str,
 ) -> None:
-    """Run the original and edited forward passes layer by layer and hand each layer's two patterns
+    """Run the original and edited forward passes and hand each layer's two patterns
     ``[b, n_heads, q, k]`` to ``on_layer`` (called inside the edited pass's ``hook_pattern`` hook).
-    Only the current layer's patterns and the two residual streams are alive at any time."""
+
+    A ``HookedTransformer`` runs the two passes layer by layer (``start_at_layer``), so that only the
+    current layer's patterns and the two residual streams are alive at any time. A ``TransformerBridge``
+    has no ``start_at_layer``: the original pass keeps every layer's pattern until the edited pass has
+    compared it, in micro-batches ``n_layers`` times smaller (the same memory when ``batch_size`` is
+    automatic).
+    """
     validate_tokens(model, tokens)
+    layerwise = hasattr(model, "input_to_embed")
     if batch_size is None:
         batch_size = auto_batch_size(model, tokens.shape[1])
+        if not layerwise:
+            batch_size = max(1, batch_size // model.cfg.n_layers)
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive integer or None (automatic), got {batch_size!r}")
     n_layers = model.cfg.n_layers
@@ -204,36 +214,74 @@ def _stream_pattern_pairs(
     tokens = tokens.long()
     starts = range(0, len(tokens), batch_size)
     bar = tqdm(total=len(starts) * n_layers, desc=desc, disable=not progress, leave=False)
+    run_batch = _layerwise_pair if layerwise else _full_pass_pair
     try:
         with torch.inference_mode():
             for start in starts:
-                batch = tokens[start : start + batch_size].to(device)
-                with _state(model, original):
-                    res_o, _, sf_o, mask_o = model.input_to_embed(batch)
-                with _state(model, edited):
-                    res_e, _, sf_e, mask_e = model.input_to_embed(batch)
-                for layer in range(n_layers):
-                    hook_name = f"blocks.{layer}.attn.hook_pattern"
-                    kept: dict[str, torch.Tensor] = {}
-
-                    def keep(pattern: torch.Tensor, hook: Any, kept: dict[str, torch.Tensor] = kept) -> None:
-                        kept["p"] = pattern
-
-                    def compare(
-                        pattern: torch.Tensor,
-                        hook: Any,
-                        layer: int = layer,
-                        kept: dict[str, torch.Tensor] = kept,
-                        batch: torch.Tensor = batch,
-                    ) -> None:
-                        on_layer(layer, kept["p"], pattern, batch)
-
-                    res_o = _one_layer(model, original, res_o, layer, sf_o, mask_o, (hook_name, keep))
-                    res_e = _one_layer(model, edited, res_e, layer, sf_e, mask_e, (hook_name, compare))
-                    kept.clear()
-                    bar.update(1)
+                run_batch(
+                    model, tokens[start : start + batch_size].to(device), original, edited, on_layer, bar
+                )
     finally:
         bar.close()
+
+
+def _layerwise_pair(
+    model: Any,
+    batch: torch.Tensor,
+    original: WeightPlan | None,
+    edited: WeightPlan | None,
+    on_layer: LayerFn,
+    bar: Any,
+) -> None:
+    with _state(model, original):
+        res_o, _, sf_o, mask_o = model.input_to_embed(batch)
+    with _state(model, edited):
+        res_e, _, sf_e, mask_e = model.input_to_embed(batch)
+    for layer in range(model.cfg.n_layers):
+        hook_name = f"blocks.{layer}.attn.hook_pattern"
+        kept: dict[str, torch.Tensor] = {}
+
+        def keep(pattern: torch.Tensor, hook: Any, kept: dict[str, torch.Tensor] = kept) -> None:
+            kept["p"] = pattern
+
+        def compare(
+            pattern: torch.Tensor,
+            hook: Any,
+            layer: int = layer,
+            kept: dict[str, torch.Tensor] = kept,
+            batch: torch.Tensor = batch,
+        ) -> None:
+            on_layer(layer, kept["p"], pattern, batch)
+
+        res_o = _one_layer(model, original, res_o, layer, sf_o, mask_o, (hook_name, keep))
+        res_e = _one_layer(model, edited, res_e, layer, sf_e, mask_e, (hook_name, compare))
+        kept.clear()
+        bar.update(1)
+
+
+def _full_pass_pair(
+    model: Any,
+    batch: torch.Tensor,
+    original: WeightPlan | None,
+    edited: WeightPlan | None,
+    on_layer: LayerFn,
+    bar: Any,
+) -> None:
+    kept: dict[int, torch.Tensor] = {}
+    names = [f"blocks.{layer}.attn.hook_pattern" for layer in range(model.cfg.n_layers)]
+
+    def keep(pattern: torch.Tensor, hook: Any) -> None:
+        kept[int(hook.name.split(".")[1])] = pattern
+
+    def compare(pattern: torch.Tensor, hook: Any) -> None:
+        layer = int(hook.name.split(".")[1])
+        on_layer(layer, kept.pop(layer), pattern, batch)
+        bar.update(1)
+
+    with _state(model, original):
+        model.run_with_hooks(batch, return_type=None, fwd_hooks=[(n, keep) for n in names])
+    with _state(model, edited):
+        model.run_with_hooks(batch, return_type=None, fwd_hooks=[(n, compare) for n in names])
 
 
 def _one_layer(

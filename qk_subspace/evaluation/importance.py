@@ -96,7 +96,8 @@ def _iter_chunk_gradients(
     validate_tokens(model, tokens)
     cfg = model.cfg
     circuit = representation.circuit
-    params = representation.written_parameters(model)
+    slots = representation.written_slots(model)
+    params = [slot.parameter for slot in slots]
     chain = representation.gradient_factors(model)
     flags = {id(p): p.requires_grad for p in model.parameters()}
     wanted = {id(p) for p in params}
@@ -108,7 +109,7 @@ def _iter_chunk_gradients(
             batch = tokens[i : i + 1].long().to(device)
             with torch.enable_grad():
                 loss = _loss_per_chunk(model, batch).sum()
-                grads = torch.autograd.grad(loss, params)
+                grads = [slot.of(g) for slot, g in zip(slots, torch.autograd.grad(loss, params), strict=True)]
             out = torch.empty(cfg.n_layers, cfg.n_heads, cfg.d_head, cfg.d_head, dtype=torch.float64)
             for layer, (g, GinvUt) in enumerate(zip(grads, chain, strict=False)):
                 dR_t = GinvUt @ g.to(torch.float64)  # (dL/dR_g)^T: [n_groups, r*d_head, d_head]

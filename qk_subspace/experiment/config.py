@@ -213,6 +213,13 @@ class RunOptions:
         None, "cpu, cuda, ... (default: TransformerLens' choice)", kind="str", optional=True
     )
     dtype: str = option("float32", "parameter dtype of the model", kind="str", choices=DTYPES)
+    backend: str = option(
+        "auto",
+        "TransformerLens model class: hooked (HookedTransformer, transformer-lens 3.x), bridge "
+        "(TransformerBridge) or auto (hooked where it exists, else bridge)",
+        kind="str",
+        choices=("auto", "hooked", "bridge"),
+    )
     resume: bool = option(
         False,
         "continue the run in --out, skipping finished points (refuses another configuration)",

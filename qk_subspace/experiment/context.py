@@ -22,6 +22,7 @@ from ..decomposition.pca import HeadPCA, validate_k
 from ..decomposition.storage import matched_global_k
 from ..evaluation.perplexity import PerplexityResult, validate_tokens
 from ..evaluation.sweeps import REPORT_K_GRID
+from ..model import backends
 from ..model.loading import load_model
 from ..representations import Representation, get
 from ..representations.heads import Heads
@@ -120,11 +121,20 @@ def _load(model: Any, cfg: ExperimentConfig) -> tuple[Any, str, str]:
             model_display_name(model),
         )
     _check_device(cfg.run.device)
+    _check_backend(cfg.run.backend)
     try:
-        mdl = load_model(model, device=cfg.run.device, dtype=_DTYPES[cfg.run.dtype])
+        mdl = load_model(model, device=cfg.run.device, dtype=_DTYPES[cfg.run.dtype], backend=cfg.run.backend)
     except (FileNotFoundError, ValueError, ConnectionError, TypeError) as exc:
         raise type(exc)(f"model (--model) {str(model)!r}: {exc}") from None
     return mdl, str(getattr(mdl, "qk_subspace_source", model)), model_display_name(model)
+
+
+def _check_backend(backend: str) -> None:
+    """Refuse a backend this TransformerLens does not have, naming the option (before any loading)."""
+    try:
+        backends.resolve(backend)
+    except ValueError as exc:
+        raise ValueError(f"backend (--backend) {exc}") from None
 
 
 def _check_device(device: str | None) -> None:

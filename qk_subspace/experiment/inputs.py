@@ -29,7 +29,11 @@ __all__ = [
 def model_display_name(model: Any) -> str:
     """Name used in file names: a local directory's basename, an official name as given."""
     if not isinstance(model, (str, os.PathLike)):
-        name = str(model.cfg.model_name)
+        name = str(model.cfg.model_name)  # a bridge's is the checkpoint directory it was booted from
+        if is_embedded(model):
+            name = EMBEDDED_NAME
+        elif Path(name).is_dir():
+            name = Path(name).resolve().name
     else:
         p = Path(model).expanduser()
         name = p.resolve().name if p.is_dir() else str(model)

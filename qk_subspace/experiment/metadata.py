@@ -11,6 +11,7 @@ from importlib import metadata as importlib_metadata
 from typing import Any
 
 from ..decomposition.clustering import KMEANS_N_INIT
+from ..model import backends
 from .context import RunContext
 
 __all__ = ["build_metadata", "model_config", "package_versions"]
@@ -93,5 +94,6 @@ def build_metadata(ctx: RunContext) -> dict[str, Any]:
         if not st.gauges
         else {"n_gauges": st.gauges, "seed": s.seed + 1, "spaces": ["raw", "circuit"]},
         "representation": ctx.representation.name,
+        "backend": backends.name_of(mdl),
         "package_versions": package_versions(),
     }

@@ -35,7 +35,7 @@ def qk_matrices(model: Any, dtype: torch.dtype | None = torch.float64) -> torch.
     """Return every head's QK matrix ``W_Q^T W_K``.
 
     Args:
-        model: any HookedTransformer (multi-head or grouped-query attention).
+        model: a HookedTransformer or TransformerBridge (multi-head or grouped-query attention).
         dtype: dtype of the result; the product is formed in this dtype. ``None`` keeps the
             model's dtype. Default float64, so downstream PCA and injection are exact.
 
@@ -50,7 +50,7 @@ def ov_matrices(model: Any, dtype: torch.dtype | None = torch.float64) -> torch.
     """Every head's head-space OV matrix ``W_V^T W_O^T = model.OV.BA^T``.
 
     Args:
-        model: any HookedTransformer (for grouped-query models ``attn.W_V`` repeats the shared
+        model: a HookedTransformer or TransformerBridge (for grouped-query models ``attn.W_V`` repeats the shared
             value weights, so every query head gets its group's ``W_V``).
         dtype: dtype in which the product is formed (default float64); ``None`` keeps the model's.
 

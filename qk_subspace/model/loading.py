@@ -1,4 +1,10 @@
-"""Load a HookedTransformer by official name (online) or from a local checkpoint (fully offline)."""
+"""Load a TransformerLens model by official name (online) or from a local checkpoint (fully offline).
+
+``backend="auto" | "hooked" | "bridge"`` chooses the TransformerLens class (:mod:`.backends`):
+``HookedTransformer`` (TransformerLens 3.x) or ``TransformerBridge`` (3.x and 4.x) in compatibility mode
+with the same weight processing. Everything else -- which checkpoints load offline, what is refused,
+the errors -- is the same for both.
+"""
 
 from __future__ import annotations
 
@@ -11,13 +17,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from transformer_lens import HookedTransformer
 
+from . import backends
 from .embedded import EMBEDDED_DIR, EMBEDDED_NAME, is_embedded_name
 
 __all__ = ["DEFAULT_PROCESSING", "SUPPORTED_LOCAL_ARCHITECTURES", "hub_reachable", "load_model"]
 
-#: Hugging Face architectures whose local checkpoints load offline (TransformerLens converters).
+#: Hugging Face architectures whose local checkpoints load offline (both backends).
 SUPPORTED_LOCAL_ARCHITECTURES = (
     "GPT2LMHeadModel",
     "GPTNeoXForCausalLM",
@@ -28,7 +34,8 @@ SUPPORTED_LOCAL_ARCHITECTURES = (
     "Qwen2ForCausalLM",
 )
 
-#: TransformerLens' default weight processing in ``HookedTransformer.from_pretrained``.
+#: TransformerLens' default weight processing in ``HookedTransformer.from_pretrained`` (on a bridge, the
+#: arguments of ``enable_compatibility_mode``).
 DEFAULT_PROCESSING: dict[str, bool] = {
     "fold_ln": True,
     "center_writing_weights": True,
@@ -79,13 +86,12 @@ def _processing(overrides: dict[str, Any]) -> dict[str, bool]:
     return {**DEFAULT_PROCESSING, **{k: bool(v) for k, v in overrides.items()}}
 
 
-def _record(
-    model: HookedTransformer, source: str, processing: dict[str, bool], offline: bool
-) -> HookedTransformer:
+def _record(model: Any, source: str, processing: dict[str, bool], offline: bool) -> Any:
     # Plain attributes on the module (not parameters or buffers): what was loaded and how.
     object.__setattr__(model, "qk_subspace_source", source)
     object.__setattr__(model, "qk_subspace_processing", dict(processing))
     object.__setattr__(model, "qk_subspace_offline", offline)
+    object.__setattr__(model, "qk_subspace_backend", backends.name_of(model))
     model.eval()
     return model
 
@@ -96,8 +102,8 @@ def _load_local(
     dtype: torch.dtype,
     processing: dict[str, bool],
     tokenizer: Any,
-) -> HookedTransformer:
-    import transformer_lens.loading_from_pretrained as tl_loading
+    backend: str,
+) -> Any:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     config_file = path / "config.json"
@@ -124,7 +130,7 @@ def _load_local(
             f"model directory {str(path)!r}: architecture {arch!r} (config.json 'architectures') is not "
             f"supported for offline loading; supported: {list(SUPPORTED_LOCAL_ARCHITECTURES)}"
         )
-    if arch == "GPT2LMHeadModel" and "n_ctx" not in hf_config:
+    if backend == "hooked" and arch == "GPT2LMHeadModel" and "n_ctx" not in hf_config:
         raise ValueError(
             f"model directory {str(path)!r}: a GPT-2 config.json needs 'n_ctx' (TransformerLens reads it); "
             f'add "n_ctx": {hf_config.get("n_positions", 1024)} to config.json'
@@ -151,15 +157,8 @@ def _load_local(
         tokenizer = AutoTokenizer.from_pretrained(
             str(tokenizer), local_files_only=True, trust_remote_code=False
         )
-    cfg = tl_loading.get_pretrained_model_config(
-        str(path), fold_ln=processing["fold_ln"], device=device, dtype=dtype
-    )
-    state_dict = tl_loading.get_pretrained_state_dict(str(path), cfg, hf_model=hf_model, dtype=dtype)
-    model = HookedTransformer(cfg, tokenizer, move_to_device=False)
-    model.load_and_process_state_dict(state_dict, **processing)
-    model.move_model_modules_to_device()
-    del hf_model
-    return model
+    with _quiet_transformers():
+        return backends.of(backend).from_hf_model(path, hf_model, tokenizer, device, dtype, processing)
 
 
 @contextlib.contextmanager
@@ -176,13 +175,11 @@ def _quiet_transformers() -> Iterator[None]:
             hf_logging.enable_progress_bar()
 
 
-def _unsafe_official_reason(official: str) -> str | None:
+def _unsafe_official_reason(official: str, backend: str) -> str | None:
     """Why TransformerLens would run code from the hub to load ``official``, or None."""
-    import transformer_lens.loading_from_pretrained as tl_loading
-
     if official.startswith(_PICKLED_REPOS):
         return "its weights are a pickled .pth file that TransformerLens reads with torch.load(weights_only=False)"
-    if official.startswith(tuple(getattr(tl_loading, "NEED_REMOTE_CODE_MODELS", ()))):
+    if backends.of(backend).needs_remote_code(official):
         return "TransformerLens loads it with trust_remote_code=True (Python code from the hub repository)"
     return None
 
@@ -193,9 +190,10 @@ def load_model(
     dtype: torch.dtype = torch.float32,
     tokenizer: Any = None,
     trust_remote_code: bool = False,
+    backend: str = "auto",
     **processing: bool,
-) -> HookedTransformer:
-    """Load a HookedTransformer.
+) -> Any:
+    """Load a TransformerLens model: a ``HookedTransformer`` or a ``TransformerBridge``.
 
     Args:
         name_or_path: ``"stories260K"``, the model embedded in the package
@@ -210,13 +208,16 @@ def load_model(
             ``attn-only-*``, ...) and the models TransformerLens loads with remote code (Qwen-1,
             phi-2, ...) -- are refused unless this is True. Local directories never run code from
             the directory and never unpickle arbitrary objects, whatever this says.
+        backend: ``"auto"`` (``HookedTransformer`` on TransformerLens 3.x, ``TransformerBridge`` on 4.x),
+            ``"hooked"`` or ``"bridge"`` (:mod:`qk_subspace.model.backends`). The bridge wraps the Hugging
+            Face model in compatibility mode with the same processing; results are the same.
         **processing: TransformerLens weight processing, default as in ``from_pretrained``:
             ``fold_ln``, ``center_writing_weights``, ``center_unembed``, ``fold_value_biases``
             (all True) and ``refactor_factored_attn_matrices`` (False).
 
     Returns:
-        The model in eval mode, with ``model.qk_subspace_processing`` (the processing used) and
-        ``model.qk_subspace_source`` recorded on it.
+        The model in eval mode, with ``model.qk_subspace_processing`` (the processing used),
+        ``model.qk_subspace_source`` and ``model.qk_subspace_backend`` recorded on it.
 
     Raises:
         FileNotFoundError / ValueError: a local directory without config.json, or of an
@@ -226,33 +227,33 @@ def load_model(
         ValueError: an official name whose loading runs code from the hub, without
             ``trust_remote_code=True``.
         TypeError: ``dtype`` that is not a floating-point ``torch.dtype``.
+        ValueError: an unknown ``backend``, or ``"hooked"`` on TransformerLens 4.
     """
     proc = _processing(processing)
+    which = backends.resolve(backend)
     if not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
         raise TypeError(
             f"dtype must be a floating-point torch.dtype (torch.float32, torch.float64, torch.bfloat16, ...), "
             f"got {dtype!r}"
         )
     if is_embedded_name(name_or_path):
-        model = _load_local(EMBEDDED_DIR, device, dtype, proc, tokenizer)
+        model = _load_local(EMBEDDED_DIR, device, dtype, proc, tokenizer, which)
         object.__setattr__(model, "qk_subspace_embedded", EMBEDDED_NAME)
         return _record(model, EMBEDDED_SOURCE, proc, offline=True)
     path = Path(name_or_path).expanduser()
     if path.is_dir():
-        model = _load_local(path, device, dtype, proc, tokenizer)
+        model = _load_local(path, device, dtype, proc, tokenizer, which)
         return _record(model, str(path.resolve()), proc, offline=True)
     name = str(name_or_path)
     if path.suffix or (os.sep in name and not name.count("/") == 1):
         raise FileNotFoundError(f"model directory {name!r} does not exist. {_OFFLINE_HINT}")
-    from transformer_lens.loading_from_pretrained import get_official_model_name
-
     try:
-        official = get_official_model_name(name)
+        official = backends.of(which).official_name(name)
     except ValueError as exc:
         raise ValueError(
             f"{name!r} is neither a local directory nor a TransformerLens model name. {_OFFLINE_HINT}"
         ) from exc
-    unsafe = _unsafe_official_reason(official)
+    unsafe = _unsafe_official_reason(official, which)
     if unsafe is not None and not trust_remote_code:
         raise ValueError(
             f"refusing to load {name!r} ({official}): {unsafe}, which can execute arbitrary code. "
@@ -263,11 +264,5 @@ def load_model(
             f"cannot load {name!r} ({official}): it is not in the local Hugging Face cache and the hub "
             f"is unreachable (offline). {_OFFLINE_HINT}"
         )
-    model = HookedTransformer.from_pretrained(
-        name,
-        device=device,
-        dtype=dtype,
-        tokenizer=tokenizer,
-        **proc,  # type: ignore[arg-type]
-    )
+    model = backends.of(which).from_official(name, device, dtype, tokenizer, proc, trust_remote_code)
     return _record(model, official, proc, offline=False)

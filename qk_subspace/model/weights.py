@@ -1,14 +1,18 @@
-"""Where a model keeps its attention weights: parameter names, grouped-query layout, factor stacks.
+"""Where a model keeps its attention weights: names, grouped-query layout, factor stacks, slots.
 
-TransformerLens' ``HookedTransformer`` stores, per layer ``l``:
+Every weight is named in TransformerLens layout, per layer ``l``:
 
 * ``blocks.{l}.attn.W_Q`` ``[n_heads, d_model, d_head]`` (and ``b_Q`` ``[n_heads, d_head]``);
-* keys and values ``W_K``/``W_V`` of the same shape, or, for grouped-query attention, the parameters
-  ``_W_K``/``_W_V`` ``[n_kv_heads, d_model, d_head]`` (``_b_K``/``_b_V``), which ``attn.W_K``/``attn.W_V``
-  repeat to one per query head (query head ``h`` uses key/value head ``h // repeats``);
+* the key and value weights, one per key/value head (:func:`key_parameter_names`,
+  :func:`value_parameter_name`): ``[n_kv_heads, d_model, d_head]``; query head ``h`` uses key/value
+  head ``h // repeats`` (:func:`kv_groups`);
 * ``W_O`` ``[n_heads, d_head, d_model]``.
 
-Every module that reads or plans writes of attention weights asks this one for names and layout.
+A ``HookedTransformer`` stores these as parameters (grouped-query keys/values as ``_W_K``/``_W_V``); a
+``TransformerBridge`` stores the Hugging Face parameters and shows these as views of them. Every
+module that reads or plans writes of attention weights asks this one, which asks the model's
+backend (:mod:`qk_subspace.model.backends`); the one writer,
+:class:`~qk_subspace.edits.parameter_edit.ParameterEdit`, writes through :func:`weight_slots`.
 """
 
 from __future__ import annotations
@@ -17,14 +21,22 @@ from typing import Any
 
 import torch
 
+from . import backends
+from .slots import WeightSlot
+
 __all__ = [
+    "WeightSlot",
     "attention_factors",
+    "attention_weight",
     "flatten_heads",
     "key_parameter_names",
     "kv_groups",
+    "kv_weight",
     "model_device",
+    "named_weights",
     "query_parameter_name",
     "value_parameter_name",
+    "weight_slots",
 ]
 
 
@@ -40,24 +52,42 @@ def kv_groups(model: Any) -> tuple[int, int]:
     return n_kv, int(cfg.n_heads) // n_kv
 
 
+def weight_slots(model: Any) -> dict[str, WeightSlot]:
+    """Every writable weight by name: the parameters under their own names, and (on a bridge) the
+    attention weights under their TransformerLens names as views of the parameters."""
+    return backends.of(model).weight_slots(model)
+
+
+def named_weights(model: Any) -> dict[str, torch.Tensor]:
+    """``{name: live weight}`` for every name of :func:`weight_slots` (views: do not write to them)."""
+    return {name: slot.value() for name, slot in weight_slots(model).items()}
+
+
 def query_parameter_name(layer: int) -> str:
     """Name of layer ``layer``'s query weight ``[n_heads, d_model, d_head]``."""
     return f"blocks.{layer}.attn.W_Q"
 
 
 def key_parameter_names(model: Any, layer: int) -> tuple[str, str]:
-    """Names of the key weight and bias parameters: ``_W_K``/``_b_K`` (grouped-query) or ``W_K``/``b_K``."""
-    attn = model.blocks[layer].attn
-    prefix = f"blocks.{layer}.attn."
-    if hasattr(attn, "_W_K"):
-        return prefix + "_W_K", prefix + "_b_K"
-    return prefix + "W_K", prefix + "b_K"
+    """Names of the key weight ``[n_kv_heads, d_model, d_head]`` and bias ``[n_kv_heads, d_head]``."""
+    backend = backends.of(model)
+    return backend.kv_parameter_name(model, layer, "W_K"), backend.kv_parameter_name(model, layer, "b_K")
 
 
 def value_parameter_name(model: Any, layer: int) -> str:
-    """Name of the value weight parameter: ``attn._W_V`` (grouped-query) or ``attn.W_V``."""
-    attn = model.blocks[layer].attn
-    return f"blocks.{layer}.attn._W_V" if hasattr(attn, "_W_V") else f"blocks.{layer}.attn.W_V"
+    """Name of the value weight ``[n_kv_heads, d_model, d_head]``."""
+    return backends.of(model).kv_parameter_name(model, layer, "W_V")
+
+
+def attention_weight(model: Any, layer: int, name: str) -> torch.Tensor:
+    """Layer ``layer``'s ``W_Q``/``W_K``/``W_V``/``W_O``/``b_*`` with one entry per *query* head (grouped-query
+    keys/values repeated; a bias the model does not have is zeros). Live, not detached."""
+    return backends.of(model).query_head_weight(model, layer, name)
+
+
+def kv_weight(model: Any, layer: int, name: str) -> torch.Tensor:
+    """Layer ``layer``'s ``W_K``/``W_V``/``b_K``/``b_V`` with one entry per key/value head. Live, not detached."""
+    return backends.of(model).kv_weight(model, layer, name)
 
 
 def attention_factors(
@@ -66,15 +96,20 @@ def attention_factors(
     """Stacked per-head attention weights, detached copies on the CPU.
 
     Args:
-        names: attributes of ``blocks[l].attn`` (``W_Q``, ``W_K``, ``W_V``: ``[n_heads, d_model, d_head]``
-            with grouped-query keys/values repeated per query head; ``W_O``: ``[n_heads, d_head, d_model]``).
+        names: ``W_Q``, ``W_K``, ``W_V`` (``[n_heads, d_model, d_head]``, grouped-query keys/values repeated
+            per query head) or ``W_O`` (``[n_heads, d_head, d_model]``).
 
     Returns:
         One tensor per name, ``[n_layers, *shape]`` in ``dtype``.
     """
     with torch.no_grad():
         return tuple(
-            torch.stack([getattr(b.attn, name).detach().to(dtype) for b in model.blocks]).cpu()
+            torch.stack(
+                [
+                    attention_weight(model, layer, name).detach().to(dtype)
+                    for layer in range(model.cfg.n_layers)
+                ]
+            ).cpu()
             for name in names
         )
 

@@ -19,6 +19,7 @@ from typing import Any, ClassVar
 import torch
 
 from ..edits.head_edit import HeadEdit
+from ..model.slots import WeightSlot
 from .heads import DenseHeads, Heads
 from .mixing import Mixing
 
@@ -92,7 +93,7 @@ class HeadSpaceRepresentation(Representation):
 
     Subclasses give :meth:`matrices` (``[n_layers, n_heads, d, d]``), :meth:`edit`, and for the
     gradient of the loss with respect to the head matrices (``importance`` by gradient) the weight
-    each layer's edit writes (:meth:`written_parameters`) and the factors of the chain rule
+    each layer's edit writes (:meth:`written_slots`) and the factors of the chain rule
     (:meth:`gradient_factors`).
     """
 
@@ -103,8 +104,10 @@ class HeadSpaceRepresentation(Representation):
     def heads(self, model: Any) -> Heads:
         return DenseHeads(self.matrices(model), representation=self.name)
 
-    def written_parameters(self, model: Any) -> list[torch.nn.Parameter]:
-        """The parameter each layer's edit writes (``W_Q``, ``W_V``, ...), in layer order."""
+    def written_slots(self, model: Any) -> list[WeightSlot]:
+        """The weight each layer's edit writes (``W_Q``, ``W_V``, ...), in layer order, with the
+        parameter that stores it (autograd runs on the parameter; the slot gives its gradient the
+        weight's layout)."""
         raise NotImplementedError
 
     def gradient_factors(self, model: Any) -> list[torch.Tensor]:

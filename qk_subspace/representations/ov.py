@@ -11,7 +11,8 @@ import torch
 
 from ..edits.ov import OVEdit
 from ..model.circuits import ov_matrices
-from ..model.weights import kv_groups, value_parameter_name
+from ..model.slots import WeightSlot
+from ..model.weights import kv_groups, value_parameter_name, weight_slots
 from .base import HeadSpaceRepresentation
 from .heads import Heads
 from .mixing import Mixing
@@ -35,9 +36,9 @@ class OVRepresentation(HeadSpaceRepresentation):
         target = heads.materialize(mixing).to(model.W_U.device)
         return OVEdit(model, target, heads=self._head_mask(heads, mixing), **options)
 
-    def written_parameters(self, model: Any) -> list[torch.nn.Parameter]:
-        params = dict(model.named_parameters())
-        return [params[value_parameter_name(model, layer)] for layer in range(model.cfg.n_layers)]
+    def written_slots(self, model: Any) -> list[WeightSlot]:
+        slots = weight_slots(model)
+        return [slots[value_parameter_name(model, layer)] for layer in range(model.cfg.n_layers)]
 
     def gradient_factors(self, model: Any) -> list[torch.Tensor]:
         n_v, r = kv_groups(model)

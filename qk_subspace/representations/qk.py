@@ -18,7 +18,8 @@ import torch
 from ..edits.gauge import canonical_gauge
 from ..edits.qk import QKEdit
 from ..model.circuits import qk_matrices
-from ..model.weights import query_parameter_name
+from ..model.slots import WeightSlot
+from ..model.weights import attention_weight, query_parameter_name, weight_slots
 from .base import HeadSpaceRepresentation
 from .heads import Heads
 from .mixing import Mixing
@@ -48,13 +49,16 @@ class QKRepresentation(HeadSpaceRepresentation):
         target = heads.materialize(mixing).to(model.W_U.device)
         return QKEdit(model, target, heads=self._head_mask(heads, mixing), **options)
 
-    def written_parameters(self, model: Any) -> list[torch.nn.Parameter]:
-        params = dict(model.named_parameters())
-        return [params[query_parameter_name(layer)] for layer in range(model.cfg.n_layers)]
+    def written_slots(self, model: Any) -> list[WeightSlot]:
+        slots = weight_slots(model)
+        return [slots[query_parameter_name(layer)] for layer in range(model.cfg.n_layers)]
 
     def gradient_factors(self, model: Any) -> list[torch.Tensor]:
         with torch.no_grad():  # one group per query head: U = W_K
-            return [self._chain(b.attn.W_K.detach().to(torch.float64)) for b in model.blocks]
+            return [
+                self._chain(attention_weight(model, layer, "W_K").detach().to(torch.float64))
+                for layer in range(model.cfg.n_layers)
+            ]
 
 
 class CanonicalQKRepresentation(QKRepresentation):
