@@ -66,7 +66,10 @@ def make_model(
     (default :data:`TEST_BACKEND`). Attention biases are random (non-zero) on both."""
     which = backends.resolve(backend or TEST_BACKEND)
     if which == "bridge":
-        return make_bridge(kind, n_layers, d_model, n_heads, d_head, n_kv_heads, dtype, seed, n_ctx, d_vocab)
+        shape = dict(
+            n_layers=n_layers, d_model=d_model, n_heads=n_heads, d_head=d_head, n_kv_heads=n_kv_heads
+        )
+        return make_bridge(kind, dtype, seed=seed, n_ctx=n_ctx, d_vocab=d_vocab, **shape)
     from transformer_lens import HookedTransformer, HookedTransformerConfig
 
     common = dict(
@@ -115,7 +118,7 @@ def _tokenizer() -> Any:
     return AutoTokenizer.from_pretrained(str(EMBEDDED_DIR))
 
 
-def make_bridge(
+def tiny_hf_model(
     kind: str = "mha",
     n_layers: int = 2,
     d_model: int = 32,
@@ -127,11 +130,9 @@ def make_bridge(
     n_ctx: int = 32,
     d_vocab: int = 50,
 ) -> Any:
-    """A tiny random ``TransformerBridge`` (compatibility mode, no weight processing) around a Hugging Face
-    GPT-2 ("mha") or Llama ("gqa", attention biases on) model, weights at TransformerLens' init scale.
-    A multi-head shape GPT-2 cannot have (``d_model != n_heads * d_head``) is a Llama model with as many
-    key/value heads as query heads."""
-    from transformer_lens.model_bridge import TransformerBridge
+    """A tiny random Hugging Face GPT-2 ("mha") or Llama ("gqa", attention biases on) model, weights at
+    TransformerLens' init scale, attention biases random. A multi-head shape GPT-2 cannot have
+    (``d_model != n_heads * d_head``) is a Llama model with as many key/value heads as query heads."""
     from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
     std = 0.8 / d_model**0.5  # HookedTransformer's initializer range
@@ -162,6 +163,15 @@ def make_bridge(
         for name, p in hf.named_parameters():
             if name.endswith("bias") and ("attn" in name or "proj" in name) and "mlp" not in name:
                 p.copy_(0.1 * torch.randn(p.shape, generator=g, dtype=torch.float64).to(p.dtype))
+    return hf
+
+
+def make_bridge(kind: str = "mha", dtype: torch.dtype = torch.float32, **shape: Any) -> Any:
+    """A tiny random ``TransformerBridge`` (compatibility mode, no weight processing) around
+    :func:`tiny_hf_model` (same arguments)."""
+    from transformer_lens.model_bridge import TransformerBridge
+
+    hf = tiny_hf_model(kind, dtype=dtype, **shape)
     with tempfile.TemporaryDirectory(prefix="qk_subspace_tiny_") as folder:  # the bridge reads config.json
         hf.config.save_pretrained(folder)
         bridge = TransformerBridge.boot_transformers(folder, hf_model=hf, tokenizer=_tokenizer(), dtype=dtype)

@@ -4,7 +4,7 @@
 package asks :func:`of` for the module that knows the model's layout (:mod:`.hooked`, :mod:`.bridge`)
 and gets the same results from both. ``"auto"`` is ``HookedTransformer`` where TransformerLens still
 has it (3.x) and the bridge on TransformerLens 4, which deleted it; the environment variable
-``QK_SUBSPACE_BACKEND=hooked|bridge`` changes what ``"auto"`` means (for a whole session, a test run).
+``QK_SUBSPACE_BACKEND=hooked|bridge`` changes what ``"auto"`` means (for a shell, a test run).
 """
 
 from __future__ import annotations

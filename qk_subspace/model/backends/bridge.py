@@ -53,7 +53,14 @@ _ATTENTION_WEIGHTS = {
 
 # ----------------------------------------------------------------------------- loading
 def _compat(bridge: Any, processing: dict[str, bool]) -> Any:
-    bridge.enable_compatibility_mode(disable_warnings=True, **processing)
+    try:
+        bridge.enable_compatibility_mode(disable_warnings=True, **processing)
+    except RuntimeError as exc:  # e.g. fold_value_biases without fold_ln on grouped-query value biases
+        on = sorted(k for k, v in processing.items() if v)
+        raise ValueError(
+            f"TransformerBridge could not apply the weight processing {on} to this model ({exc}); load it "
+            "with fewer processing options (for example fold_value_biases=False), or backend='hooked'"
+        ) from exc
     return bridge
 
 
