@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from . import backends
+from . import backends, native
 from .embedded import EMBEDDED_DIR, EMBEDDED_NAME, is_embedded_name
 
 __all__ = ["DEFAULT_PROCESSING", "SUPPORTED_LOCAL_ARCHITECTURES", "hub_reachable", "load_model"]
@@ -104,13 +104,14 @@ def _load_local(
     tokenizer: Any,
     backend: str,
 ) -> Any:
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     config_file = path / "config.json"
     if not config_file.is_file():
         raise FileNotFoundError(
             f"model directory {str(path)!r} has no config.json; a local checkpoint needs config.json, "
-            "weights (*.safetensors or pytorch_model.bin) and, for text input, tokenizer files"
+            "weights (*.safetensors or pytorch_model.bin) and, for text input, tokenizer files (or, "
+            f"TransformerLens-native, {native.CONFIG_FILE} and {native.WEIGHTS_FILE})"
         )
     try:
         hf_config = json.loads(config_file.read_text())
@@ -148,17 +149,38 @@ def _load_local(
             trust_remote_code=False,
         )
     hf_model.eval()
+    tokenizer = _local_tokenizer(path, tokenizer)
+    with _quiet_transformers():
+        return backends.of(backend).from_hf_model(path, hf_model, tokenizer, device, dtype, processing)
+
+
+def _local_tokenizer(path: Path, tokenizer: Any) -> Any:
+    """``tokenizer`` (an object, or a directory read locally), else the tokenizer files in ``path``, else None."""
     if tokenizer is None and any(
         (path / f).exists()
         for f in ("tokenizer.json", "vocab.json", "tokenizer.model", "tokenizer_config.json")
     ):
-        tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True, trust_remote_code=False)
-    elif isinstance(tokenizer, (str, os.PathLike)):
-        tokenizer = AutoTokenizer.from_pretrained(
-            str(tokenizer), local_files_only=True, trust_remote_code=False
-        )
-    with _quiet_transformers():
-        return backends.of(backend).from_hf_model(path, hf_model, tokenizer, device, dtype, processing)
+        tokenizer = path
+    if not isinstance(tokenizer, (str, os.PathLike)):
+        return tokenizer
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(tokenizer), local_files_only=True, trust_remote_code=False)
+
+
+def _load_native(
+    path: Path,
+    device: str | torch.device | None,
+    dtype: torch.dtype,
+    processing: dict[str, bool],
+    tokenizer: Any,
+    backend: str,
+) -> Any:
+    """A TransformerLens-native checkpoint (:mod:`.native`): safetensors only, never a pickle."""
+    checkpoint = native.read_checkpoint(path)
+    native.check_processing(checkpoint, processing)
+    tokenizer = _local_tokenizer(path, tokenizer)
+    return backends.of(backend).from_native(checkpoint, tokenizer, device, dtype, processing)
 
 
 @contextlib.contextmanager
@@ -199,10 +221,16 @@ def load_model(
         name_or_path: ``"stories260K"``, the model embedded in the package
             (:mod:`qk_subspace.model.embedded`); an official TransformerLens name (``"gpt2"``,
             ``"gpt2-medium"``, ...), loaded with ``HookedTransformer.from_pretrained`` (needs the hub or
-            its cache); or a local Hugging Face checkpoint directory, loaded with no network access at all.
+            its cache); or a local checkpoint directory, loaded with no network access at all: a Hugging
+            Face checkpoint (``config.json``, weights, tokenizer files) or a TransformerLens-native one
+            (``hooked_transformer_config.json``, a JSON object of ``HookedTransformerConfig`` fields, and
+            ``model.safetensors``, a ``HookedTransformer`` state dict; see :mod:`qk_subspace.model.native`;
+            it takes precedence when a directory has both configs). Native weights are read from
+            safetensors only: pickled ``*.pt``/``*.pth``/``*.bin`` weights are refused, never unpickled.
         device: ``"cpu"``, ``"cuda"``, ... (default: TransformerLens' choice).
         dtype: parameter dtype (default float32).
-        tokenizer: optional tokenizer object or directory (local checkpoints without tokenizer files).
+        tokenizer: optional tokenizer object or directory (local checkpoints without tokenizer files; a
+            native checkpoint without either has no tokenizer and takes token ids).
         trust_remote_code: official names whose loading executes code from the hub -- the legacy
             TransformerLens models stored as pickled ``.pth`` files (``solu-*``, ``gelu-*``,
             ``attn-only-*``, ...) and the models TransformerLens loads with remote code (Qwen-1,
@@ -221,7 +249,10 @@ def load_model(
 
     Raises:
         FileNotFoundError / ValueError: a local directory without config.json, or of an
-            unsupported architecture.
+            unsupported architecture; a native checkpoint without model.safetensors, with pickled
+            weights only, an invalid or unknown configuration field, or weights that do not match it
+            (missing, unexpected, wrong shape); on the bridge, a native configuration it cannot
+            compute as ``HookedTransformer`` does.
         ValueError: a name that is neither a local directory nor a TransformerLens model name.
         ConnectionError: an official name that is not cached while the hub is unreachable.
         ValueError: an official name whose loading runs code from the hub, without
@@ -242,7 +273,8 @@ def load_model(
         return _record(model, EMBEDDED_SOURCE, proc, offline=True)
     path = Path(name_or_path).expanduser()
     if path.is_dir():
-        model = _load_local(path, device, dtype, proc, tokenizer, which)
+        load = _load_native if native.is_native_checkpoint(path) else _load_local
+        model = load(path, device, dtype, proc, tokenizer, which)
         return _record(model, str(path.resolve()), proc, offline=True)
     name = str(name_or_path)
     if path.suffix or (os.sep in name and not name.count("/") == 1):

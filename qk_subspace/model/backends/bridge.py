@@ -5,17 +5,21 @@ A bridge wraps the Hugging Face model itself: its parameters are the Hugging Fac
 linears), and ``blocks[l].attn.W_Q`` ``[n_heads, d_model, d_head]`` is a *view* of the live parameter.
 For grouped-query models ``attn.W_K``/``attn.W_V`` have one entry per key/value head (not repeated).
 This module names those views as weight slots (so edits write the real parameters) and gathers
-the fast path's weights from the same views.
+the fast path's weights from the same views. A TransformerLens-native checkpoint (:mod:`..native`) is
+hosted in TransformerLens' own native model (``TransformerBridge.boot_native``, ``nn.Linear`` q/k/v/o
+``[n_heads * d_head, d_model]``), with the same views.
 """
 
 from __future__ import annotations
 
+from importlib import metadata
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from ..fastforward import FastModel, FastSpec, LayerWeights, Norm, activation
+from ..native import CONFIG_FILE, HOOKED_CONFIG_DEFAULTS, WEIGHTS_FILE, NativeCheckpoint, check_state_dict
 from ..slots import WeightSlot
 
 __all__ = [
@@ -27,6 +31,7 @@ __all__ = [
     "fast_model",
     "fast_model_reason",
     "from_hf_model",
+    "from_native",
     "from_official",
     "kv_parameter_name",
     "kv_weight",
@@ -79,6 +84,198 @@ def from_hf_model(
     bridge = TransformerBridge.boot_transformers(
         str(path), hf_model=hf_model, tokenizer=tokenizer, device=device, dtype=dtype
     )
+    return _compat(bridge, processing)
+
+
+# ------------------------------------------------------------------------- native checkpoints
+#: ``HookedTransformerConfig`` fields the bridge's TransformerLens-native model computes as
+#: ``HookedTransformer`` does (the values it cannot are refused by :func:`_native_reason`).
+_NATIVE_HONOURED = frozenset(
+    {
+        "n_layers", "d_model", "d_head", "n_heads", "n_ctx", "d_vocab", "d_vocab_out", "d_mlp",
+        "n_key_value_heads", "attn_only", "gated_mlp", "act_fn", "normalization_type", "eps", "final_rms",
+        "positional_embedding_type", "rotary_dim", "rotary_base", "rotary_adjacent_pairs", "use_attn_scale",
+        "attn_scale", "attn_scores_soft_cap", "output_logits_soft_cap", "default_prepend_bos", "model_name",
+    }
+)  # fmt: skip
+#: Fields that change nothing the model computes: hook switches, bookkeeping, initialisation, placement,
+#: and parameters of features whose switch must keep its default (window_size: use_local_attn, ...).
+_NATIVE_INERT = frozenset(
+    {
+        "device", "dtype", "tokenizer_name", "tokenizer_prepends_bos", "seed", "init_mode", "init_weights",
+        "initializer_range", "n_params", "from_checkpoint", "checkpoint_index", "checkpoint_label_type",
+        "checkpoint_value", "original_architecture", "use_hook_tokens", "use_attn_result",
+        "use_split_qkv_input", "use_attn_in", "use_hook_mlp_in", "n_devices", "trust_remote_code",
+        "ungroup_grouped_query_attention", "uses_rms_norm", "layer_norm_folding", "tie_word_embeddings",
+        "train_seq_length", "window_size", "attn_types", "rotary_base_local", "experts_per_token",
+        "norm_topk_prob", "quantization_method", "relative_attention_max_distance",
+        "relative_attention_num_buckets", "decoder_start_token_id", "NTK_by_parts_low_freq_factor",
+        "NTK_by_parts_high_freq_factor", "NTK_by_parts_factor", "NTK_original_ctx_len", "yarn_factor",
+        "yarn_attention_factor", "yarn_beta_fast", "yarn_beta_slow", "yarn_original_max_position_embeddings",
+        "yarn_truncate", "yarn_global_attn_only",
+    }
+)  # fmt: skip
+_NATIVE_NORMS = (None, "LN", "LNPre", "RMS", "RMSPre")
+_NATIVE_ACTIVATIONS = ("relu", "gelu", "gelu_new", "silu")
+
+
+def _native_reason(cfg: dict[str, Any]) -> str | None:
+    """Why the bridge's TransformerLens-native model would not compute what ``HookedTransformer`` computes
+    (with the same weight processing) for the ``HookedTransformerConfig`` fields ``cfg``, or None."""
+    unknown = sorted(set(cfg) - _NATIVE_HONOURED - _NATIVE_INERT - set(HOOKED_CONFIG_DEFAULTS))
+    if unknown:
+        return f"fields {unknown}, which this route does not know"
+    for name, default in HOOKED_CONFIG_DEFAULTS.items():
+        if name in cfg and name not in _NATIVE_HONOURED | _NATIVE_INERT and cfg[name] != default:
+            return f"{name}={cfg[name]!r} (only the default {default!r} is supported)"
+    norm = cfg.get("normalization_type", HOOKED_CONFIG_DEFAULTS["normalization_type"])
+    pos = cfg.get("positional_embedding_type", "standard")
+    act = cfg.get("act_fn", HOOKED_CONFIG_DEFAULTS["act_fn"])
+    mlp = not cfg.get("attn_only", False)
+    checks: list[tuple[bool, str]] = [
+        (norm not in _NATIVE_NORMS, f"normalization_type={norm!r} (supported: {list(_NATIVE_NORMS)})"),
+        (
+            pos not in ("standard", "rotary"),
+            f"positional_embedding_type={pos!r} (supported: standard, rotary)",
+        ),
+        (
+            pos == "rotary" and not cfg.get("rotary_adjacent_pairs", False),
+            "rotary positions with rotary_adjacent_pairs=False (it rotates adjacent pairs only)",
+        ),
+        (not cfg.get("use_attn_scale", True), "use_attn_scale=False"),
+        (float(cfg.get("output_logits_soft_cap", -1.0)) > 0, "output-logit soft-capping"),
+        (mlp and act not in _NATIVE_ACTIVATIONS, f"act_fn={act!r} (supported: {list(_NATIVE_ACTIVATIONS)})"),
+        (
+            mlp and bool(cfg.get("gated_mlp", False)) and norm == "LN",
+            "a gated MLP after LayerNorm with a bias (HookedTransformer folds it differently)",
+        ),
+        (
+            bool(cfg.get("final_rms", False)) and norm not in ("RMS", "RMSPre"),
+            f"final_rms with normalization_type={norm!r}",
+        ),
+    ]
+    return next((why for bad, why in checks if bad), None)
+
+
+def _native_layout(cfg: Any) -> dict[str, tuple[tuple[int, ...], str, str]]:
+    """``{HookedTransformer weight name: (shape, bridge name, rearrangement)}`` of the native model of
+    ``cfg`` (a ``TransformerBridgeConfig``, defaults resolved)."""
+    n, dm, dh, dv = int(cfg.n_heads), int(cfg.d_model), int(cfg.d_head), int(cfg.d_vocab)
+    n_kv = int(cfg.n_key_value_heads or n)
+    dv_out = int(cfg.d_vocab_out) if int(getattr(cfg, "d_vocab_out", -1)) > 0 else dv
+    gqa = "_" if cfg.n_key_value_heads is not None else ""  # HookedTransformer's grouped-query parameters
+    norm = cfg.normalization_type
+    layout: dict[str, tuple[tuple[int, ...], str, str]] = {"embed.W_E": ((dv, dm), "embed.weight", "")}
+    if (cfg.positional_embedding_type or "standard") == "standard":
+        layout["pos_embed.W_pos"] = ((int(cfg.n_ctx), dm), "pos_embed.weight", "")
+
+    def add_norm(prefix: str) -> None:
+        if norm in ("LN", "RMS"):
+            layout[f"{prefix}.w"] = ((dm,), f"{prefix}.weight", "")
+        if norm == "LN":
+            layout[f"{prefix}.b"] = ((dm,), f"{prefix}.bias", "")
+
+    for layer in range(int(cfg.n_layers)):
+        a = f"blocks.{layer}.attn."
+        add_norm(f"blocks.{layer}.ln1")
+        layout[a + "W_Q"] = ((n, dm, dh), a + "q.weight", "heads_in")
+        layout[a + "b_Q"] = ((n, dh), a + "q.bias", "heads_bias")
+        for x in "KV":
+            layout[f"{a}{gqa}W_{x}"] = ((n_kv, dm, dh), f"{a}{x.lower()}.weight", "heads_in")
+            layout[f"{a}{gqa}b_{x}"] = ((n_kv, dh), f"{a}{x.lower()}.bias", "heads_bias")
+        layout[a + "W_O"] = ((n, dh, dm), a + "o.weight", "heads_out")
+        layout[a + "b_O"] = ((dm,), a + "o.bias", "")
+        if not cfg.attn_only:
+            add_norm(f"blocks.{layer}.ln2")
+            m, d_mlp = f"blocks.{layer}.mlp.", int(cfg.d_mlp)
+            layout[m + "W_in"] = ((dm, d_mlp), m + "in.weight", "T")
+            layout[m + "W_out"] = ((d_mlp, dm), m + "out.weight", "T")
+            # the native gated MLP has no biases: HookedTransformer's (zeros) are checked and dropped
+            layout[m + "b_in"] = ((d_mlp,), "" if cfg.gated_mlp else m + "in.bias", "")
+            layout[m + "b_out"] = ((dm,), "" if cfg.gated_mlp else m + "out.bias", "")
+            if cfg.gated_mlp:
+                layout[m + "W_gate"] = ((dm, d_mlp), m + "gate.weight", "T")
+    add_norm("ln_final")
+    layout["unembed.W_U"] = ((dm, dv_out), "unembed.weight", "T")
+    layout["unembed.b_U"] = ((dv_out,), "unembed.bias", "")
+    return layout
+
+
+def _to_bridge(t: torch.Tensor, how: str) -> torch.Tensor:
+    """A HookedTransformer tensor in the layout of the native model's ``nn.Linear``/``nn.Embedding``."""
+    if how == "heads_in":  # [n, d_model, d_head] -> [n * d_head, d_model]
+        return t.transpose(1, 2).reshape(-1, t.shape[1])
+    if how == "heads_bias":  # [n, d_head] -> [n * d_head]
+        return t.reshape(-1)
+    if how == "heads_out":  # [n, d_head, d_model] -> [d_model, n * d_head]
+        return t.reshape(-1, t.shape[2]).T
+    return t.T if how == "T" else t
+
+
+def from_native(
+    checkpoint: NativeCheckpoint, tokenizer: Any, device: Any, dtype: torch.dtype, processing: dict[str, bool]
+) -> Any:
+    """A bridge around TransformerLens' own native model (``TransformerBridge.boot_native``) holding the
+    weights of a native checkpoint (:mod:`..native`), in compatibility mode with ``processing``.
+
+    Its forward equals ``HookedTransformer``'s on the same checkpoint and processing to float32 round-off
+    (tests/test_native_checkpoint.py); configurations it would compute differently are refused.
+
+    Raises:
+        ValueError: a configuration the native model does not implement as ``HookedTransformer`` does
+            (naming the field), a TransformerLens without ``boot_native``, or a weight that is missing,
+            unexpected or of the wrong shape.
+    """
+    from transformer_lens.config import TransformerBridgeConfig
+    from transformer_lens.model_bridge import TransformerBridge
+
+    where = checkpoint.where()
+    version = metadata.version("transformer-lens")
+    instead = (
+        "load it with backend='hooked'"
+        if int(version.split(".")[0]) < 4
+        else f"transformer-lens {version} has no HookedTransformer; load it with transformer-lens<4 and "
+        "backend='hooked'"
+    )
+    if not hasattr(TransformerBridge, "boot_native"):
+        raise ValueError(
+            f"model directory {where}: TransformerBridge of transformer-lens {version} cannot host a "
+            f"TransformerLens-native checkpoint (no TransformerBridge.boot_native); {instead}"
+        )
+    why = _native_reason(checkpoint.config)
+    if why is not None:
+        raise ValueError(
+            f"model directory {where}: {CONFIG_FILE} describes a model the bridge's TransformerLens-native "
+            f"model does not compute as HookedTransformer does: {why}; {instead}"
+        )
+    fields = {k: v for k, v in checkpoint.config.items() if k in _NATIVE_HONOURED}
+    fields.pop("rotary_adjacent_pairs", None)  # always adjacent pairs there (checked above)
+    try:
+        cfg = TransformerBridgeConfig(
+            **fields, architecture="TransformerLensNative", init_weights=False, dtype=dtype
+        )
+    except (TypeError, ValueError, AssertionError) as exc:
+        raise ValueError(
+            f"model directory {where}: {CONFIG_FILE} is not a valid configuration ({exc})"
+        ) from exc
+    layout = _native_layout(cfg)
+    check_state_dict(checkpoint, {name: shape for name, (shape, _, _) in layout.items()})
+    state_dict: dict[str, torch.Tensor] = {}
+    for name, (_, target, how) in layout.items():
+        value = checkpoint.state_dict[name]
+        if not target:
+            if bool(value.any()):
+                raise ValueError(
+                    f"model directory {where}: {WEIGHTS_FILE} has a non-zero {name}, a bias the bridge's "
+                    f"native gated MLP does not have; {instead}"
+                )
+            continue
+        state_dict[target] = _to_bridge(value, how).to(dtype)
+    with torch.random.fork_rng(devices=[]):  # the native model's initial weights (overwritten) use the RNG
+        bridge = TransformerBridge.boot_native(
+            cfg, tokenizer=tokenizer, device=device, dtype=dtype, model_name=str(checkpoint.path)
+        )
+    bridge.load_state_dict(state_dict, strict=True)
     return _compat(bridge, processing)
 
 

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from ..fastforward import NO_NORM, FastModel, FastSpec, LayerWeights, Norm, activation
+from ..native import CONFIG_FILE, NativeCheckpoint, check_state_dict
 from ..slots import WeightSlot
 
 __all__ = [
@@ -25,6 +26,7 @@ __all__ = [
     "fast_model",
     "fast_model_reason",
     "from_hf_model",
+    "from_native",
     "from_official",
     "kv_parameter_name",
     "kv_weight",
@@ -50,6 +52,43 @@ def from_hf_model(
     )
     state_dict = tl_loading.get_pretrained_state_dict(str(path), cfg, hf_model=hf_model, dtype=dtype)
     model = HookedTransformer(cfg, tokenizer, move_to_device=False)
+    model.load_and_process_state_dict(state_dict, **processing)
+    model.move_model_modules_to_device()
+    return model
+
+
+def from_native(
+    checkpoint: NativeCheckpoint, tokenizer: Any, device: Any, dtype: torch.dtype, processing: dict[str, bool]
+) -> Any:
+    """A HookedTransformer of a native checkpoint (:mod:`..native`): ``HookedTransformerConfig`` of the
+    file's fields, the state dict checked against the model's parameters (names and shapes), then
+    ``load_and_process_state_dict`` with ``processing``.
+
+    Raises:
+        ValueError: the fields are not a valid ``HookedTransformerConfig``; a weight is missing, an entry
+            is not the model's, or a shape differs.
+    """
+    from transformer_lens import HookedTransformer, HookedTransformerConfig
+
+    fields: dict[str, Any] = {**checkpoint.config, "dtype": dtype, "init_weights": False}
+    if device is not None:
+        fields["device"] = str(device)
+    try:
+        cfg = HookedTransformerConfig(**fields)
+    except (TypeError, ValueError, AssertionError) as exc:
+        raise ValueError(
+            f"model directory {checkpoint.where()}: {CONFIG_FILE} is not a valid HookedTransformerConfig ({exc})"
+        ) from exc
+    model = HookedTransformer(cfg, tokenizer, move_to_device=False)
+    buffers = {name: "a buffer rebuilt from the config" for name, _ in model.named_buffers()}
+    check_state_dict(checkpoint, {n: tuple(p.shape) for n, p in model.named_parameters()}, buffers)
+    state_dict = {
+        k: v.to(dtype) if v.is_floating_point() else v
+        for k, v in checkpoint.state_dict.items()
+        if k not in buffers
+    }
+    if cfg.normalization_type is None:  # nothing to fold: TransformerLens would skip it, with a warning
+        processing = {**processing, "fold_ln": False}
     model.load_and_process_state_dict(state_dict, **processing)
     model.move_model_modules_to_device()
     return model
