@@ -7,7 +7,7 @@ import torch
 import qk_subspace as qs
 from qk_subspace.edits.circuit import circuit_injection_weights
 from qk_subspace.model.weights import attention_factors
-from qk_subspace.representations import CircuitHeads, materialize_circuits
+from qk_subspace.representations import CircuitHeads
 from tests.conftest import assert_params_equal, make_model, param_snapshot
 
 KINDS = {
@@ -32,10 +32,35 @@ def circuit_pca(model, groupby=None):  # type: ignore[no-untyped-def]
     return qs.HeadPCA(groupby=groupby).fit(CIRCUIT.heads(model))
 
 
+def explicit_circuits(model) -> np.ndarray:  # type: ignore[no-untyped-def]
+    """Every head's invariant circuit as real features ``[n, D]``, written out by hand (independent path):
+    ``W_Q W_K^T`` without rotary; with rotary (TransformerLens pairs ``(i, i + d/2)``) the real and
+    imaginary parts of ``w_Q w_K^H`` per pair, ``w = W[:, i] + 1j W[:, i + d/2]``."""
+    Wq, Wk = (w.reshape(-1, *w.shape[-2:]).numpy() for w in circuit_factors(model))
+    if model.cfg.positional_embedding_type != "rotary":
+        return np.einsum("nai,nbi->nab", Wq, Wk).reshape(len(Wq), -1)
+    half = model.cfg.d_head // 2
+    feats = []
+    for i in range(half):
+        wq, wk = Wq[..., i] + 1j * Wq[..., i + half], Wk[..., i] + 1j * Wk[..., i + half]
+        Z = np.einsum("na,nb->nab", wq, wk.conj()).reshape(len(Wq), -1)
+        feats += [Z.real, Z.imag]
+    return np.concatenate(feats, axis=1)
+
+
+def as_real_features(rec: torch.Tensor, n: int) -> np.ndarray:
+    """A reconstruction (real ``[..., d, d]`` or complex ``[..., parts, d, d]``) as features ``[n, D]``."""
+    if not rec.is_complex():
+        return rec.reshape(n, -1).numpy()
+    Z = rec.reshape(n, rec.shape[-3], -1).numpy()
+    return np.concatenate(
+        [np.stack([Z[:, p].real, Z[:, p].imag], 1).reshape(n, -1) for p in range(Z.shape[1])], 1
+    )
+
+
 def _explicit_pca(model) -> tuple[np.ndarray, np.ndarray]:  # type: ignore[no-untyped-def]
     """Materialised circuits -> sklearn-convention variances via an explicit SVD (independent path)."""
-    Wq, Wk = circuit_factors(model)
-    C = materialize_circuits(Wq, Wk).reshape(-1, model.cfg.d_model**2).numpy()
+    C = explicit_circuits(model)
     Xc = C - C.mean(axis=0)
     s = np.linalg.svd(Xc, compute_uv=False)
     ev = s**2 / (len(C) - 1)
@@ -54,7 +79,7 @@ def test_gram_trick_equals_materialised_circuits(name: str) -> None:
     Xc = C - C.mean(axis=0)
     _, _, Vt = np.linalg.svd(Xc, full_matrices=False)
     explicit = C.mean(axis=0) + Xc @ Vt[:3].T @ Vt[:3]
-    got = pca.reconstruct(3).reshape(len(C), -1).numpy()
+    got = as_real_features(pca.reconstruct(3), len(C))
     np.testing.assert_allclose(got, explicit, rtol=1e-9, atol=1e-10)
 
 
@@ -91,22 +116,45 @@ def test_circuit_k_all_reproduces_baseline(name: str, tokens: torch.Tensor) -> N
     assert_params_equal(model, snap)
 
 
+def part_columns(model) -> list[tuple[int, ...]]:  # type: ignore[no-untyped-def]
+    """The head dimensions of each circuit part, by hand: every rotary pair (i, i + d/2), or all of them."""
+    d = model.cfg.d_head
+    if model.cfg.positional_embedding_type != "rotary":
+        return [tuple(range(d))]
+    return [(i, i + d // 2) for i in range(d // 2)]
+
+
+def complex_columns(W: np.ndarray, cols: tuple[int, ...]) -> np.ndarray:
+    """``W[..., cols]``, a rotary pair as one complex column ``[..., 1]``."""
+    if len(cols) == 2 and W.shape[-1] > 2:
+        return (W[..., cols[0]] + 1j * W[..., cols[1]])[..., None]
+    return W[..., list(cols)]
+
+
 @pytest.mark.parametrize("name", sorted(KINDS))
 def test_injection_is_least_squares_and_residual_is_exact(name: str) -> None:
     model = _model(name)
     pca = circuit_pca(model)
     A = pca.mixing(K=2).matrix()
     Wq, Wk = circuit_factors(model)
-    W_new, (err_sq, ref_sq) = circuit_injection_weights(Wq, Wk, pca.heads_.gram(), A)
+    W_new, (err_sq, ref_sq) = circuit_injection_weights(
+        Wq, Wk, pca.heads_.gram(), A, layout=pca.heads_.layout
+    )
     resid = (err_sq / ref_sq).sqrt()
-    C_K = pca.reconstruct(2)  # [L, H, d_model, d_model]
+    rec = pca.reconstruct(2)  # [L, H, d_model, d_model], or [L, H, parts, d_model, d_model] (rotary)
+    C_K = rec if rec.is_complex() else rec[:, :, None]
     for layer in range(model.cfg.n_layers):
         for h in range(model.cfg.n_heads):
-            K_h = Wk[layer, h]
-            explicit = torch.linalg.lstsq(K_h, C_K[layer, h].T).solution.T  # argmin ||W K^T - C||
-            torch.testing.assert_close(W_new[layer, h], explicit, rtol=1e-8, atol=1e-10)
-            R = C_K[layer, h] - W_new[layer, h] @ K_h.T
-            assert abs(resid[layer, h] - R.norm() / C_K[layer, h].norm()) < 1e-7
+            err = 0.0
+            for p, cols in enumerate(part_columns(model)):
+                K_h = complex_columns(Wk[layer, h].numpy(), cols)
+                C = C_K[layer, h, p].numpy()
+                explicit = np.linalg.lstsq(K_h.conj(), C.T, rcond=None)[0].T  # argmin ||W K^H - C||
+                got = complex_columns(W_new[layer, h].numpy(), cols)
+                np.testing.assert_allclose(got, explicit, rtol=1e-8, atol=1e-10)
+                err += float(np.sum(np.abs(C - explicit @ K_h.conj().T) ** 2))
+            total = float(np.sum(np.abs(C_K[layer, h].numpy()) ** 2))
+            assert abs(resid[layer, h] - np.sqrt(err / total)) < 1e-7
 
 
 def test_residual_zero_when_target_in_span_of_W_K(tokens: torch.Tensor) -> None:
@@ -114,12 +162,18 @@ def test_residual_zero_when_target_in_span_of_W_K(tokens: torch.Tensor) -> None:
     model = make_model("gqa", n_heads=4, n_kv_heads=1, dtype=torch.float64)
     pca = circuit_pca(model, groupby="layer")
     for K in (0, 1, 2):
-        with CIRCUIT.edit(model, pca.heads_, pca.mixing(K=K)) as edit:
-            assert edit.residual.max() < 1e-6
-            Wq, Wk = circuit_factors(model)
-            torch.testing.assert_close(
-                materialize_circuits(Wq, Wk), pca.reconstruct(K), rtol=1e-9, atol=1e-10
-            )
+        for realisation in ("query", "joint"):
+            with CIRCUIT.edit(model, pca.heads_, pca.mixing(K=K), realisation=realisation) as edit:
+                assert edit.residual.max() < 1e-6
+                now = CIRCUIT.heads(model)
+                np.testing.assert_allclose(
+                    as_real_features(
+                        now.materialize(qs.representations.DenseMixing(np.eye(now.n_heads))), now.n_heads
+                    ),
+                    as_real_features(pca.reconstruct(K), now.n_heads),
+                    rtol=1e-9,
+                    atol=1e-10,
+                )
 
 
 def test_circuit_injection_ppl_is_gauge_invariant(tokens: torch.Tensor) -> None:

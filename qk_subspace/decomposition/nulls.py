@@ -127,7 +127,7 @@ def spectrum_nulls(
         def fit_null(kind: str) -> np.ndarray:
             Q = _shuffled_or_gaussian(W_Q.reshape(-1, *W_Q.shape[-2:]), kind, rng)
             K = _shuffled_or_gaussian(W_K.reshape(-1, *W_K.shape[-2:]), kind, rng)
-            return _curve(fit(CircuitHeads(Q.reshape(W_Q.shape), K.reshape(W_K.shape))))
+            return _curve(fit(CircuitHeads(Q.reshape(W_Q.shape), K.reshape(W_K.shape), layout=heads.layout)))
 
     else:
         assert isinstance(heads, DenseHeads) and heads.features is not None

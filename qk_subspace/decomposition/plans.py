@@ -90,7 +90,8 @@ def topk_plans(
                 "global_variance": pca.global_variance_explained(n_comp),
                 "n_params": pca_parameter_count(n_comp, pca.n_features_, pca.n_heads_, n_groups),
             }
-        plans.append(Plan(f"K={K}", mixing, cols, {"is_all": mixing.is_identity}))
+        stored = pca_parameter_count(n_comp, pca.n_features_, pca.n_heads_, n_groups)
+        plans.append(Plan(f"K={K}", mixing, cols, {"is_all": mixing.is_identity, "stored_values": stored}))
     return plans
 
 
@@ -122,6 +123,7 @@ def cluster_plans(
             "inertia": cl.inertia,
             "representatives": cl.representative_labels(),
             "assignments": cl.assignments.tolist(),
+            "stored_values": int(k * pca.n_features_ + n),  # the representatives and every head's choice
         }
         plans.append(Plan(f"k={k}", cl.mixing(), {"k": int(k), "replaced": cl.n_replaced}, tail))
     return plans
@@ -151,7 +153,10 @@ def random_plans(
         for s in range(n_seeds):
             mixing, kept = random_ambient(pca, K, rng) if within == "ambient" else pca.random_mixing(K, rng)
             cols = {"K": K, "seed": s, "space": space, "groupby": pca.groupby or "none", "within": within}
-            plans.append(Plan(f"rand K={K} s={s}", mixing, {**cols, "variance": kept}))
+            stored = pca_parameter_count(K, pca.n_features_, pca.n_heads_, len(pca.groups_))
+            plans.append(
+                Plan(f"rand K={K} s={s}", mixing, {**cols, "variance": kept}, {"stored_values": stored})
+            )
     return plans
 
 

@@ -58,6 +58,7 @@ from typing import Any, Literal
 import torch
 
 from ..model import backends
+from ..model.rotary import rotary_pairs
 from ..model.weights import key_parameter_names, kv_groups, named_weights
 from .parameter_edit import ParameterEdit
 
@@ -93,21 +94,6 @@ def check_gauge_support(model: Any) -> None:
 
 def _kv_heads(model: Any) -> int:
     return kv_groups(model)[0]
-
-
-def rotary_pairs(model: Any) -> list[tuple[int, int]]:
-    """The pairs of head dimensions rotated together by the rotary embedding ([] if not rotary).
-
-    TransformerLens' ``rotate_every_two``: with ``cfg.rotary_adjacent_pairs`` the pairs are
-    ``(2i, 2i+1)``, otherwise ``(i, i + rotary_dim // 2)``, for ``i < rotary_dim // 2``.
-    """
-    cfg = model.cfg
-    if cfg.positional_embedding_type != "rotary":
-        return []
-    rd = int(cfg.rotary_dim or cfg.d_head)
-    if getattr(cfg, "rotary_adjacent_pairs", False):
-        return [(2 * i, 2 * i + 1) for i in range(rd // 2)]
-    return [(i, i + rd // 2) for i in range(rd // 2)]
 
 
 def _rotary_dim(model: Any) -> int:

@@ -177,7 +177,8 @@ class StudyOptions:
     space: Literal["raw", "canonical", "circuit"] = option(
         "raw",
         "raw: PCA of W_Q^T W_K (the report); canonical: the same in the canonical gauge; circuit: "
-        "gauge-invariant PCA of C_h = W_Q W_K^T, least squares through W_Q (residual recorded)",
+        "gauge-invariant PCA of the circuits W_Q W_K^T (per rotary pair on rotary models), realised jointly "
+        "through W_Q and W_K (residual recorded)",
         kind="str",
         choices=("raw", "canonical", "circuit"),
     )

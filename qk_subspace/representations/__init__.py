@@ -3,7 +3,7 @@
 ========================  =====================================================================
 ``"qk"``                  ``W_Q^T W_K`` per head (the report's method), exact through ``W_Q``
 ``"qk-canonical"``        the same in a canonical per-head basis (inside ``canonical_gauge``)
-``"qk-circuit"``          ``W_Q W_K^T`` per head (gauge-invariant), least squares through ``W_Q``
+``"qk-circuit"``          ``W_Q W_K^T`` per head (gauge-invariant; per rotary pair), jointly through ``W_Q, W_K``
 ``"ov"``                  ``W_V^T W_O^T`` per head, exact through ``W_V``
 ========================  =====================================================================
 
