@@ -48,6 +48,7 @@ _WHERE = {
     "head_patterns": "evaluation.diagnostics",
     "component_importance": "evaluation.importance",
     "gauge_study": "evaluation.gauge_study",
+    "compare_spaces": "evaluation.compare",
     "ExperimentConfig": "experiment.config",
     "run_experiment": "experiment.runner",
     "run_models": "experiment.runner",
@@ -81,6 +82,7 @@ __all__ = [
     "head_patterns",
     "component_importance",
     "gauge_study",
+    "compare_spaces",
     "ExperimentConfig",
     "run_experiment",
     "run_models",
@@ -111,6 +113,7 @@ if TYPE_CHECKING:  # for type checkers and IDEs only; never executed
     from .edits.ov import inject_ov
     from .edits.parameter_edit import ParameterEdit, active_edits
     from .edits.qk import inject_qk
+    from .evaluation.compare import compare_spaces
     from .evaluation.diagnostics import attention_diagnostics, head_patterns
     from .evaluation.gauge_study import gauge_study
     from .evaluation.importance import component_importance

@@ -1,7 +1,8 @@
-"""Command line: ``qk-subspace run --model NAME_OR_LOCAL_DIR [options]``.
+"""Command line: ``qk-subspace run --model NAME_OR_LOCAL_DIR [options]`` and ``qk-subspace compare ...``.
 
 The ``run`` options are generated from the fields of :class:`qk_subspace.experiment.config.ExperimentConfig`
-(names, defaults, help, allowed values), so a new option is one field there. Only argparse and the
+(names, defaults, help, allowed values), so a new option is one field there; the ``compare`` options from
+:class:`qk_subspace.experiment.compare_config.CompareConfig` the same way. Only argparse and the
 torch-free config module are imported until a command actually runs.
 """
 
@@ -19,7 +20,15 @@ from . import __version__
 from .experiment.config import GROUPS, ExperimentConfig, Option, fields_of
 from .model.embedded import EMBEDDED_NAME
 
-__all__ = ["add_run_arguments", "build_parser", "config_from_args", "flat_ints", "int_list", "main"]
+__all__ = [
+    "add_group_arguments",
+    "add_run_arguments",
+    "build_parser",
+    "config_from_args",
+    "flat_ints",
+    "int_list",
+    "main",
+]
 
 
 def int_list(flag: str) -> Any:
@@ -79,22 +88,38 @@ def _argument(group: Any, name: str, opt: Option, default: Any) -> None:
     group.add_argument(flag, **kw)
 
 
-def add_run_arguments(p: argparse.ArgumentParser) -> None:
-    """The ``run`` subcommand's arguments: ``--model``, ``--out`` and one per config field."""
-    p.add_argument(
-        "--model",
-        nargs="+",
-        default=[EMBEDDED_NAME],
-        metavar="NAME_OR_DIR",
-        help=f"model(s): {EMBEDDED_NAME} (embedded in the package, offline), an official TransformerLens name "
-        "(gpt2, gpt2-medium, ...: needs the hub or its cache) or a local Hugging Face checkpoint directory; several "
-        f"run in order behind the gate, e.g. --model gpt2 gpt2-medium (default: {EMBEDDED_NAME})",
-    )
-    p.add_argument("--out", default="results", help="output directory (default: results)")
-    for cls in GROUPS.values():
+def add_group_arguments(p: argparse.ArgumentParser, groups: dict[str, type]) -> None:
+    """One argument group per option group, one argument per field."""
+    for cls in groups.values():
         group = p.add_argument_group((cls.__doc__ or cls.__name__).strip())
         for f, opt in fields_of(cls):
             _argument(group, f.name, opt, f.default)
+
+
+def _model_argument(p: argparse.ArgumentParser, several: bool) -> None:
+    what = (
+        "an official TransformerLens name (gpt2, gpt2-medium, ...: needs the hub or its cache), a local Hugging "
+        "Face checkpoint directory or a TransformerLens-native one (hooked_transformer_config.json + "
+        "model.safetensors)"
+    )
+    if several:
+        p.add_argument(
+            "--model", nargs="+", default=[EMBEDDED_NAME], metavar="NAME_OR_DIR",
+            help=f"model(s): {EMBEDDED_NAME} (embedded in the package, offline), {what}; several run in order "
+            f"behind the gate, e.g. --model gpt2 gpt2-medium (default: {EMBEDDED_NAME})",
+        )  # fmt: skip
+    else:
+        p.add_argument(
+            "--model", default=EMBEDDED_NAME, metavar="NAME_OR_DIR",
+            help=f"model: {EMBEDDED_NAME} (embedded in the package, offline), {what} (default: {EMBEDDED_NAME})",
+        )  # fmt: skip
+    p.add_argument("--out", default="results", help="output directory (default: results)")
+
+
+def add_run_arguments(p: argparse.ArgumentParser) -> None:
+    """The ``run`` subcommand's arguments: ``--model``, ``--out`` and one per config field."""
+    _model_argument(p, several=True)
+    add_group_arguments(p, GROUPS)
 
 
 def flat_ints(values: Sequence[Any] | None) -> list[int] | None:
@@ -145,6 +170,36 @@ def _cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_compare(args: argparse.Namespace) -> int:
+    from .experiment.compare_config import COMPARE_GROUPS, CompareConfig
+    from .experiment.compare_run import run_compare
+
+    values = vars(args)
+    groups = {}
+    for g, cls in COMPARE_GROUPS.items():
+        kw = {}
+        for f, opt in fields_of(cls):
+            v = values[f.name]
+            kw[f.name] = tuple(flat_ints(v) or ()) if opt.kind == "ints" and isinstance(v, list) else v
+        groups[g] = cls(**kw)
+    t0 = time.perf_counter()
+    res = run_compare(args.model, args.out, CompareConfig(**groups))
+    head = res.comparison.headline()
+    print()
+    print(res.comparison.paragraph())
+    print()
+    if "raw_largest" in head:
+        r = head["raw_largest"]
+        print(f"raw curve: largest spread over gauges {r['max_over_min']:.3g}-fold (K={r['K']})")
+    if "circuit_max_rel_dev" in head:
+        print(f"invariant curve: largest relative deviation over gauges {head['circuit_max_rel_dev']:.2e}")
+    print("\nwritten:")
+    for p in [res.path, *sorted(res.figure_files.values()), res.report_path]:
+        print(f"  {p}")
+    print(f"wall time: {time.perf_counter() - t0:.1f} s")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="qk-subspace",
@@ -155,6 +210,15 @@ def build_parser() -> argparse.ArgumentParser:
     run = sub.add_parser("run", help="the full experiment (6A/6B/6C, 2D map, gate) for one or more models")
     add_run_arguments(run)
     run.set_defaults(func=_cmd_run)
+    compare = sub.add_parser(
+        "compare",
+        help="raw vs canonical vs gauge-invariant QK PCA on one model, under random gauges (figure, JSON, report)",
+    )
+    _model_argument(compare, several=False)
+    from .experiment.compare_config import COMPARE_GROUPS
+
+    add_group_arguments(compare, COMPARE_GROUPS)
+    compare.set_defaults(func=_cmd_compare)
     return parser
 
 

@@ -24,6 +24,9 @@ def test_tour_notebook_runs_from_any_folder(tmp_path: Path, monkeypatch: pytest.
     pytest.importorskip("ipykernel")
     monkeypatch.setenv("QK_SUBSPACE_TOUR_OUT", str(tmp_path / "tour_out"))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv(
+        "QK_SUBSPACE_INDUCTION", str(ROOT.parent / "shared" / "data" / "models" / "induction-2l")
+    )
     nb = nbformat.read(ROOT / "demos" / "tour.ipynb", as_version=4)
     client = nbclient.NotebookClient(
         nb, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}}

@@ -158,7 +158,52 @@ print(f"circuit variance at K=10: {circ_before:.6f} -> {circ_after:.6f} (invaria
     ),
     (
         "md",
-        """## 7. Importance, not variance, and the OV circuit
+        """The curve, not just the variance: `qs.compare_spaces` runs the raw PCA under random gauges (a band),
+the canonical gauge, the invariant circuit PCA (written into `W_Q` and `W_K` jointly, the best rank-`d_head`
+factorisation; per rotary pair on this rotary model), random subspaces and the mean head, and puts them
+against K and against stored values. `qk-subspace compare` does the same with a JSON, figure and report.""",
+    ),
+    (
+        "code",
+        """comp = qs.compare_spaces(model, tokens[:16], ks=[2, 10], gauges=2, seeds=1, progress=False, n_boot=100)
+print(comp.paragraph())
+comp.figure""",
+    ),
+    (
+        "md",
+        """## 7. A known circuit: induction heads under compression
+
+`induction-2l` (in `../shared`, not shipped) is a real trained 2-layer attention-only model with induction
+heads: on a random block repeated, layer-1 heads attend from each token to the token after its previous
+occurrence. Score = that attention, averaged; compare raw and invariant reconstructions per K.
+`demos/induction_heads.py` makes the full figure (scores, loss on the repeats, attention patterns side by side).""",
+    ),
+    (
+        "code",
+        """INDUCTION = Path(os.environ.get("QK_SUBSPACE_INDUCTION", "../shared/data/models/induction-2l"))
+if INDUCTION.is_dir():
+    ind = qs.load_model(INDUCTION)
+    block = torch.randint(0, ind.cfg.d_vocab, (32, 16), generator=torch.Generator().manual_seed(0))
+    rep_tokens = block.repeat(1, 6)[:, : ind.cfg.n_ctx]
+
+    def induction_scores(m):  # layer-1 attention from query i to key i - 15 (after the previous copy)
+        _, cache = m.run_with_cache(rep_tokens, names_filter="blocks.1.attn.hook_pattern")
+        p, q = cache["blocks.1.attn.hook_pattern"], torch.arange(16, rep_tokens.shape[1])
+        return p[:, :, q, q - 15].mean(dim=(0, 2)).numpy().round(3)
+
+    print("original     ", induction_scores(ind))
+    for name in ("qk", "qk-circuit"):
+        rep = qs.representations.get(name)
+        ipca = qs.HeadPCA().fit(rep.heads(ind))
+        for K in (2, 4):
+            with rep.edit(ind, ipca.heads_, ipca.mixing(K=K)):
+                print(f"{name:10s} K={K}", induction_scores(ind))
+else:
+    print(f"{INDUCTION} not found: set QK_SUBSPACE_INDUCTION to the induction-2l directory")""",
+    ),
+    (
+        "md",
+        """## 8. Importance, not variance, and the OV circuit
 
 A first-order (gradient) estimate ranks components by their effect on the loss; the same pipeline runs on
 the OV circuit, injected exactly through `W_V`.""",

@@ -17,7 +17,9 @@ from .export import png_export_available, save_figure
 __all__ = ["FAMILIES", "experiment_figures", "family", "png_export_available", "save_figure"]
 
 #: Figure families in the order their figures are listed (modules of this package).
-FAMILIES = ("variance", "sweep", "clustering", "diagnostics", "importance", "nulls", "layerwise", "gauge")
+FAMILIES = (
+    "variance", "sweep", "clustering", "diagnostics", "importance", "nulls", "layerwise", "gauge", "compare",
+)  # fmt: skip
 
 
 def family(name: str) -> Any:
