@@ -129,19 +129,24 @@ def flat_ints(values: Sequence[Any] | None) -> list[int] | None:
     return [x for part in values for x in (part if isinstance(part, list) else [part])]
 
 
-def config_from_args(args: argparse.Namespace) -> ExperimentConfig:
-    """An :class:`ExperimentConfig` from parsed arguments (every argument named like an option)."""
+def groups_from_args(args: argparse.Namespace, groups: dict[str, type]) -> dict[str, Any]:
+    """``{group: option group instance}`` from parsed arguments (every argument named like an option)."""
     values = vars(args)
-    groups = {}
-    for g, cls in GROUPS.items():
+    out = {}
+    for g, cls in groups.items():
         kw = {}
         for f, opt in fields_of(cls):
             v = values[f.name]
             if opt.kind == "ints" and isinstance(v, list):  # nargs="+" of comma lists: flatten
                 v = tuple(flat_ints(v) or ())
             kw[f.name] = v
-        groups[g] = cls(**kw)
-    return ExperimentConfig(**groups)
+        out[g] = cls(**kw)
+    return out
+
+
+def config_from_args(args: argparse.Namespace) -> ExperimentConfig:
+    """An :class:`ExperimentConfig` from parsed arguments."""
+    return ExperimentConfig(**groups_from_args(args, GROUPS))
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
@@ -174,16 +179,9 @@ def _cmd_compare(args: argparse.Namespace) -> int:
     from .experiment.compare_config import COMPARE_GROUPS, CompareConfig
     from .experiment.compare_run import run_compare
 
-    values = vars(args)
-    groups = {}
-    for g, cls in COMPARE_GROUPS.items():
-        kw = {}
-        for f, opt in fields_of(cls):
-            v = values[f.name]
-            kw[f.name] = tuple(flat_ints(v) or ()) if opt.kind == "ints" and isinstance(v, list) else v
-        groups[g] = cls(**kw)
+    config = CompareConfig(**groups_from_args(args, COMPARE_GROUPS))
     t0 = time.perf_counter()
-    res = run_compare(args.model, args.out, CompareConfig(**groups))
+    res = run_compare(args.model, args.out, config)
     head = res.comparison.headline()
     print()
     print(res.comparison.paragraph())

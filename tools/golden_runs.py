@@ -40,9 +40,10 @@ FAMILIES: dict[str, list[str]] = {
 IGNORED = (("timings",), ("metadata", "package_versions"))
 #: ``(rtol, atol)`` of float comparisons of a bridge run with the recorded HookedTransformer runs.
 BRIDGE_TOLERANCE = (3e-4, 1e-6)
-#: Config fields a bridge names differently: its model name is the checkpoint path; a folded RMSNorm
-#: is "RMSPre" on HookedTransformer and stays "RMS" (with unit weights) on the bridge.
+#: Fields a bridge names differently: the backend itself; its model name is the checkpoint path; a folded
+#: RMSNorm is "RMSPre" on HookedTransformer and stays "RMS" (with unit weights) on the bridge.
 BRIDGE_IGNORED = (
+    ("metadata", "backend"),
     ("metadata", "model_config", "model_name"),
     ("metadata", "model_config", "normalization_type"),
 )

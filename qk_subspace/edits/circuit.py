@@ -127,11 +127,7 @@ class CircuitEdit(HeadEdit):
         name: str = "circuit edit",
         layout: CircuitLayout | None = None,
     ) -> None:
-        check_circuit_factors(model, W_Q)
-        n = model.cfg.n_layers * model.cfg.n_heads
-        A = np.asarray(A, dtype=np.float64)
-        if A.shape != (n, n):
-            raise ValueError(f"A must have shape [{n}, {n}], got {A.shape}")
+        A = check_circuit_factors(model, W_Q, A)
         self.heads = torch.ones(model.cfg.n_layers, model.cfg.n_heads, dtype=torch.bool)
         self._factors, self._gram, self._A, self._layout = (W_Q, W_K), gram, A, layout
         super().__init__(model, self._circuit_plan, name=name)
@@ -149,11 +145,17 @@ class CircuitEdit(HeadEdit):
         return out
 
 
-def check_circuit_factors(model: Any, W_Q: torch.Tensor) -> None:
-    """``ValueError`` unless factors ``[n_layers, n_heads, d_model, d_head]`` fit the model's heads."""
+def check_circuit_factors(model: Any, W_Q: torch.Tensor, A: Any) -> np.ndarray:
+    """``ValueError`` unless factors ``[n_layers, n_heads, d_model, d_head]`` and a mixing matrix ``A``
+    ``[n, n]`` fit the model's heads; returns ``A`` as float64."""
     cfg = model.cfg
     if tuple(W_Q.shape[:-2]) != (cfg.n_layers, cfg.n_heads) or W_Q.shape[-2] != cfg.d_model:
         raise ValueError(
             f"the circuits were read from heads {tuple(W_Q.shape[:-2])} with d_model={W_Q.shape[-2]}; "
             f"the model has ({cfg.n_layers}, {cfg.n_heads}) and d_model={cfg.d_model}"
         )
+    n = cfg.n_layers * cfg.n_heads
+    A = np.asarray(A, dtype=np.float64)
+    if A.shape != (n, n):
+        raise ValueError(f"A must have shape [{n}, {n}], got {A.shape}")
+    return A

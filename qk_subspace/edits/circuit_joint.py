@@ -147,11 +147,7 @@ class JointCircuitEdit(HeadEdit):
         name: str = "circuit edit (joint)",
         layout: CircuitLayout | None = None,
     ) -> None:
-        check_circuit_factors(model, W_Q)
-        n = model.cfg.n_layers * model.cfg.n_heads
-        A = np.asarray(A, dtype=np.float64)
-        if A.shape != (n, n):
-            raise ValueError(f"A must have shape [{n}, {n}], got {A.shape}")
+        A = check_circuit_factors(model, W_Q, A)
         self.heads = torch.ones(model.cfg.n_layers, model.cfg.n_heads, dtype=torch.bool)
         self._factors, self._A, self._layout = (W_Q, W_K), A, layout
         super().__init__(model, self._joint_plan, name=name)

@@ -7,7 +7,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 
-from .config import RunOptions, _check, fields_of, option
+from .config import RunOptions, check_groups, fields_of, option
 
 __all__ = ["COMPARE_GROUPS", "CompareConfig", "CompareOptions"]
 
@@ -59,14 +59,7 @@ class CompareConfig:
     run: RunOptions = field(default_factory=RunOptions)
 
     def __post_init__(self) -> None:
-        for g, cls in COMPARE_GROUPS.items():
-            group = getattr(self, g)
-            if not isinstance(group, cls):
-                raise TypeError(f"{g} must be a {cls.__name__}, got {type(group).__name__}")
-            for f, opt in fields_of(cls):
-                _check(f.name, opt, getattr(group, f.name), f.default)
-        if self.run.resume and self.run.overwrite:
-            raise ValueError("resume (--resume) and overwrite (--overwrite) exclude each other")
+        check_groups(self, COMPARE_GROUPS)
 
     def replace(self, **changes: object) -> CompareConfig:
         """A copy with options replaced by name (``gauges=1``, ``dtype="float64"``, ...)."""

@@ -95,20 +95,23 @@ def run_compare(
     store = ResultsStore.open(
         out / f"compare_{name}.json", metadata, resume=cfg.run.resume, overwrite=cfg.run.overwrite
     )
-    points: dict[str, Any] = store.payload.setdefault("points", {})
+    try:
+        points: dict[str, Any] = store.payload.setdefault("points", {})
 
-    def on_point(key: str, rows: list[dict[str, Any]], baselines: dict[int, float]) -> None:
-        points[key] = rows
+        def on_point(key: str, rows: list[dict[str, Any]], baselines: dict[int, float]) -> None:
+            points[key] = rows
+            store.save()
+
+        comparison = compare_spaces(
+            mdl, tokens, ks=c.ks, gauges=c.gauges, seeds=c.seeds, cond=c.cond, gauge_seed=c.gauge_seed,
+            batch_size=c.batch_size, progress=cfg.run.progress, n_boot=c.n_boot, done=dict(points), on_point=on_point,
+        )  # fmt: skip
+        comparison.config["model"] = name
+        store.payload["comparison"] = comparison.summary()
+        store.payload["timings"] = {"wall_s": time.perf_counter() - t0}
         store.save()
-
-    comparison = compare_spaces(
-        mdl, tokens, ks=c.ks, gauges=c.gauges, seeds=c.seeds, cond=c.cond, gauge_seed=c.gauge_seed,
-        batch_size=c.batch_size, progress=cfg.run.progress, n_boot=c.n_boot, done=dict(points), on_point=on_point,
-    )  # fmt: skip
-    comparison.config["model"] = name
-    store.payload["comparison"] = comparison.summary()
-    store.payload["timings"] = {"wall_s": time.perf_counter() - t0}
-    store.save()
+    finally:
+        store.close()
     from ..report.compare import render_compare_report
     from ..viz import save_figure
 

@@ -303,14 +303,7 @@ class ExperimentConfig:
 
         Raises ``ValueError`` (``TypeError`` for a group of the wrong type) naming the option and its flag.
         """
-        for g, cls in GROUPS.items():
-            group = getattr(self, g)
-            if not isinstance(group, cls):
-                raise TypeError(f"{g} must be a {cls.__name__}, got {type(group).__name__}")
-            for f, opt in fields_of(cls):
-                _check(f.name, opt, getattr(group, f.name), f.default)
-        if self.run.resume and self.run.overwrite:
-            raise ValueError("resume (--resume) and overwrite (--overwrite) exclude each other")
+        check_groups(self, GROUPS)
         if self.sweeps.ks is not None and not self.sweeps.ks:
             raise ValueError("ks (--ks) must contain at least one K (or be None for the default grid)")
         self._check_representation()
@@ -349,6 +342,19 @@ class ExperimentConfig:
         from ..representations import for_circuit_and_space
 
         return for_circuit_and_space(self.circuits.circuit, self.studies.space).name
+
+
+def check_groups(config: Any, groups: dict[str, type]) -> None:
+    """Check every option of every group of ``config`` (and that resume and overwrite exclude each other)."""
+    for g, cls in groups.items():
+        group = getattr(config, g)
+        if not isinstance(group, cls):
+            raise TypeError(f"{g} must be a {cls.__name__}, got {type(group).__name__}")
+        for f, opt in fields_of(cls):
+            _check(f.name, opt, getattr(group, f.name), f.default)
+    run = getattr(config, "run", None)
+    if run is not None and run.resume and run.overwrite:
+        raise ValueError("resume (--resume) and overwrite (--overwrite) exclude each other")
 
 
 def _normalise(value: Any) -> Any:

@@ -23,7 +23,7 @@ import pandas as pd
 import torch
 
 from .config import ExperimentConfig
-from .context import prepare
+from .context import RunContext, prepare
 from .gate import GateResult, gate_check
 from .inputs import model_display_name
 from .metadata import build_metadata
@@ -131,7 +131,19 @@ def run_experiment(
     stages = [s for s in STAGES if s.enabled(cfg)]
     out.mkdir(parents=True, exist_ok=True)
     path = out / f"exp6_{ctx.name}.json"
-    store = ResultsStore.open(path, build_metadata(ctx), resume=cfg.run.resume, overwrite=cfg.run.overwrite)
+    with ResultsStore.open(
+        path, build_metadata(ctx), resume=cfg.run.resume, overwrite=cfg.run.overwrite
+    ) as store:
+        data = _run_stages(store, ctx, stages, started, t_run)
+    families = tuple(f for stage in stages for f in stage.figures)
+    return _write_outputs(data, path, out, families, cfg.run.png, write_report)
+
+
+def _run_stages(
+    store: ResultsStore, ctx: RunContext, stages: list[Any], started: str, t_run: float
+) -> dict[str, Any]:
+    """Every enabled stage into the store's document, saved after every point; returns the document."""
+    cfg = ctx.config
     data = store.payload
     run_entry: dict[str, Any] = {
         "started": started,
@@ -151,8 +163,7 @@ def run_experiment(
     data["gate"] = gate_check(data["perplexity_vs_k"], cfg.sweeps.gate_k, cfg.sweeps.gate_threshold).as_dict()
     run_entry.update(finished=_now(), wall_s=time.perf_counter() - t_run)
     log.save()
-    families = tuple(f for stage in stages for f in stage.figures)
-    return _write_outputs(data, path, out, families, cfg.run.png, write_report)
+    return data
 
 
 def _write_outputs(

@@ -28,6 +28,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from .lock import FolderLock
+
 __all__ = [
     "SCHEMA_VERSION",
     "TIMINGS_KEY",
@@ -169,10 +171,13 @@ class ResultsStore:
     Use :meth:`open` to start a new file or resume an existing one.
     """
 
-    def __init__(self, path: Path, data: dict[str, Any], resumed: bool) -> None:
+    def __init__(
+        self, path: Path, data: dict[str, Any], resumed: bool, lock: FolderLock | None = None
+    ) -> None:
         self.path = path
         self.payload = data
         self.resumed = resumed
+        self.lock = lock
 
     @classmethod
     def open(
@@ -185,11 +190,26 @@ class ResultsStore:
     ) -> ResultsStore:
         """Start a results document at ``path`` or, with ``resume``, continue the one there.
 
+        The store holds its folder's :class:`~qk_subspace.experiment.lock.FolderLock` until :meth:`close`
+        (use it as a context manager).
+
         Raises:
             FileExistsError: ``path`` exists and neither ``resume`` nor ``overwrite`` is set.
             ConfigMismatchError: ``resume`` and the file on disk has a different configuration.
+            FolderLockedError: another live run writes into the same folder.
         """
         path = Path(path)
+        lock = FolderLock(path.parent).acquire()
+        try:
+            return cls._open(path, metadata, lock, resume, overwrite)
+        except BaseException:
+            lock.release()
+            raise
+
+    @classmethod
+    def _open(
+        cls, path: Path, metadata: Mapping[str, Any], lock: FolderLock, resume: bool, overwrite: bool
+    ) -> ResultsStore:
         meta = jsonable(metadata)
         if path.exists():
             if resume:
@@ -205,13 +225,24 @@ class ResultsStore:
                 for stale in path.parent.glob(f".{path.name}.*.tmp"):
                     stale.unlink(missing_ok=True)  # left by a killed writer; the JSON itself is intact
                 data["metadata"] = meta  # identical up to non-fingerprinted paths
-                return cls(path, data, resumed=True)
+                return cls(path, data, resumed=True, lock=lock)
             if not overwrite:
                 raise FileExistsError(
                     f"{str(path)!r} already exists; pass resume=True (--resume) to continue that run, "
                     "overwrite=True (--overwrite) to replace it, or choose another output directory"
                 )
-        return cls(path, {"schema_version": SCHEMA_VERSION, "metadata": meta}, resumed=False)
+        return cls(path, {"schema_version": SCHEMA_VERSION, "metadata": meta}, resumed=False, lock=lock)
 
     def save(self) -> None:
         atomic_write_json(self.path, self.payload)
+
+    def close(self) -> None:
+        """Release the folder's lock (the file stays as last saved)."""
+        if self.lock is not None:
+            self.lock.release()
+
+    def __enter__(self) -> ResultsStore:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
