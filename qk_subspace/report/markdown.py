@@ -350,8 +350,10 @@ def _space_sections(res: Mapping[str, Any]) -> list[str]:
         what = {
             "canonical": "W_QK = W_Q^T W_K with every head in its canonical gauge (`canonical_gauge`)",
             "circuit": (
-                "the gauge-invariant circuits C_h = W_Q W_K^T (d_model x d_model), injected through "
-                "W_Q by least squares; `max_residual` is the largest relative injection residual"
+                "the gauge-invariant circuits C_h = W_Q W_K^T (d_model x d_model; per rotary pair on rotary "
+                "models), realised jointly through W_Q and W_K (the best rank-d_head factorisation); the "
+                "residuals are the relative Frobenius errors of the realised circuits (largest, mean over heads, "
+                "and over all heads)"
             ),
         }
         s += [
@@ -362,13 +364,22 @@ def _space_sections(res: Mapping[str, Any]) -> list[str]:
         ]
         if space == "circuit":
             s += _md_table(
-                ["K", "ratio", "max residual", "mean residual"],
+                [
+                    "K",
+                    "ratio",
+                    "max residual",
+                    "mean residual",
+                    "total residual",
+                    "realised (share of norm^2)",
+                ],
                 [
                     [
                         r["K"],
                         _ratio(r["ratio"]),
                         f"{r['max_residual']:.2e}",
                         f"{r.get('mean_residual', 0.0):.2e}",
+                        f"{r.get('residual_total', float('nan')):.2e}",
+                        f"{100 * (1 - r.get('residual_total', float('nan')) ** 2):.1f}%",
                     ]
                     for r in res["perplexity_vs_k"]
                 ],

@@ -62,17 +62,21 @@ def comparison_figure(table: pd.DataFrame, title: str = "raw vs invariant QK PCA
             sub = table[(table["curve"] == curve) & (table["gauge"] == 0)]
             if sub.empty:
                 continue
+            extra = ""
             if curve == "random":
                 sub = sub.groupby("K").agg(ratio=("ratio", "mean"), x=(xcol, "first")).reset_index()
                 x, style = sub["x"], dict(color="#777777", dash="dot", width=1.5)
             else:
                 x, style = sub[xcol], dict(color=SPACE_COLORS.get(curve, "#333333"), width=2.4)
+                if curve == "circuit":  # how much of each target the realised circuits miss
+                    extra = ", residual %{customdata:.3g}"
             fig.add_trace(
                 go.Scatter(
                     x=x, y=sub["ratio"], mode="lines+markers", marker=dict(size=5), line=style,
                     name=_NAMES[curve] + (" (mean)" if curve == "random" else ", as loaded"),
                     legendgroup=curve, showlegend=col == 1,
-                    hovertemplate="%{x}: %{y:.4g}x<extra>" + _NAMES[curve] + "</extra>",
+                    customdata=sub.get("residual_total"),
+                    hovertemplate="%{x}: %{y:.4g}x" + extra + "<extra>" + _NAMES[curve] + "</extra>",
                 ),
                 row=1, col=col,
             )  # fmt: skip
