@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
+from typing import Any
 
 from .config import RunOptions, check_groups, fields_of, option
 
@@ -61,7 +62,7 @@ class CompareConfig:
     def __post_init__(self) -> None:
         check_groups(self, COMPARE_GROUPS)
 
-    def replace(self, **changes: object) -> CompareConfig:
+    def replace(self, **changes: Any) -> CompareConfig:
         """A copy with options replaced by name (``gauges=1``, ``dtype="float64"``, ...)."""
         groups = {g: getattr(self, g) for g in COMPARE_GROUPS}
         for name, value in changes.items():
@@ -72,7 +73,7 @@ class CompareConfig:
             if g is None:
                 names = sorted(f.name for cls in COMPARE_GROUPS.values() for f in dataclasses.fields(cls))
                 raise TypeError(f"unknown option {name!r}; options are {names}")
-            value = tuple(value) if isinstance(value, list) else value  # type: ignore[arg-type]
+            value = tuple(value) if isinstance(value, list) else value
             groups[g] = dataclasses.replace(groups[g], **{name: value})
         return CompareConfig(**groups)
 

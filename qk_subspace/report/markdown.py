@@ -363,27 +363,7 @@ def _space_sections(res: Mapping[str, Any]) -> list[str]:
             "",
         ]
         if space == "circuit":
-            s += _md_table(
-                [
-                    "K",
-                    "ratio",
-                    "max residual",
-                    "mean residual",
-                    "total residual",
-                    "realised (share of norm^2)",
-                ],
-                [
-                    [
-                        r["K"],
-                        _ratio(r["ratio"]),
-                        f"{r['max_residual']:.2e}",
-                        f"{r.get('mean_residual', 0.0):.2e}",
-                        f"{r.get('residual_total', float('nan')):.2e}",
-                        f"{100 * (1 - r.get('residual_total', float('nan')) ** 2):.1f}%",
-                    ]
-                    for r in res["perplexity_vs_k"]
-                ],
-            ).splitlines() + [""]
+            s += _circuit_table(res)
     lw = res.get("layerwise")
     if lw and lw.get("per_layer"):
         glob = {int(r["K"]): r for r in lw["global"]}
@@ -471,6 +451,31 @@ def _space_sections(res: Mapping[str, Any]) -> list[str]:
             "",
         ]
     return s
+
+
+def _circuit_table(res: Mapping[str, Any]) -> list[str]:
+    """The circuit space's K sweep with the residuals of the realised circuits."""
+    return _md_table(
+        [
+            "K",
+            "ratio",
+            "max residual",
+            "mean residual",
+            "total residual",
+            "realised (share of norm^2)",
+        ],
+        [
+            [
+                r["K"],
+                _ratio(r["ratio"]),
+                f"{r['max_residual']:.2e}",
+                f"{r.get('mean_residual', 0.0):.2e}",
+                f"{r.get('residual_total', float('nan')):.2e}",
+                f"{100 * (1 - r.get('residual_total', float('nan')) ** 2):.1f}%",
+            ]
+            for r in res["perplexity_vs_k"]
+        ],
+    ).splitlines() + [""]
 
 
 def _files_section(res: Mapping[str, Any], files: Mapping[str, Mapping[str, str]] | None) -> list[str]:
