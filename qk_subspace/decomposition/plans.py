@@ -74,6 +74,7 @@ def topk_plans(
         n_comp = min(K, pca.n_components_)
         kept = list(order[:n_comp]) if order is not None else None
         mixing = pca.mixing(K=K) if kept is None else pca.mixing(components=kept)
+        stored = pca_parameter_count(n_comp, pca.n_features_, pca.n_heads_, n_groups)
         if columns == "report":
             cols: dict[str, Any] = {
                 "K": K,
@@ -88,9 +89,8 @@ def topk_plans(
                 "n_components": n_comp,
                 "cumulative_variance": pca.variance_explained(n_comp),
                 "global_variance": pca.global_variance_explained(n_comp),
-                "n_params": pca_parameter_count(n_comp, pca.n_features_, pca.n_heads_, n_groups),
+                "n_params": stored,
             }
-        stored = pca_parameter_count(n_comp, pca.n_features_, pca.n_heads_, n_groups)
         plans.append(Plan(f"K={K}", mixing, cols, {"is_all": mixing.is_identity, "stored_values": stored}))
     return plans
 
@@ -150,10 +150,10 @@ def random_plans(
     plans = []
     for K in ks:
         K = validate_k(K, pca.max_k_)
+        stored = pca_parameter_count(K, pca.n_features_, pca.n_heads_, len(pca.groups_))
         for s in range(n_seeds):
             mixing, kept = random_ambient(pca, K, rng) if within == "ambient" else pca.random_mixing(K, rng)
             cols = {"K": K, "seed": s, "space": space, "groupby": pca.groupby or "none", "within": within}
-            stored = pca_parameter_count(K, pca.n_features_, pca.n_heads_, len(pca.groups_))
             plans.append(
                 Plan(f"rand K={K} s={s}", mixing, {**cols, "variance": kept}, {"stored_values": stored})
             )

@@ -64,7 +64,7 @@ def circuit_injection_weights(
             f"W_K_target must have the shape of W_K, {tuple(W_K.shape)}; got {tuple(Wk_cur.shape)} heads"
         )
     n, _, dh = Wq.shape
-    layout = layout or CircuitLayout(dh, (), tuple(range(dh)))
+    layout = layout or CircuitLayout.plain(dh)
     G = torch.as_tensor(gram, dtype=torch.float64)
     new_parts, cp2 = [], torch.zeros(n, dtype=torch.float64)
     for Qp, Kp, Kc in zip(*(circuit_parts(w, layout) for w in (Wq, Wk, Wk_cur)), strict=True):

@@ -80,7 +80,7 @@ def joint_circuit_factors(
     """
     L, H, d_model, dh = W_Q.shape
     n_kv = H // repeats
-    layout = layout or CircuitLayout(dh, (), tuple(range(dh)))
+    layout = layout or CircuitLayout.plain(dh)
     A_t = torch.as_tensor(A, dtype=torch.float64)
     W_Q_now = W_Q if W_Q_now is None else W_Q_now
     W_K_now = W_K if W_K_now is None else W_K_now

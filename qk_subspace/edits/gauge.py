@@ -51,6 +51,7 @@ restores every parameter bit for bit.
 
 from __future__ import annotations
 
+import contextlib
 import warnings
 from collections.abc import Callable
 from typing import Any, Literal
@@ -66,6 +67,7 @@ __all__ = [
     "GaugeEdit",
     "canonical_gauge",
     "check_gauge_support",
+    "gauged",
     "gauge_plan",
     "random_gauge",
     "random_gauge_matrices",
@@ -236,6 +238,11 @@ def random_gauge(model: Any, seed: int = 0, cond: float = 10.0) -> GaugeEdit:
     edit.G = random_gauge_matrices(model, seed=seed, cond=cond)
     edit.seed, edit.cond = int(seed), float(cond)
     return edit
+
+
+def gauged(model: Any, seed: int | None, cond: float = 10.0) -> contextlib.AbstractContextManager[Any]:
+    """:func:`random_gauge` with ``seed``, or the model as it is for ``seed=None`` (gauge 0 of a study)."""
+    return contextlib.nullcontext() if seed is None else random_gauge(model, seed=seed, cond=cond)
 
 
 # ----------------------------------------------------------------------------- canonical gauge

@@ -22,10 +22,9 @@ residual of the realised circuits; ``NaN`` elsewhere) and ``baseline_ppl``.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -35,8 +34,7 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
-from ..decomposition.storage import pca_parameter_count
-from ..edits.gauge import random_gauge
+from ..edits.gauge import gauged
 from ..representations import get
 from .perplexity import PerplexityResult, perplexity
 from .sweeps import random_subspace_sweep, sweep
@@ -190,15 +188,6 @@ class SpaceComparison:
         return str(path)
 
 
-@contextlib.contextmanager
-def _gauge(model: Any, seed: int | None, cond: float) -> Iterator[None]:
-    if seed is None:
-        yield
-    else:
-        with random_gauge(model, seed=seed, cond=cond):
-            yield
-
-
 def compare_spaces(
     model: Any,
     tokens: torch.Tensor,
@@ -233,12 +222,10 @@ def compare_spaces(
     grid = default_compare_ks(n) if ks is None else sorted({0, n, *(int(k) for k in ks)})
     if grid[0] < 0 or grid[-1] > n:
         raise ValueError(f"ks must lie in [0, {n}] (K = all is {n}), got {list(ks or [])}")
+    feature_dim = {rep: get(rep).heads(model).feature_dim for rep in ("qk", "qk-circuit")}  # canonical: as qk
     dims = {
-        curve: get(rep).heads(model).feature_dim
-        for curve, rep in _REPRESENTATION.items()
-        if curve != "canonical"
+        curve: feature_dim["qk" if rep == "qk-canonical" else rep] for curve, rep in _REPRESENTATION.items()
     }
-    dims["canonical"] = dims["raw"]
     done = dict(done or {})
     baselines: dict[int, float] = {}
     tables: list[pd.DataFrame] = []
@@ -251,7 +238,7 @@ def compare_spaces(
             rows = done[key]
             baselines[g] = float(rows[0]["baseline_ppl"])
         else:
-            with _gauge(model, gseed, cond):
+            with gauged(model, gseed, cond):
                 if g not in base_cache:
                     base_cache[g] = perplexity(
                         model, tokens, batch_size=batch_size, progress=progress, desc=f"baseline g{g}"
@@ -268,7 +255,7 @@ def compare_spaces(
                     df = sweep(
                         model, tokens, grid, representation=_REPRESENTATION[curve], baseline=base, **common
                     )
-            rows = _rows(df, curve, g, -1 if gseed is None else gseed, dims[curve], n, base.ppl)
+            rows = _rows(df, curve, g, -1 if gseed is None else gseed, base.ppl)
             if on_point is not None:
                 on_point(key, rows, dict(baselines))
         tables.append(pd.DataFrame(rows))
@@ -286,17 +273,14 @@ def compare_spaces(
     return SpaceComparison(table=table, baselines=baselines, config=config)
 
 
-def _rows(
-    df: pd.DataFrame, curve: str, gauge: int, gseed: int, D: int, n: int, base: float
-) -> list[dict[str, Any]]:
+def _rows(df: pd.DataFrame, curve: str, gauge: int, gseed: int, base: float) -> list[dict[str, Any]]:
     """The comparison rows of one sweep frame, in :data:`_COLUMNS` order (plain Python values)."""
     out = []
     for rec in df.to_dict(orient="records"):
-        K = int(rec["K"])
         row = {
             "curve": curve,
-            "space": str(rec.get("space") or ("circuit" if curve == "random" else curve)),
-            "K": K,
+            "space": str(rec["space"]),
+            "K": int(rec["K"]),
             "gauge": gauge,
             "gauge_seed": gseed,
             "seed": int(rec.get("seed", -1)),
@@ -304,7 +288,7 @@ def _rows(
             "ratio_low": float(rec["ratio_low"]),
             "ratio_high": float(rec["ratio_high"]),
             "ppl": float(rec["ppl"]),
-            "stored_values": int(rec.get("stored_values", pca_parameter_count(min(K, n - 1), D, n))),
+            "stored_values": int(rec["stored_values"]),
             "cumulative_variance": float(rec.get("cumulative_variance", float("nan"))),
             "max_residual": float(rec.get("max_residual", float("nan"))),
             "residual_total": float(rec.get("residual_total", float("nan"))),

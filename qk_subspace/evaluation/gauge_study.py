@@ -20,7 +20,7 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
-from ..edits.gauge import random_gauge
+from ..edits.gauge import gauged
 from ..representations import for_circuit_and_space
 from .perplexity import perplexity
 from .sweeps import sweep
@@ -125,10 +125,7 @@ def gauge_study(
     baselines: dict[int, float] = {}
     gauges = [None] + [seed + i for i in range(n_gauges)]
     for g, gseed in enumerate(tqdm(gauges, desc="gauges", disable=not progress)):
-        ctx = random_gauge(model, seed=gseed, cond=cond) if gseed is not None else None
-        if ctx is not None:
-            ctx.__enter__()
-        try:
+        with gauged(model, gseed, cond):
             base = perplexity(model, tokens, batch_size=batch_size, progress=progress, desc=f"baseline g{g}")
             baselines[g] = base.ppl
             for space in spaces:
@@ -142,9 +139,6 @@ def gauge_study(
                 df.insert(1, "gauge_seed", -1 if gseed is None else gseed)
                 df["baseline_ppl"] = base.ppl
                 rows.append(df)
-        finally:
-            if ctx is not None:
-                ctx.__exit__(None, None, None)
     table = pd.concat(rows, ignore_index=True)
     rel = max(abs(v / baselines[0] - 1.0) for v in baselines.values())
     return GaugeStudy(

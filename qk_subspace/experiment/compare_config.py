@@ -4,11 +4,10 @@ The CLI builds the subcommand from these fields."""
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
-from .config import RunOptions, check_groups, fields_of, option
+from .config import RunOptions, check_groups, flat_options, option, replaced_groups
 
 __all__ = ["COMPARE_GROUPS", "CompareConfig", "CompareOptions"]
 
@@ -64,22 +63,8 @@ class CompareConfig:
 
     def replace(self, **changes: Any) -> CompareConfig:
         """A copy with options replaced by name (``gauges=1``, ``dtype="float64"``, ...)."""
-        groups = {g: getattr(self, g) for g in COMPARE_GROUPS}
-        for name, value in changes.items():
-            g = next(
-                (g for g, cls in COMPARE_GROUPS.items() if name in {f.name for f in dataclasses.fields(cls)}),
-                None,
-            )
-            if g is None:
-                names = sorted(f.name for cls in COMPARE_GROUPS.values() for f in dataclasses.fields(cls))
-                raise TypeError(f"unknown option {name!r}; options are {names}")
-            value = tuple(value) if isinstance(value, list) else value
-            groups[g] = dataclasses.replace(groups[g], **{name: value})
-        return CompareConfig(**groups)
+        return CompareConfig(**replaced_groups(self, COMPARE_GROUPS, changes))
 
-    def flat(self) -> dict[str, object]:
-        return {
-            f.name: getattr(getattr(self, g), f.name)
-            for g, cls in COMPARE_GROUPS.items()
-            for f, _ in fields_of(cls)
-        }
+    def flat(self) -> dict[str, Any]:
+        """``{option name: value}`` of every option."""
+        return flat_options(self, COMPARE_GROUPS)

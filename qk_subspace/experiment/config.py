@@ -267,10 +267,7 @@ class ExperimentConfig:
     @staticmethod
     def group_of(name: str) -> str:
         """The group holding option ``name`` (``TypeError`` naming the allowed options if none does)."""
-        for group, cls in GROUPS.items():
-            if name in {f.name for f in dataclasses.fields(cls)}:
-                return group
-        raise TypeError(f"unknown option {name!r}; options are {sorted(ExperimentConfig.option_names())}")
+        return group_of(name, GROUPS)
 
     @staticmethod
     def option_names() -> list[str]:
@@ -282,20 +279,11 @@ class ExperimentConfig:
 
     def flat(self) -> dict[str, Any]:
         """``{option name: value}`` of every option."""
-        return {name: self.value(name) for name in self.option_names()}
+        return flat_options(self, GROUPS)
 
     def replace(self, **changes: Any) -> ExperimentConfig:
         """A copy with options (by name) or whole groups (``text=TextOptions(...)``) replaced."""
-        groups = {g: getattr(self, g) for g in GROUPS}
-        per_group: dict[str, dict[str, Any]] = {}
-        for name, value in changes.items():
-            if name in GROUPS:
-                groups[name] = value
-            else:
-                per_group.setdefault(self.group_of(name), {})[name] = _normalise(value)
-        for g, vals in per_group.items():
-            groups[g] = dataclasses.replace(groups[g], **vals)
-        return ExperimentConfig(**groups)
+        return ExperimentConfig(**replaced_groups(self, GROUPS, changes))
 
     # ------------------------------------------------------------ validation
     def validate(self) -> None:
@@ -342,6 +330,38 @@ class ExperimentConfig:
         from ..representations import for_circuit_and_space
 
         return for_circuit_and_space(self.circuits.circuit, self.studies.space).name
+
+
+def group_of(name: str, groups: dict[str, type]) -> str:
+    """The group of ``groups`` holding option ``name`` (``TypeError`` naming the allowed options if none does)."""
+    for group, cls in groups.items():
+        if name in {f.name for f in dataclasses.fields(cls)}:
+            return group
+    names = sorted(f.name for cls in groups.values() for f in dataclasses.fields(cls))
+    raise TypeError(f"unknown option {name!r}; options are {names}")
+
+
+def flat_options(config: Any, groups: dict[str, type]) -> dict[str, Any]:
+    """``{option name: value}`` of every option of every group of ``config``."""
+    return {
+        f.name: getattr(getattr(config, g), f.name)
+        for g, cls in groups.items()
+        for f in dataclasses.fields(cls)
+    }
+
+
+def replaced_groups(config: Any, groups: dict[str, type], changes: dict[str, Any]) -> dict[str, Any]:
+    """``config``'s groups with options (by name) or whole groups replaced (lists become tuples)."""
+    out = {g: getattr(config, g) for g in groups}
+    per_group: dict[str, dict[str, Any]] = {}
+    for name, value in changes.items():
+        if name in groups:
+            out[name] = value
+        else:
+            per_group.setdefault(group_of(name, groups), {})[name] = _normalise(value)
+    for g, vals in per_group.items():
+        out[g] = dataclasses.replace(out[g], **vals)
+    return out
 
 
 def check_groups(config: Any, groups: dict[str, type]) -> None:

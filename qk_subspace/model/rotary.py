@@ -64,6 +64,11 @@ class CircuitLayout:
     pairs: tuple[tuple[int, int], ...] = ()
     rest: tuple[int, ...] = ()
 
+    @classmethod
+    def plain(cls, d_head: int) -> CircuitLayout:
+        """No rotary: one real part, ``W_Q W_K^T`` over all ``d_head`` dimensions."""
+        return cls(d_head, (), tuple(range(d_head)))
+
     @property
     def rotary(self) -> bool:
         return bool(self.pairs)
@@ -89,7 +94,7 @@ def circuit_layout(model: Any) -> CircuitLayout:
     d_head = int(model.cfg.d_head)
     pairs = tuple(rotary_pairs(model))
     if not pairs:
-        return CircuitLayout(d_head, (), tuple(range(d_head)))
+        return CircuitLayout.plain(d_head)
     used = {d for p in pairs for d in p}
     return CircuitLayout(d_head, pairs, tuple(d for d in range(d_head) if d not in used))
 

@@ -9,6 +9,8 @@ from typing import Any
 
 import pandas as pd
 
+from .markdown import _md_table
+
 __all__ = ["comparison_table", "render_compare_report"]
 
 
@@ -63,10 +65,8 @@ def render_compare_report(payload: Mapping[str, Any], files: Mapping[str, str] |
         f"reconstruction keeps (mean + K components + K coefficients per head; per head {cfg['feature_dims']['raw']} "
         f"raw, {cfg['feature_dims']['circuit']} invariant).",
         "",
-        "| " + " | ".join(table.columns) + " |",
-        "|" + "---|" * len(table.columns),
+        _md_table(list(table.columns), [[_fmt(v) for v in row] for row in table.itertuples(index=False)]),
     ]
-    lines += ["| " + " | ".join(_fmt(v) for v in row) + " |" for row in table.itertuples(index=False)]
     if files:
         shown = files.get("png") or files.get("html")
         if shown:

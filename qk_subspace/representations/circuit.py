@@ -138,7 +138,7 @@ class CircuitHeads(Heads):
         self.head_shape = tuple(int(s) for s in W_Q.shape[:-2])
         self.d_model, self.d_head = int(W_Q.shape[-2]), int(W_Q.shape[-1])
         d_head = self.d_head
-        self.layout = layout or CircuitLayout(d_head, (), tuple(range(d_head)))
+        self.layout = layout or CircuitLayout.plain(d_head)
         if self.layout.d_head != d_head:
             raise ValueError(f"layout is for d_head={self.layout.d_head}, the factors have d_head={d_head}")
         self.feature_dim = self.d_model**2 * self.layout.feature_dim_per_model_dim_sq
@@ -215,10 +215,11 @@ class CircuitRepresentation(Representation):
             raise TypeError(f"qk-circuit edits take only the option 'realisation', got {sorted(options)}")
         if realisation not in REALISATIONS:
             raise ValueError(f"realisation must be one of {list(REALISATIONS)}, got {realisation!r}")
-        if heads.layout != circuit_layout(model):
+        layout = circuit_layout(model)
+        if heads.layout != layout:
             raise ValueError(
                 f"the circuits were read as {heads.layout.describe()!r}, but the model's circuit is "
-                f"{circuit_layout(model).describe()!r}"
+                f"{layout.describe()!r}"
             )
         if realisation == "query":
             return CircuitEdit(

@@ -84,9 +84,21 @@ def finish_two_panels(fig: go.Figure, title: str, x_title: str, unit_left: bool 
 
 
 def band(
-    fig: go.Figure, x: Any, low: Any, high: Any, name: str, fill: str, row: int = 1, col: int = 1
+    fig: go.Figure,
+    x: Any,
+    low: Any,
+    high: Any,
+    name: str,
+    fill: str,
+    row: int = 1,
+    col: int = 1,
+    showlegend: bool = True,
+    legendgroup: str | None = None,
 ) -> None:
     """A shaded band between ``low`` and ``high`` over ``x`` (one legend entry), e.g. a spread over seeds."""
-    edge = dict(mode="lines", line=dict(width=0))
+    edge = dict(mode="lines", line=dict(width=0), legendgroup=legendgroup)
     fig.add_trace(go.Scatter(x=x, y=high, showlegend=False, hoverinfo="skip", **edge), row=row, col=col)
-    fig.add_trace(go.Scatter(x=x, y=low, fill="tonexty", fillcolor=fill, name=name, **edge), row=row, col=col)
+    fig.add_trace(
+        go.Scatter(x=x, y=low, fill="tonexty", fillcolor=fill, name=name, showlegend=showlegend, **edge),
+        row=row, col=col,
+    )  # fmt: skip

@@ -3,12 +3,10 @@ curves with their spread over gauges, the random-subspace null band and the mean
 
 from __future__ import annotations
 
-from typing import Any
-
 import pandas as pd
 import plotly.graph_objects as go
 
-from .common import SPACE_COLORS, log_ticks
+from .common import SPACE_COLORS, band, log_ticks
 
 __all__ = ["comparison_figure", "figures"]
 
@@ -23,16 +21,6 @@ _FILL = {
     "circuit": "rgba(31,119,180,0.25)",
     "random": "rgba(120,120,120,0.22)",
 }
-
-
-def _band(fig: go.Figure, x: Any, low: Any, high: Any, name: str, fill: str, col: int, show: bool) -> None:
-    edge = dict(mode="lines", line=dict(width=0), legendgroup=name)
-    fig.add_trace(go.Scatter(x=x, y=high, showlegend=False, hoverinfo="skip", **edge), row=1, col=col)
-    fig.add_trace(
-        go.Scatter(x=x, y=low, fill="tonexty", fillcolor=fill, name=name, showlegend=show, **edge),
-        row=1,
-        col=col,
-    )
 
 
 def comparison_figure(table: pd.DataFrame, title: str = "raw vs invariant QK PCA") -> go.Figure:
@@ -57,7 +45,18 @@ def comparison_figure(table: pd.DataFrame, title: str = "raw vs invariant QK PCA
                 .reset_index()
             )
             label = f"{_NAMES[curve]}: {'seeds' if curve == 'random' else 'all gauges'} (min-max)"
-            _band(fig, agg["x"], agg["lo"], agg["hi"], label, _FILL[curve], col, col == 1)
+            band(
+                fig,
+                agg["x"],
+                agg["lo"],
+                agg["hi"],
+                label,
+                _FILL[curve],
+                1,
+                col,
+                showlegend=col == 1,
+                legendgroup=label,
+            )
         for curve in ("raw", "canonical", "circuit", "random"):
             sub = table[(table["curve"] == curve) & (table["gauge"] == 0)]
             if sub.empty:
