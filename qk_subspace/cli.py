@@ -104,9 +104,15 @@ def _model_argument(p: argparse.ArgumentParser, several: bool) -> None:
     )
     if several:
         p.add_argument(
-            "--model", nargs="+", default=[EMBEDDED_NAME], metavar="NAME_OR_DIR",
-            help=f"model(s): {EMBEDDED_NAME} (embedded in the package, offline), {what}; several run in order "
-            f"behind the gate, e.g. --model gpt2 gpt2-medium (default: {EMBEDDED_NAME})",
+            "--model", nargs="+", default=None, metavar="NAME_OR_DIR",
+            help=f"model(s): {EMBEDDED_NAME} (embedded in the package, offline), {what}; NAME@STEP is an official "
+            "Pythia checkpoint by training step (pythia-70m@1000); several run in order behind the gate, e.g. "
+            f"--model gpt2 gpt2-medium (default: {EMBEDDED_NAME})",
+        )  # fmt: skip
+        p.add_argument(
+            "--models-file", default=None, metavar="PATH",
+            help="a text file of models, one name or checkpoint directory per line (# comments), run after "
+            "--model's (default: none)",
         )  # fmt: skip
     else:
         p.add_argument(
@@ -120,6 +126,27 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
     """The ``run`` subcommand's arguments: ``--model``, ``--out`` and one per config field."""
     _model_argument(p, several=True)
     add_group_arguments(p, GROUPS)
+
+
+def models_from_file(path: str) -> list[str]:
+    """The models listed in ``path``: one per line; blank lines and ``#`` comments are skipped.
+
+    A relative checkpoint directory is taken relative to the file's folder.
+    """
+    file = Path(path).expanduser()
+    try:
+        lines = file.read_text(encoding="utf-8").splitlines()
+    except OSError as exc:
+        raise FileNotFoundError(f"--models-file {path!r}: {exc.strerror or exc}") from None
+    out = []
+    for line in lines:
+        entry = line.split("#", 1)[0].strip()
+        if entry:
+            local = file.parent / entry
+            out.append(str(local) if not Path(entry).is_absolute() and local.is_dir() else entry)
+    if not out:
+        raise ValueError(f"--models-file {path!r} lists no models")
+    return out
 
 
 def flat_ints(values: Sequence[Any] | None) -> list[int] | None:
@@ -154,8 +181,9 @@ def _cmd_run(args: argparse.Namespace) -> int:
     from .report import format_tables
 
     cfg = config_from_args(args)
+    models = list(args.model or []) + (models_from_file(args.models_file) if args.models_file else [])
     t0 = time.perf_counter()
-    done, skipped = run_models(args.model, args.out, cfg)
+    done, skipped = run_models(models or [EMBEDDED_NAME], args.out, cfg)
     wall = time.perf_counter() - t0
     for res in done:
         print()
@@ -239,6 +267,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         ConnectionError,
         ValueError,
         TypeError,
+        ImportError,
     ) as exc:
         if os.environ.get("QK_SUBSPACE_DEBUG"):
             raise

@@ -20,6 +20,7 @@ import torch
 from ..decomposition.pca import HeadPCA, validate_k
 from ..decomposition.plans import Plan, cluster_plans, random_plans, topk_plans
 from ..decomposition.storage import matched_global_k
+from ..execution.base import Executor
 from ..representations import Representation, get
 from .perplexity import PerplexityResult, perplexity
 from .sweep import run_sweep
@@ -103,6 +104,7 @@ def sweep_k(
     diagnostics: bool = False,
     diag_tokens: torch.Tensor | None = None,
     diagnostics_options: dict[str, Any] | None = None,
+    executor: Executor | None = None,
 ) -> pd.DataFrame:
     """Perplexity vs the number of kept components K (the report's 6B).
 
@@ -120,6 +122,7 @@ def sweep_k(
             (:func:`~qk_subspace.evaluation.diagnostics.attention_diagnostics`, while the edit is active)
             on ``diag_tokens`` ``[n_seqs, pos]`` (a small batch separate from ``tokens``), with
             ``diagnostics_options`` (``head_scores``, ``rep_tokens``, ``batch_size``).
+        executor: where the points are evaluated (:func:`~qk_subspace.evaluation.sweep.run_sweep`).
 
     Returns:
         One row per K: ``K``, ``n_components`` (components actually kept), ``cumulative_variance``,
@@ -157,10 +160,10 @@ def sweep_k(
         inside, records, forward = _diagnostics_hooks(diag_tokens, diagnostics_options, on_row)
     df = run_sweep(
         model, tokens, rep, pca.heads_, plans, baseline=baseline, batch_size=batch_size, progress=progress,
-        n_boot=n_boot, seed=seed, inside=inside, on_row=forward, desc="K sweep",
+        n_boot=n_boot, seed=seed, inside=inside, on_row=forward, desc="K sweep", executor=executor,
     )  # fmt: skip
     if diagnostics:
-        df.attrs["attention_diagnostics"] = records
+        df.attrs["attention_diagnostics"] = sorted(records, key=lambda r: r["K"])  # stable: heads in order
     df.attrs.update(
         order=order,
         circuit=rep.circuit,
@@ -184,19 +187,18 @@ def _diagnostics_hooks(
         )
     opts = dict(options or {})
     records: list[dict[str, Any]] = []
-    latest: list[list[dict[str, Any]]] = []
 
-    def inside(model: Any, plan: Plan) -> dict[str, Any]:
+    def inside(model: Any, plan: Plan) -> dict[str, Any]:  # runs where the plan is evaluated
         diag = attention_diagnostics(model, diag_tokens, **opts)
         summary = summarize_diagnostics(diag)
         diag.insert(0, "K", plan.columns["K"])
-        latest[:] = [diagnostics_to_records(diag)]
-        records.extend(latest[0])
-        return summary
+        return {**summary, "attention_diagnostics": diagnostics_to_records(diag)}
 
-    def forward(row: dict[str, Any]) -> None:
+    def forward(row: dict[str, Any]) -> None:  # runs here, as rows arrive: the records leave the row
+        own = row.pop("attention_diagnostics")
+        records.extend(own)
         if on_row is not None:
-            on_row({**row, "attention_diagnostics": latest[0]})
+            on_row({**row, "attention_diagnostics": own})
 
     return inside, records, forward
 
@@ -215,6 +217,7 @@ def sweep(
     n_boot: int = 2000,
     seed: int = 0,
     on_row: Row | None = None,
+    executor: Executor | None = None,
 ) -> pd.DataFrame:
     """Perplexity vs K in any representation and grouping (inside the representation's weight context).
 
@@ -245,7 +248,7 @@ def sweep(
         desc = f"K sweep ({rep.space}{', per layer' if pca.groupby else ''})"
         return run_sweep(
             model, tokens, rep, pca.heads_, plans, baseline=baseline, batch_size=batch_size, progress=progress,
-            n_boot=n_boot, seed=seed, on_row=on_row, desc=desc,
+            n_boot=n_boot, seed=seed, on_row=on_row, desc=desc, executor=executor,
         )  # fmt: skip
 
 
@@ -263,6 +266,7 @@ def sweep_clusters(
     n_boot: int = 2000,
     on_row: Row | None = None,
     representation: str | Representation | None = None,
+    executor: Executor | None = None,
 ) -> pd.DataFrame:
     """Perplexity with every head replaced by its cluster representative, for each k (the report's 6C).
 
@@ -280,7 +284,7 @@ def sweep_clusters(
     plans = cluster_plans(pca, ks, n_dims=n_dims, seed=seed)
     return run_sweep(
         model, tokens, rep, pca.heads_, plans, baseline=baseline, batch_size=batch_size, progress=progress,
-        n_boot=n_boot, seed=seed, on_row=on_row, desc="cluster sweep",
+        n_boot=n_boot, seed=seed, on_row=on_row, desc="cluster sweep", executor=executor,
     )  # fmt: skip
 
 
@@ -298,6 +302,7 @@ def random_subspace_sweep(
     batch_size: int = 8,
     progress: bool = True,
     n_boot: int = 2000,
+    executor: Executor | None = None,
 ) -> pd.DataFrame:
     """Perplexity when every head is rebuilt from a *random* K-dim subspace (a null baseline of the top-K).
 
@@ -323,7 +328,7 @@ def random_subspace_sweep(
         plans = random_plans(pca, ks, n_seeds=n_seeds, rng=rng, within=within, space=rep.space)
         return run_sweep(
             model, tokens, rep, pca.heads_, plans, baseline=baseline, batch_size=batch_size, progress=progress,
-            n_boot=n_boot, desc=f"random subspaces ({rep.space})",
+            n_boot=n_boot, desc=f"random subspaces ({rep.space})", executor=executor,
         )  # fmt: skip
 
 
@@ -337,6 +342,7 @@ def compare_layerwise_global(
     batch_size: int = 8,
     progress: bool = True,
     n_boot: int = 2000,
+    executor: Executor | None = None,
 ) -> pd.DataFrame:
     """Per-layer PCA (K per layer) vs global PCA with the largest K of no more parameters.
 
@@ -352,7 +358,12 @@ def compare_layerwise_global(
     cfg = model.cfg
     n, L = cfg.n_layers * cfg.n_heads, cfg.n_layers
     ks_layer = [validate_k(k, cfg.n_heads) for k in ks_layer]
-    kw: dict[str, Any] = {"batch_size": batch_size, "progress": progress, "n_boot": n_boot}
+    kw: dict[str, Any] = {
+        "batch_size": batch_size,
+        "progress": progress,
+        "n_boot": n_boot,
+        "executor": executor,
+    }
     with rep.context(model):
         heads = rep.heads(model)
         D = heads.feature_dim

@@ -1,7 +1,7 @@
 """Every option of a run, in one place: nested config dataclasses whose fields also define the CLI.
 
 Each field of the option groups (:class:`TextOptions`, :class:`SweepOptions`, :class:`CircuitOptions`,
-:class:`StudyOptions`, :class:`RunOptions`) carries an :class:`Option` in its metadata: help text, the
+:class:`StudyOptions`, :class:`RunOptions`, :class:`ExecutionOptions`) carries an :class:`Option` in its metadata: help text, the
 CLI flag, allowed values, bounds. :mod:`qk_subspace.cli` builds the ``run`` subcommand from these
 fields, and :meth:`ExperimentConfig.validate` checks every value against them, so a new option is one
 field. Option names are unique across groups: ``config.replace(n_tokens=4096)`` and
@@ -21,6 +21,7 @@ from typing import Any, Literal
 __all__ = [
     "DTYPES",
     "CircuitOptions",
+    "ExecutionOptions",
     "ExperimentConfig",
     "Option",
     "RunOptions",
@@ -231,12 +232,49 @@ class RunOptions:
     progress: bool = option(True, "no progress bars", kind="bool")
 
 
+@dataclass(frozen=True)
+class ExecutionOptions:
+    """execution (where the points are evaluated; see docs/cluster.md)"""
+
+    executor: str = option(
+        "serial",
+        "serial (every point here, one after the other) or ray (points on Ray workers that each load the "
+        "model once; needs the ray extra)",
+        kind="str",
+        choices=("serial", "ray"),
+    )
+    ray_address: str | None = option(
+        None,
+        "Ray cluster to join: auto (the cluster this machine belongs to) or HOST:PORT (default: start a "
+        "local Ray instance)",
+        kind="str",
+        optional=True,
+        metavar="ADDRESS",
+    )
+    workers: int | None = option(
+        None,
+        "Ray workers (default: the cluster's CPUs / --threads-per-worker, or its GPUs / --gpus-per-worker)",
+        minimum=1,
+        optional=True,
+    )
+    gpus_per_worker: float = option(
+        0.0,
+        "GPUs each Ray worker reserves (fractions share a GPU; > 0 loads the workers' model on cuda)",
+        kind="float",
+    )
+    threads_per_worker: int = option(1, "CPUs each Ray worker reserves and torch threads it uses", minimum=1)
+    gate: bool = option(
+        True, "run every model of --model A B ... even if an earlier one fails the gate", kind="bool"
+    )
+
+
 GROUPS: dict[str, type] = {
     "text": TextOptions,
     "sweeps": SweepOptions,
     "circuits": CircuitOptions,
     "studies": StudyOptions,
     "run": RunOptions,
+    "execution": ExecutionOptions,
 }
 
 
@@ -259,6 +297,7 @@ class ExperimentConfig:
     circuits: CircuitOptions = field(default_factory=CircuitOptions)
     studies: StudyOptions = field(default_factory=StudyOptions)
     run: RunOptions = field(default_factory=RunOptions)
+    execution: ExecutionOptions = field(default_factory=ExecutionOptions)
 
     def __post_init__(self) -> None:
         self.validate()
@@ -295,6 +334,13 @@ class ExperimentConfig:
         if self.sweeps.ks is not None and not self.sweeps.ks:
             raise ValueError("ks (--ks) must contain at least one K (or be None for the default grid)")
         self._check_representation()
+        e = self.execution
+        if e.gpus_per_worker < 0:
+            raise ValueError(f"gpus_per_worker (--gpus-per-worker) must be >= 0, got {e.gpus_per_worker!r}")
+        if e.executor == "serial" and (
+            e.workers is not None or e.ray_address is not None or e.gpus_per_worker
+        ):
+            raise ValueError("--workers, --ray-address and --gpus-per-worker need --executor ray")
 
     def _check_representation(self) -> None:
         """The representation of ``--circuit`` x ``--space`` must exist and support the options asked for."""

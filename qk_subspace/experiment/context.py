@@ -22,6 +22,7 @@ from ..decomposition.pca import HeadPCA, validate_k
 from ..decomposition.storage import matched_global_k
 from ..evaluation.perplexity import PerplexityResult, validate_tokens
 from ..evaluation.sweeps import REPORT_K_GRID
+from ..execution.base import Executor, SerialExecutor
 from ..model import backends
 from ..model.loading import load_model
 from ..representations import Representation, get
@@ -62,6 +63,7 @@ class RunContext:
         baseline: the unedited model's perplexity (set by the baseline stage).
         clusterings: k-means results per cluster count (set by the clustering stage).
         stage_s: seconds spent preparing, per step.
+        executor: where the sweeps' points are evaluated (:mod:`qk_subspace.execution`).
     """
 
     config: ExperimentConfig
@@ -86,6 +88,7 @@ class RunContext:
     matched: dict[int, int]
     rand_ks: list[int]
     stage_s: dict[str, float] = field(default_factory=dict)
+    executor: Executor = field(default_factory=SerialExecutor)
     baseline: PerplexityResult | None = None
     clusterings: dict[int, HeadClustering] = field(default_factory=dict)
 
@@ -103,6 +106,10 @@ class RunContext:
         """Keyword options every sweep of the run shares."""
         c = self.config
         return {"batch_size": c.text.batch_size, "progress": c.run.progress, "n_boot": c.sweeps.n_boot}
+
+    def sweep_executor(self) -> dict[str, Any]:
+        """``executor=`` for the sweeps that can run on any executor (points independent of the driver's state)."""
+        return {"executor": self.executor}
 
 
 _DTYPES = {

@@ -1,6 +1,6 @@
 """The ``metadata`` section of a results file: what was run, on what, with which settings and versions.
 
-Everything in it except the text file's path is part of the resume fingerprint
+Everything in it except the text file's path and the executor is part of the resume fingerprint
 (:func:`qk_subspace.experiment.store.fingerprint`).
 """
 
@@ -96,4 +96,5 @@ def build_metadata(ctx: RunContext) -> dict[str, Any]:
         "representation": ctx.representation.name,
         "backend": backends.name_of(mdl),
         "package_versions": package_versions(),
+        "executor": ctx.executor.describe(),
     }

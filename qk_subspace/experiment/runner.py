@@ -12,6 +12,7 @@ rewritten atomically after every point) -> every enabled stage of
 from __future__ import annotations
 
 import os
+import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -22,6 +23,7 @@ from typing import Any
 import pandas as pd
 import torch
 
+from ..execution.base import Executor, opened_executor
 from .config import ExperimentConfig
 from .context import RunContext, prepare
 from .gate import GateResult, gate_check
@@ -29,6 +31,8 @@ from .inputs import model_display_name
 from .metadata import build_metadata
 from .stages import STAGES, PointLog
 from .store import ResultsStore
+
+_PREPARING = threading.Lock()
 
 __all__ = ["ExperimentResult", "run_experiment", "run_models"]
 
@@ -98,6 +102,7 @@ def run_experiment(
     write_report: bool = True,
     diag_tokens: torch.Tensor | None = None,
     rank_tokens: torch.Tensor | None = None,
+    executor: Executor | str | None = None,
     **overrides: Any,
 ) -> ExperimentResult:
     """Run 6A/6B/6C + the 2D map + the gate (and the enabled studies) for one model; write to ``out_dir``.
@@ -113,6 +118,10 @@ def run_experiment(
             the perplexity tokens (required with ``tokens``).
         rank_tokens: ``[n, ctx]`` importance-ranking tokens (``order="importance"``) instead of the
             text after the diagnostic batch (required with ``tokens``).
+        executor: where the points are evaluated: ``"serial"`` (default) or ``"ray"`` (the
+            ``--executor`` option, with ``workers``, ``ray_address``, ... from the config), or an
+            executor object (:mod:`qk_subspace.execution`; it stays open for the caller). The results
+            are the same apart from ``timings`` and ``metadata.executor``.
 
     Writes ``exp6_<model>.json`` (sections ``metadata``, ``variance``, ``baseline``, ``perplexity_vs_k``,
     ``clustering``, ``pca_map``, ``checks``, ``gate``, one per enabled study; clock times only in
@@ -122,19 +131,23 @@ def run_experiment(
         FileExistsError: results for this model exist and neither ``resume`` nor ``overwrite`` is set.
         qk_subspace.experiment.store.ConfigMismatchError: ``resume`` on a different configuration.
     """
+    if isinstance(executor, str):
+        overrides["executor"] = executor
     cfg = (config or ExperimentConfig()).replace(**overrides)
     out = _check_output_dir(out_dir)
     t_run, started = time.perf_counter(), _now()
-    ctx = prepare(
-        model, cfg, tokens, diag_tokens, rank_tokens
-    )  # every refusal happens here, before any write
+    with _PREPARING:  # loading is not thread-safe (model series run in threads)
+        ctx = prepare(
+            model, cfg, tokens, diag_tokens, rank_tokens
+        )  # every refusal happens here, before any write
     stages = [s for s in STAGES if s.enabled(cfg)]
-    out.mkdir(parents=True, exist_ok=True)
-    path = out / f"exp6_{ctx.name}.json"
-    with ResultsStore.open(
-        path, build_metadata(ctx), resume=cfg.run.resume, overwrite=cfg.run.overwrite
-    ) as store:
-        data = _run_stages(store, ctx, stages, started, t_run)
+    with opened_executor(executor, cfg.execution) as ctx.executor:
+        out.mkdir(parents=True, exist_ok=True)
+        path = out / f"exp6_{ctx.name}.json"
+        with ResultsStore.open(
+            path, build_metadata(ctx), resume=cfg.run.resume, overwrite=cfg.run.overwrite
+        ) as store:
+            data = _run_stages(store, ctx, stages, started, t_run)
     families = tuple(f for stage in stages for f in stage.figures)
     return _write_outputs(data, path, out, families, cfg.run.png, write_report)
 
@@ -190,42 +203,92 @@ def run_models(
     tokens: torch.Tensor | None = None,
     diag_tokens: torch.Tensor | None = None,
     rank_tokens: torch.Tensor | None = None,
+    executor: Executor | str | None = None,
     **overrides: Any,
 ) -> tuple[list[ExperimentResult], list[tuple[str, str]]]:
-    """Run several models in order behind the gate: model i+1 runs only if model i passed it.
+    """Run a series of models; by default in order behind the gate: model i+1 runs only if model i passed it.
 
     This is the report's 6D: GPT-2 medium was skipped because GPT-2 small's ratio at K=10 was
-    not within 1.1x. Writes one ``report.md`` covering every model run and every model skipped.
-    ``tokens`` (optional) are used for every model instead of the config's text (and
+    not within 1.1x. With ``gate=False`` (``--no-gate``) every model runs; on the Ray executor the
+    models then run as parallel groups, sharing the workers (each group a driver thread with its own
+    workers, at most one group per worker). Writes one ``report.md`` covering every model run and every
+    model skipped and, for two or more models, the cross-model summary ``series_summary.json`` (and its
+    figure). ``tokens`` (optional) are used for every model instead of the config's text (and
     ``diag_tokens`` / ``rank_tokens`` with ``diagnostics`` / ``order="importance"``).
 
     Returns:
-        (results of the models that ran, [(skipped model, reason)]).
+        (results of the models that ran, in series order, [(skipped model, reason)]).
     """
     from ..report import render_report
 
+    if isinstance(executor, str):
+        overrides["executor"] = executor
     cfg = (config or ExperimentConfig()).replace(**overrides)
-    done: list[ExperimentResult] = []
-    skipped: list[tuple[str, str]] = []
-    for i, m in enumerate(models):
-        if done and done[-1].gate.passed is not True:
-            reason = f"gate failed on {done[-1].name}: {done[-1].gate.reason}"
-            skipped = [(model_display_name(x), reason) for x in models[i:]]
-            break
-        done.append(
-            run_experiment(
-                m,
-                out_dir,
-                cfg,
-                tokens=tokens,
-                write_report=False,
-                diag_tokens=diag_tokens,
-                rank_tokens=rank_tokens,
-            )
-        )
-    report = Path(out_dir).expanduser() / "report.md"
+    inputs = {"tokens": tokens, "diag_tokens": diag_tokens, "rank_tokens": rank_tokens}
+    with opened_executor(executor, cfg.execution) as ex:
+        skipped: list[tuple[str, str]] = []
+        if not cfg.execution.gate and ex.remote and len(models) > 1:
+            done = _run_parallel(models, out_dir, cfg, ex, inputs)
+        else:
+            done, skipped = _run_in_order(models, out_dir, cfg, ex, inputs)
+    out = Path(out_dir).expanduser()
+    report = out / "report.md"
     text = render_report([r.results for r in done], skipped=skipped, files=[r.figure_files for r in done])
     report.write_text(text, encoding="utf-8")
     for r in done:
         r.report_path = report
+    if len(models) > 1:
+        _write_series_summary(done, skipped, out, cfg.run.png)
     return done, skipped
+
+
+def _run_in_order(
+    models: Sequence[Any], out_dir: Any, cfg: ExperimentConfig, ex: Executor, inputs: dict[str, Any]
+) -> tuple[list[ExperimentResult], list[tuple[str, str]]]:
+    done: list[ExperimentResult] = []
+    for i, m in enumerate(models):
+        if cfg.execution.gate and done and done[-1].gate.passed is not True:
+            reason = f"gate failed on {done[-1].name}: {done[-1].gate.reason}"
+            return done, [(model_display_name(x), reason) for x in models[i:]]
+        done.append(run_experiment(m, out_dir, cfg, write_report=False, executor=ex, **inputs))
+    return done, []
+
+
+def _run_parallel(
+    models: Sequence[Any], out_dir: Any, cfg: ExperimentConfig, ex: Any, inputs: dict[str, Any]
+) -> list[ExperimentResult]:
+    """Every model as its own group of Ray workers, ``min(models, workers)`` groups at a time."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from ..execution.ray_executor import RayExecutor
+
+    total = ex.n_workers()  # also joins (or starts) the Ray instance, once, before the threads
+    groups = min(len(models), total)
+    e = cfg.execution
+    options: dict[str, Any] = {
+        "address": e.ray_address,
+        "gpus_per_worker": e.gpus_per_worker,
+        "threads_per_worker": e.threads_per_worker,
+    }
+
+    def one(model: Any) -> ExperimentResult:
+        with RayExecutor(workers=max(1, total // groups), **options) as own:
+            return run_experiment(model, out_dir, cfg, write_report=False, executor=own, **inputs)
+
+    with ThreadPoolExecutor(max_workers=groups, thread_name_prefix="qk-subspace-model") as pool:
+        futures = [pool.submit(one, m) for m in models]
+        return [f.result() for f in futures]  # the first error is raised once every group has ended
+
+
+def _write_series_summary(
+    done: list[ExperimentResult], skipped: list[tuple[str, str]], out: Path, png: bool
+) -> None:
+    """``series_summary.json`` and its figure (``series_summary.html``/``.png``) in ``out``."""
+    from .. import viz
+    from ..report.series import series_summary
+    from .store import atomic_write_json
+
+    summary = series_summary([r.results for r in done], skipped)
+    atomic_write_json(out / "series_summary.json", summary)
+    for name, fig in viz.experiment_figures(summary, ("series",)).items():
+        viz.save_figure(fig, out, name, png=png)

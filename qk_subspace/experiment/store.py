@@ -61,6 +61,9 @@ SECTION_ORDER = (
 #: Metadata entries that describe *where* things are, not *what* was computed: not part of the
 #: resume check (moving the text file does not invalidate a run; its sha256 is checked instead).
 _NOT_FINGERPRINTED = {("protocol", "text_file")}
+#: Top-level metadata entries outside the resume check: where the points were evaluated (a run
+#: started on Ray may be finished serially, and the other way round; the numbers are the same).
+_NOT_FINGERPRINTED_TOP = {"executor"}
 
 
 class ConfigMismatchError(ValueError):
@@ -148,6 +151,8 @@ def load_results(path: str | os.PathLike) -> dict[str, Any]:
 def fingerprint(metadata: Mapping[str, Any]) -> dict[str, Any]:
     """The part of ``metadata`` that must match for ``--resume`` (JSON types, paths removed)."""
     fp = copy.deepcopy(jsonable(metadata))
+    for key in _NOT_FINGERPRINTED_TOP:
+        fp.pop(key, None)
     for section, key in _NOT_FINGERPRINTED:
         if isinstance(fp.get(section), dict):
             fp[section].pop(key, None)

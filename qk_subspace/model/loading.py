@@ -245,7 +245,9 @@ def load_model(
 
     Returns:
         The model in eval mode, with ``model.qk_subspace_processing`` (the processing used),
-        ``model.qk_subspace_source`` and ``model.qk_subspace_backend`` recorded on it.
+        ``model.qk_subspace_source`` and ``model.qk_subspace_backend`` recorded on it, and
+        ``model.qk_subspace_load_arguments`` (this call's arguments, so that another process -- a
+        worker of :mod:`qk_subspace.execution` -- can load the same model; absent with a tokenizer object).
 
     Raises:
         FileNotFoundError / ValueError: a local directory without config.json, or of an
@@ -262,6 +264,36 @@ def load_model(
     """
     proc = _processing(processing)
     which = backends.resolve(backend)
+    model = _load(name_or_path, device, dtype, tokenizer, trust_remote_code, which, proc)
+    if tokenizer is None or isinstance(tokenizer, (str, os.PathLike)):  # what another process can repeat
+        how = {
+            "name_or_path": _absolute(name_or_path),
+            "device": None if device is None else str(device),
+            "dtype": str(dtype).replace("torch.", ""),
+            "tokenizer": None if tokenizer is None else str(tokenizer),
+            "trust_remote_code": trust_remote_code,
+            "backend": which,
+            **processing,
+        }
+        object.__setattr__(model, "qk_subspace_load_arguments", how)
+    return model
+
+
+def _absolute(name_or_path: str | os.PathLike) -> str:
+    """A local directory as an absolute path (another process may start elsewhere); a name as it is."""
+    path = Path(name_or_path).expanduser()
+    return str(path.resolve()) if path.is_dir() and not is_embedded_name(name_or_path) else str(name_or_path)
+
+
+def _load(
+    name_or_path: str | os.PathLike,
+    device: str | torch.device | None,
+    dtype: torch.dtype,
+    tokenizer: Any,
+    trust_remote_code: bool,
+    which: str,
+    proc: dict[str, bool],
+) -> Any:
     if not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
         raise TypeError(
             f"dtype must be a floating-point torch.dtype (torch.float32, torch.float64, torch.bfloat16, ...), "

@@ -19,6 +19,7 @@ __all__ = ["FAMILIES", "experiment_figures", "family", "png_export_available", "
 #: Figure families in the order their figures are listed (modules of this package).
 FAMILIES = (
     "variance", "sweep", "clustering", "diagnostics", "importance", "nulls", "layerwise", "gauge", "compare",
+    "series",
 )  # fmt: skip
 
 
