@@ -6,13 +6,17 @@ exclusive ``flock`` on ``<folder>/.qk_subspace.lock`` (holding the owner's pid a
 results file is checked or written; a second run refuses with :class:`FolderLockedError` naming the process
 that holds it. The operating system releases the lock when its process dies, so a lock left by a killed run
 is simply taken over (its file is rewritten with the new owner). The lock file is removed on release.
-Platforms without ``fcntl`` run unlocked.
+A model series holds its folder once for all its runs (:func:`shared_folder`): the runs of that series,
+also in parallel threads, join it. Platforms without ``fcntl`` run unlocked.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
+import threading
+from collections.abc import Iterator
 from pathlib import Path
 from types import TracebackType
 
@@ -21,9 +25,12 @@ try:
 except ImportError:  # pragma: no cover - not POSIX
     fcntl = None  # type: ignore[assignment]
 
-__all__ = ["LOCK_NAME", "FolderLock", "FolderLockedError"]
+__all__ = ["LOCK_NAME", "FolderLock", "FolderLockedError", "shared_folder"]
 
 LOCK_NAME = ".qk_subspace.lock"
+#: Folders held by :func:`shared_folder` in this process, which runs of this process join.
+_SHARED: dict[Path, FolderLock] = {}
+_GUARD = threading.Lock()
 
 
 class FolderLockedError(RuntimeError):
@@ -40,12 +47,17 @@ class FolderLock:
     def __init__(self, folder: str | os.PathLike) -> None:
         self.path = Path(folder) / LOCK_NAME
         self._fd: int | None = None
+        self._joined = False
 
     def acquire(self) -> FolderLock:
         """Take the lock or raise :class:`FolderLockedError` naming its holder (never waits)."""
         if fcntl is None or self._fd is not None:
             return self
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        with _GUARD:
+            if self.path.resolve() in _SHARED:  # a series of this process holds it: join
+                self._joined = True
+                return self
         while True:
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
             try:
@@ -71,6 +83,7 @@ class FolderLock:
 
     def release(self) -> None:
         """Remove the lock file and release the lock (safe to call twice)."""
+        self._joined = False
         if self._fd is None:
             return
         try:
@@ -81,7 +94,7 @@ class FolderLock:
 
     @property
     def held(self) -> bool:
-        return self._fd is not None
+        return self._fd is not None or self._joined
 
     def __enter__(self) -> FolderLock:
         return self.acquire()
@@ -90,3 +103,18 @@ class FolderLock:
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
         self.release()
+
+
+@contextlib.contextmanager
+def shared_folder(folder: str | os.PathLike) -> Iterator[FolderLock]:
+    """Hold ``folder``'s lock for several runs of this process (a model series), which join it."""
+    lock = FolderLock(folder).acquire()
+    key = lock.path.resolve()
+    with _GUARD:
+        _SHARED[key] = lock
+    try:
+        yield lock
+    finally:
+        with _GUARD:
+            _SHARED.pop(key, None)
+        lock.release()

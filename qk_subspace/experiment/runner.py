@@ -28,6 +28,7 @@ from .config import ExperimentConfig
 from .context import RunContext, prepare
 from .gate import GateResult, gate_check
 from .inputs import model_display_name
+from .lock import shared_folder
 from .metadata import build_metadata
 from .stages import STAGES, PointLog
 from .store import ResultsStore
@@ -136,12 +137,11 @@ def run_experiment(
     cfg = (config or ExperimentConfig()).replace(**overrides)
     out = _check_output_dir(out_dir)
     t_run, started = time.perf_counter(), _now()
-    with _PREPARING:  # loading is not thread-safe (model series run in threads)
-        ctx = prepare(
-            model, cfg, tokens, diag_tokens, rank_tokens
-        )  # every refusal happens here, before any write
-    stages = [s for s in STAGES if s.enabled(cfg)]
-    with opened_executor(executor, cfg.execution) as ctx.executor:
+    with opened_executor(executor, cfg.execution) as ex:  # refusals: here and in prepare, before any write
+        with _PREPARING:  # loading is not thread-safe (model series run in threads)
+            ctx = prepare(model, cfg, tokens, diag_tokens, rank_tokens)
+        ctx.executor = ex
+        stages = [s for s in STAGES if s.enabled(cfg)]
         out.mkdir(parents=True, exist_ok=True)
         path = out / f"exp6_{ctx.name}.json"
         with ResultsStore.open(
@@ -275,7 +275,10 @@ def _run_parallel(
         with RayExecutor(workers=max(1, total // groups), **options) as own:
             return run_experiment(model, out_dir, cfg, write_report=False, executor=own, **inputs)
 
-    with ThreadPoolExecutor(max_workers=groups, thread_name_prefix="qk-subspace-model") as pool:
+    with (
+        shared_folder(Path(out_dir).expanduser()),  # one writer: this series (its runs join the lock)
+        ThreadPoolExecutor(max_workers=groups, thread_name_prefix="qk-subspace-model") as pool,
+    ):
         futures = [pool.submit(one, m) for m in models]
         return [f.result() for f in futures]  # the first error is raised once every group has ended
 
