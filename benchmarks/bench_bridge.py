@@ -136,16 +136,13 @@ def main() -> None:
             f"| {r['hf_tok_s']:.0f} [{r['hf_range'][0]:.0f}, {r['hf_range'][1]:.0f}] | {r['ratio']:.2f}x "
             f"| {r['bridge_tok_s']:.0f} | {r['fast_vs_hf']:.1e} / {r['bridge_vs_hf']:.1e} |"
         )
-    table = "\n".join(lines)
-    print(table)
-    if not args.no_append:
-        common.append_to_section(
-            RESULTS,
-            "## TransformerBridge: the fast path vs Hugging Face sdpa",
-            "Appended by `benchmarks/bench_bridge.py`, newest last. The ratio is HF sdpa's time over the "
-            "fast path's, measured side by side in one run.",
-            table,
-        )
+    common.publish(
+        lines,
+        args.no_append,
+        "## TransformerBridge: the fast path vs Hugging Face sdpa",
+        "Appended by `benchmarks/bench_bridge.py`, newest last. The ratio is HF sdpa's time over the "
+        "fast path's, measured side by side in one run.",
+    )
 
 
 if __name__ == "__main__":

@@ -58,15 +58,12 @@ def main() -> None:
         f"| help / import torch | {h / i:.2f}x |",
         *(f"| `qk-subspace run` (defaults, {label}), wall | {t:.1f} |" for label, t in runs.items()),
     ]
-    table = "\n".join(lines)
-    print(table)
-    if not args.no_append:
-        common.append_to_section(
-            RESULTS,
-            "## The command line: help and the default run",
-            "Appended by `benchmarks/bench_cli.py`, newest last.",
-            table,
-        )
+    common.publish(
+        lines,
+        args.no_append,
+        "## The command line: help and the default run",
+        "Appended by `benchmarks/bench_cli.py`, newest last.",
+    )
 
 
 def common_png() -> bool:

@@ -196,3 +196,12 @@ def append_to_section(path: Path, heading: str, intro: str, block: str) -> None:
     text = text[:end].rstrip() + "\n\n" + block.strip() + "\n" + text[end:]
     path.write_text(text.rstrip() + "\n")
     print(f"\nappended to {path} under {heading!r}")
+
+
+def publish(lines: list[str], no_append: bool, heading: str, intro: str) -> str:
+    """Print the benchmark's markdown block and, unless ``no_append``, append it to ``RESULTS.md``'s ``heading``."""
+    block = "\n".join(lines)
+    print(block)
+    if not no_append:
+        append_to_section(Path(__file__).resolve().parent / "RESULTS.md", heading, intro, block)
+    return block

@@ -221,7 +221,8 @@ def load_model(
         name_or_path: ``"stories260K"``, the model embedded in the package
             (:mod:`qk_subspace.model.embedded`); an official TransformerLens name (``"gpt2"``,
             ``"gpt2-medium"``, ...), loaded with ``HookedTransformer.from_pretrained`` (needs the hub or
-            its cache); or a local checkpoint directory, loaded with no network access at all: a Hugging
+            its cache), with ``@STEP`` a checkpoint by training step (``"pythia-70m@1000"``:
+            ``checkpoint_value=1000``, Pythia and the other models TransformerLens has checkpoints of); or a local checkpoint directory, loaded with no network access at all: a Hugging
             Face checkpoint (``config.json``, weights, tokenizer files) or a TransformerLens-native one
             (``hooked_transformer_config.json``, a JSON object of ``HookedTransformerConfig`` fields, and
             ``model.safetensors``, a ``HookedTransformer`` state dict; see :mod:`qk_subspace.model.native`;
@@ -308,7 +309,12 @@ def _load(
         load = _load_native if native.is_native_checkpoint(path) else _load_local
         model = load(path, device, dtype, proc, tokenizer, which)
         return _record(model, str(path.resolve()), proc, offline=True)
-    name = str(name_or_path)
+    name, step = split_checkpoint(str(name_or_path))
+    if step is not None and which != "hooked":
+        raise ValueError(
+            f"{name_or_path!r}: checkpoints by training step (NAME@STEP) load through HookedTransformer's "
+            "checkpoint_value; use backend='hooked' (--backend hooked, transformer-lens 3.x)"
+        )
     if path.suffix or (os.sep in name and not name.count("/") == 1):
         raise FileNotFoundError(f"model directory {name!r} does not exist. {_OFFLINE_HINT}")
     try:
@@ -328,5 +334,14 @@ def _load(
             f"cannot load {name!r} ({official}): it is not in the local Hugging Face cache and the hub "
             f"is unreachable (offline). {_OFFLINE_HINT}"
         )
-    model = backends.of(which).from_official(name, device, dtype, tokenizer, proc, trust_remote_code)
-    return _record(model, official, proc, offline=False)
+    extra = {} if step is None else {"checkpoint_value": step}
+    model = backends.of(which).from_official(name, device, dtype, tokenizer, proc, trust_remote_code, **extra)
+    return _record(model, official if step is None else f"{official}@{step}", proc, offline=False)
+
+
+def split_checkpoint(name: str) -> tuple[str, int | None]:
+    """``"pythia-70m@1000"`` -> ``("pythia-70m", 1000)`` (a training step); other names -> ``(name, None)``."""
+    base, sep, step = name.rpartition("@")
+    if sep and base and step.isdigit():
+        return base, int(step)
+    return name, None

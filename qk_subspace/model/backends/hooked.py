@@ -115,12 +115,14 @@ def from_official(
     tokenizer: Any,
     processing: dict[str, bool],
     trust_remote_code: bool,
+    checkpoint_value: int | None = None,
 ) -> Any:
-    """``HookedTransformer.from_pretrained`` (the hub or its cache)."""
+    """``HookedTransformer.from_pretrained`` (the hub or its cache); ``checkpoint_value``: a training step."""
     from transformer_lens import HookedTransformer
 
     return HookedTransformer.from_pretrained(
         name,
+        checkpoint_value=checkpoint_value,
         device=device,
         dtype=dtype,
         tokenizer=tokenizer,
