@@ -61,6 +61,7 @@ def comparable(path: Path) -> str:
 def ray_local() -> Iterator[Any]:
     """One local Ray instance (2 CPUs) for the whole module."""
     ray = pytest.importorskip("ray")
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")  # no network here, and nothing to report
     ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR")
     yield ray
     ray.shutdown()
