@@ -11,6 +11,7 @@ fails the sweep with that error.
 
 from __future__ import annotations
 
+import contextlib
 from collections import deque
 from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING, Any
@@ -135,9 +136,10 @@ class RayExecutor:
                 worker = pending.pop(ready)
                 idle.append(worker)
                 yield self._result(ray, ready)
-        finally:
+        finally:  # the caller stopped early (an error, Ctrl-C): drop what is still queued on the workers
             for ref in pending:
-                ray.cancel(ref)
+                with contextlib.suppress(Exception):
+                    ray.cancel(ref)
 
     def _result(self, ray: Any, ref: Any) -> tuple[int, dict[str, Any]]:
         try:
