@@ -32,7 +32,8 @@ def test_a_run_joins_a_started_cluster(tmp_path: Path) -> None:
     port = _free_port()
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     env["RAY_USAGE_STATS_ENABLED"] = "0"
-    env["RAY_AUTH_MODE"] = "disabled"  # a throw-away cluster on this machine; real clusters keep Ray's token auth
+    # a throw-away cluster on this machine; real clusters keep Ray's token authentication
+    env["RAY_AUTH_MODE"] = "disabled"
     head = subprocess.Popen(
         [ray_cli, "start", "--head", "--block", "--port", str(port), "--num-cpus", "2",
          "--include-dashboard=false", "--node-ip-address", "127.0.0.1"],
