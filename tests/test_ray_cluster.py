@@ -13,6 +13,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -34,9 +35,11 @@ def test_a_run_joins_a_started_cluster(tmp_path: Path) -> None:
     env["RAY_USAGE_STATS_ENABLED"] = "0"
     # a throw-away cluster on this machine; real clusters keep Ray's token authentication
     env["RAY_AUTH_MODE"] = "disabled"
+    # its own temporary folder: the address file it leaves is not where other Ray drivers look
+    temp = tempfile.mkdtemp(prefix="qkray")  # short: Ray's socket paths must fit in 107 characters
     head = subprocess.Popen(
         [ray_cli, "start", "--head", "--block", "--port", str(port), "--num-cpus", "2",
-         "--include-dashboard=false", "--node-ip-address", "127.0.0.1"],
+         "--include-dashboard=false", "--node-ip-address", "127.0.0.1", "--temp-dir", temp],
         env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )  # fmt: skip
     out = tmp_path / "out"
@@ -67,6 +70,7 @@ def test_a_run_joins_a_started_cluster(tmp_path: Path) -> None:
         except subprocess.TimeoutExpired:
             os.killpg(head.pid, signal.SIGKILL)
             head.wait()
+        shutil.rmtree(temp, ignore_errors=True)
     data = json.loads((out / "exp6_stories260K.json").read_text())
     assert data["status"]["complete"]
     ex = data["metadata"]["executor"]

@@ -62,7 +62,7 @@ def ray_local() -> Iterator[Any]:
     """One local Ray instance (2 CPUs) for the whole module."""
     ray = pytest.importorskip("ray")
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")  # no network here, and nothing to report
-    ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR")
+    ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="ERROR")  # a new one
     yield ray
     ray.shutdown()
 
@@ -182,6 +182,7 @@ def test_a_killed_driver_is_resumed_without_recomputing(tmp_path: Path, ray_loca
     args = [*SMALL, "--n-tokens", "16384"]
     out = tmp_path / "ray"
     cmd = [sys.executable, "-m", "qk_subspace.cli", "run", *args, "--executor", "ray", "--workers", "2"]
+    cmd += ["--ray-address", "local"]  # its own local Ray instance, whatever else runs on this machine
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     proc = subprocess.Popen(
         [*cmd, "--out", str(out)], cwd=tmp_path, env=env, start_new_session=True,

@@ -40,8 +40,9 @@ class RayExecutor:
     """Plans evaluated on ``workers`` Ray actors that each load the model once.
 
     Args:
-        address: the Ray cluster (``"auto"``: the one this machine belongs to, ``"HOST:PORT"``); ``None``
-            joins the instance already initialised in this process, else starts a local one.
+        address: the Ray cluster (``"auto"``: the one this machine belongs to, ``"HOST:PORT"``; ``"local"``:
+            a new local instance); ``None`` joins the instance already initialised in this process, else
+            does what ``ray.init()`` does (a cluster started on this machine, else a new local instance).
         workers: actors to start (default: the cluster's CPUs / ``threads_per_worker``, or its GPUs /
             ``gpus_per_worker`` with GPUs).
         gpus_per_worker: GPUs each actor reserves (fractions share a GPU); with GPUs the workers load the
@@ -83,7 +84,7 @@ class RayExecutor:
         ray = import_ray()
         if not ray.is_initialized():
             ray.init(address=self.address, include_dashboard=False, logging_level="WARNING")
-            self._started_ray = self.address is None
+            self._started_ray = self.address in (None, "local")
         return ray
 
     def n_workers(self) -> int:

@@ -245,8 +245,8 @@ class ExecutionOptions:
     )
     ray_address: str | None = option(
         None,
-        "Ray cluster to join: auto (the cluster this machine belongs to) or HOST:PORT (default: start a "
-        "local Ray instance)",
+        "Ray cluster to join: auto (the cluster this machine belongs to), HOST:PORT, or local (a new local "
+        "instance) (default: a cluster started on this machine, else a new local instance)",
         kind="str",
         optional=True,
         metavar="ADDRESS",
