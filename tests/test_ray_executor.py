@@ -99,26 +99,24 @@ def test_every_stage_on_ray_equals_serial(tmp_path: Path, ray_local: Any) -> Non
     assert len(evaluated) == len(set(evaluated)) == data["status"]["points_total"]
 
 
-class KillingExecutor:
+def killing_executor(**kw: Any) -> Any:
     """A Ray executor that kills every worker process after the second row of the first long sweep."""
+    from qk_subspace.execution.ray_executor import RayExecutor
 
-    def __new__(cls, **kw: Any) -> Any:
-        from qk_subspace.execution.ray_executor import RayExecutor
+    class Killing(RayExecutor):
+        killed: ClassVar[list[int]] = []
 
-        class Killing(RayExecutor):
-            killed: ClassVar[list[int]] = []
+        def map(self, model: Any, job: Any, plans: Any, *, progress: bool = False) -> Iterator[Any]:
+            self._start(model)
+            pids = self.worker_pids()
+            for i, item in enumerate(super().map(model, job, plans, progress=progress)):
+                if i == 1 and len(plans) > 4 and not self.killed:
+                    for pid in pids:  # one is busy with a point (retried), one idle (restarted)
+                        os.kill(pid, signal.SIGKILL)
+                    self.killed.extend(pids)
+                yield item
 
-            def map(self, model: Any, job: Any, plans: Any, *, progress: bool = False) -> Iterator[Any]:
-                self._start(model)
-                pids = self.worker_pids()
-                for i, item in enumerate(super().map(model, job, plans, progress=progress)):
-                    if i == 1 and len(plans) > 4 and not self.killed:
-                        for pid in pids:  # one is busy with a point (retried), one idle (restarted)
-                            os.kill(pid, signal.SIGKILL)
-                        self.killed.extend(pids)
-                    yield item
-
-        return Killing(**kw)
+    return Killing(**kw)
 
 
 def test_a_killed_worker_is_restarted_and_its_point_retried(tmp_path: Path, ray_local: Any) -> None:
@@ -126,7 +124,7 @@ def test_a_killed_worker_is_restarted_and_its_point_retried(tmp_path: Path, ray_
     cfg = qs.ExperimentConfig().replace(
         n_tokens=8192, ctx=128, baselines=True, groupby="layer", png=False, progress=False
     )
-    ex = KillingExecutor(workers=2)
+    ex = killing_executor(workers=2)
     try:
         res = run_experiment("stories260K", tmp_path / "ray", cfg, executor=ex, write_report=False)
         assert len(ex.killed) == 2

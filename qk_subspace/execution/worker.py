@@ -49,11 +49,6 @@ class ModelSource:
             return cls(arguments=dict(arguments), device=device)
         return cls(model=model, device=device)
 
-    def describe(self) -> str:
-        if self.arguments is None:
-            return "the caller's model object (sent through the object store)"
-        return f"load_model({self.arguments['name_or_path']!r}) on each worker"
-
     def load(self) -> Any:
         """The model, loaded (or unpickled) in this process."""
         if self.arguments is None:

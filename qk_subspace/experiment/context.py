@@ -107,10 +107,6 @@ class RunContext:
         c = self.config
         return {"batch_size": c.text.batch_size, "progress": c.run.progress, "n_boot": c.sweeps.n_boot}
 
-    def sweep_executor(self) -> dict[str, Any]:
-        """``executor=`` for the sweeps that can run on any executor (points independent of the driver's state)."""
-        return {"executor": self.executor}
-
 
 _DTYPES = {
     "float32": torch.float32,

@@ -15,7 +15,7 @@ import os
 import threading
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -260,19 +260,12 @@ def _run_parallel(
     """Every model as its own group of Ray workers, ``min(models, workers)`` groups at a time."""
     from concurrent.futures import ThreadPoolExecutor
 
-    from ..execution.ray_executor import RayExecutor
-
     total = ex.n_workers()  # also joins (or starts) the Ray instance, once, before the threads
     groups = min(len(models), total)
-    e = cfg.execution
-    options: dict[str, Any] = {
-        "address": e.ray_address,
-        "gpus_per_worker": e.gpus_per_worker,
-        "threads_per_worker": e.threads_per_worker,
-    }
+    per_group = replace(cfg.execution, workers=max(1, total // groups))
 
     def one(model: Any) -> ExperimentResult:
-        with RayExecutor(workers=max(1, total // groups), **options) as own:
+        with opened_executor(None, per_group) as own:
             return run_experiment(model, out_dir, cfg, write_report=False, executor=own, **inputs)
 
     with (

@@ -222,8 +222,9 @@ def load_model(
             (:mod:`qk_subspace.model.embedded`); an official TransformerLens name (``"gpt2"``,
             ``"gpt2-medium"``, ...), loaded with ``HookedTransformer.from_pretrained`` (needs the hub or
             its cache), with ``@STEP`` a checkpoint by training step (``"pythia-70m@1000"``:
-            ``checkpoint_value=1000``, Pythia and the other models TransformerLens has checkpoints of); or a local checkpoint directory, loaded with no network access at all: a Hugging
-            Face checkpoint (``config.json``, weights, tokenizer files) or a TransformerLens-native one
+            ``checkpoint_value=1000``, Pythia and the other models TransformerLens has checkpoints of);
+            or a local checkpoint directory, loaded with no network access at all: a Hugging Face
+            checkpoint (``config.json``, weights, tokenizer files) or a TransformerLens-native one
             (``hooked_transformer_config.json``, a JSON object of ``HookedTransformerConfig`` fields, and
             ``model.safetensors``, a ``HookedTransformer`` state dict; see :mod:`qk_subspace.model.native`;
             it takes precedence when a directory has both configs). Native weights are read from

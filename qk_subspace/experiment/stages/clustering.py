@@ -88,7 +88,7 @@ class ClusteringStage(Stage):
         with rep.context(ctx.model):
             run_sweep(
                 ctx.model, ctx.tokens, rep, ctx.heads, plans, baseline=ctx.baseline, seed=s.seed, on_row=on_row,
-                desc="cluster sweep", **ctx.sweep_options(), **ctx.sweep_executor(),
+                desc="cluster sweep", **ctx.sweep_options(), executor=ctx.executor,
             )  # fmt: skip
 
     def checks(self, ctx: RunContext, data: dict[str, Any]) -> dict[str, Any]:

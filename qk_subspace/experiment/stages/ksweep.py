@@ -58,7 +58,7 @@ class KSweepStage(Stage):
             "seed": c.sweeps.seed,
             "on_row": on_row,
             **ctx.sweep_options(),
-            **ctx.sweep_executor(),
+            "executor": ctx.executor,
         }
         log.start()
         if rep.space == "raw":

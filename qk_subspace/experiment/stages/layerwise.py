@@ -60,7 +60,7 @@ class LayerwiseStage(Stage):
             log.start()
             sweep(
                 ctx.model, ctx.tokens, todo, representation=ctx.representation, pca=pca, baseline=ctx.baseline,
-                seed=ctx.config.sweeps.seed, on_row=on_row, **ctx.sweep_options(), **ctx.sweep_executor(),
+                seed=ctx.config.sweeps.seed, on_row=on_row, **ctx.sweep_options(), executor=ctx.executor,
             )  # fmt: skip
 
     def checks(self, ctx: RunContext, data: dict[str, Any]) -> dict[str, Any]:

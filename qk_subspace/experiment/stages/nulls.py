@@ -50,7 +50,7 @@ class NullBaselinesStage(Stage):
             log.start()
             rand = random_subspace_sweep(
                 ctx.model, ctx.tokens, [K], representation=rep, n_seeds=n_seeds, seed=1_000_003 * seed + K,
-                baseline=ctx.baseline, **ctx.sweep_options(), **ctx.sweep_executor(),
+                baseline=ctx.baseline, **ctx.sweep_options(), executor=ctx.executor,
             )  # fmt: skip
             bl["random_subspace"].extend(jsonable(rand.to_dict("records")))
             log.finish(f"random K={K}")
